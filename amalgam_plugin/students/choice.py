@@ -1,0 +1,91 @@
+"""The choice network (METHOD §7.1; l2o: policies/abstract_choice.py), the intermediate teacher of
+optimal-choice amalgamation: a soft choice, per scalar and per step, among a pool of analytical updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..teachers import POOLS, TEACHERS, Teacher
+from .base import FORMAT_VERSION, Dense, HubStudent, lstm_stack, run_lstm_stack, zero_lstm_state
+
+
+@dataclass
+class ChoiceConfig:
+    """``pool`` lists ``[name, hparams]`` pairs of named (differentiable) teachers; default: §4.3's large pool."""
+
+    pool: list = field(default_factory=lambda: [[n, dict(kw)] for n, kw in POOLS["choice-large"]])
+    hidden_sizes: list[int] = field(default_factory=lambda: [20, 20])
+    time_scale: float = 2000.0
+    warmup_steps: int = 100
+    warmup_lr: float = 0.05
+    decay_ref_lr: float = 1e-3
+    student_type: str = "choice"
+    format_version: int = FORMAT_VERSION
+    provenance: dict = field(default_factory=dict)
+
+
+def rank_features(rank: int, n: int, like: Tensor) -> Tensor:
+    """One-hot rank == 1, 2, 3. Rank-4 conv kernels get all zeros: a quirk the paper's weights depend on (§15.3)."""
+    onehot = like.new_tensor([float(rank == r) for r in (1, 2, 3)])
+    return onehot.expand(n, 3)
+
+
+class ChoiceNet(nn.Module, HubStudent):
+    student_type = "choice"
+
+    def __init__(self, config: ChoiceConfig | None = None):
+        super().__init__()
+        self.config = config or ChoiceConfig()
+        for name, _ in self.config.pool:
+            if name not in TEACHERS:
+                raise ValueError(f"choice pool member {name!r} is not a named teacher; valid: {', '.join(TEACHERS)}")
+        sizes = list(self.config.hidden_sizes)
+        self.recurrent = lstm_stack(sizes, input_size=len(self.config.pool) + 4)
+        self.choice = Dense(sizes[-1], len(self.config.pool))
+        self.reset_parameters()
+
+    @property
+    def pool(self) -> list[Teacher]:
+        return [TEACHERS[name](**kw) for name, kw in self.config.pool]
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for cell in self.recurrent:
+            cell.reset_parameters(generator)
+        self.choice.reset_parameters(generator)
+
+    def init_state(self, n: int, like: Tensor) -> dict:
+        zeros = like.new_zeros(n)
+        return {
+            "t": 0,
+            "pool": [t.init(zeros) for t in self.pool],
+            **zero_lstm_state(list(self.config.hidden_sizes), n, like),
+        }
+
+    def _pool_step(self, grad: Tensor, state: dict) -> tuple[Tensor, dict]:
+        deltas, pool_states = [], []
+        for teacher, s in zip(self.pool, state["pool"], strict=True):
+            d, s = teacher.update(grad, s)
+            deltas.append(d)
+            pool_states.append(s)
+        return torch.stack(deltas, dim=-1), {**state, "pool": pool_states, "t": state["t"] + 1}
+
+    def update_moments(self, grad: Tensor, state: dict) -> dict:
+        """Warm-up: pool states and the time counter advance, the LSTM state stays frozen."""
+        return self._pool_step(grad, state)[1]
+
+    def weights(self, grad: Tensor, state: dict, rank: int) -> tuple[Tensor, Tensor, dict]:
+        """Softmax weights over the pool, the pool's updates [n, K], and the new state."""
+        updates, new_state = self._pool_step(grad, state)
+        n = grad.shape[0]
+        time = grad.new_full((n, 1), state["t"] / self.config.time_scale)  # not clipped (§15.3)
+        x = torch.cat([updates, time, rank_features(rank, n, grad)], dim=-1)
+        h, lstm_state = run_lstm_stack(self.recurrent, x, state)
+        e = torch.exp(self.choice(h))
+        return e / (e.sum(-1, keepdim=True) + 1e-10), updates, {**new_state, **lstm_state}
+
+    def forward(self, grad: Tensor, state: dict, rank: int = 1) -> tuple[Tensor, dict]:
+        c, updates, new_state = self.weights(grad, state, rank)
+        return (c * updates).sum(-1), new_state

@@ -1,0 +1,75 @@
+"""RNNProp, the student of the paper (METHOD §5; l2o: policies/rnnprop_2016.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .base import FORMAT_VERSION, Dense, HubStudent, lstm_stack, run_lstm_stack, zero_lstm_state
+
+
+@dataclass
+class RNNPropConfig:
+    """Architecture plus the evaluation protocol the student was trained for (warm-up, weight-decay unit)."""
+
+    hidden_sizes: list[int] = field(default_factory=lambda: [20, 20])
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-10
+    output_scale: float = 0.1
+    warmup_steps: int = 100
+    warmup_lr: float = 0.05
+    decay_ref_lr: float = 1e-3
+    student_type: str = "rnnprop"
+    format_version: int = FORMAT_VERSION
+    provenance: dict = field(default_factory=dict)
+
+
+class RNNProp(nn.Module, HubStudent):
+    """Coordinate-wise: every scalar of every tensor is one row of the batch.
+
+    State per scalar: the moments m, v and the LSTM states (h, c) of each layer; tensors are flat
+    (``[n]`` for moments, ``[n, units]`` for the LSTM).
+    """
+
+    student_type = "rnnprop"
+
+    def __init__(self, config: RNNPropConfig | None = None):
+        super().__init__()
+        self.config = config or RNNPropConfig()
+        sizes = list(self.config.hidden_sizes)
+        self.recurrent = lstm_stack(sizes, input_size=2)
+        self.delta = Dense(sizes[-1], 1)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for cell in self.recurrent:
+            cell.reset_parameters(generator)
+        self.delta.reset_parameters(generator)
+
+    def init_state(self, n: int, like: Tensor) -> dict[str, Tensor]:
+        zeros = like.new_zeros(n)
+        return {"m": zeros, "v": zeros.clone(), **zero_lstm_state(list(self.config.hidden_sizes), n, like)}
+
+    def update_moments(self, grad: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Step 1 of the rule alone: what runs during the warm-up, with the LSTM state frozen."""
+        cfg = self.config
+        m = cfg.beta1 * state["m"] + (1 - cfg.beta1) * grad
+        v = cfg.beta2 * state["v"] + (1 - cfg.beta2) * grad * grad
+        return {**state, "m": m, "v": v}
+
+    def features(self, grad: Tensor, m: Tensor, v: Tensor) -> Tensor:
+        """[m̂/√(v̂+ε), g/√(v̂+ε)] with the constant bias correction m̂ = m/(1−β1), v̂ = v/(1−β2)."""
+        cfg = self.config
+        denom = torch.sqrt(v / (1 - cfg.beta2) + cfg.epsilon)
+        return torch.stack([m / (1 - cfg.beta1) / denom, grad / denom], dim=-1)
+
+    def forward(self, grad: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """grad: flat ``[n]``. Returns Δ (the parameter moves by −Δ) and the new state."""
+        state = self.update_moments(grad, state)
+        x = self.features(grad, state["m"], state["v"])
+        h, lstm_state = run_lstm_stack(self.recurrent, x, state)
+        delta = self.config.output_scale * torch.tanh(self.delta(h)).squeeze(-1)
+        return delta, {**state, **lstm_state}

@@ -1,0 +1,305 @@
+"""Teacher optimizers as pure, differentiable per-coordinate rules (METHOD §4).
+
+A teacher is ``init(param) -> state`` and ``update(grad, state) -> (delta, new_state)``; the parameter moves
+by ``-delta``.  The *paper* forms copy the authors' l2o code (§4.2: constant bias correction, epsilon inside the
+square root, EMA momentum, smooth AddSign/PowerSign); the *textbook* forms match ``torch.optim``.  Any
+``torch.optim.Optimizer`` class can also be a teacher: it runs for real on its own copy of the parameters.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A named update rule with its hyper-parameters (like optax's GradientTransformation)."""
+
+    name: str
+    init: Callable[[Tensor], State]
+    update: Callable[[Tensor, State], tuple[Tensor, State]]
+    hparams: dict = field(default_factory=dict)
+    differentiable: bool = True
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        return f"{self.name}({args})"
+
+
+def _ema(old: Tensor, new: Tensor, beta: float) -> Tensor:
+    return beta * old + (1.0 - beta) * new
+
+
+def _zeros(*keys: str) -> Callable[[Tensor], State]:
+    return lambda p: {k: torch.zeros_like(p) for k in keys}
+
+
+def _sign_agreement(g: Tensor, m: Tensor, v: Tensor, eps: float) -> Tensor:
+    """tanh(g/√(v+ε))·tanh(m/√(v+ε)): l2o's smooth stand-in for sign(g)·sign(m)."""
+    denom = torch.sqrt(v + eps)
+    return torch.tanh(g / denom) * torch.tanh(m / denom)
+
+
+# --- the paper's forms (l2o: policies/analytical.py) -------------------------------------------------------
+
+
+def adam(lr: float = 0.005, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-10) -> Teacher:
+    """Δ = lr · (m/(1−β1)) / √(v/(1−β2) + ε): constant bias correction, ε inside the root."""
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        m, v = _ema(s["m"], g, beta1), _ema(s["v"], g * g, beta2)
+        return lr * (m / (1 - beta1)) / torch.sqrt(v / (1 - beta2) + eps), {"m": m, "v": v}
+
+    return Teacher("adam", _zeros("m", "v"), update, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps))
+
+
+def rmsprop(lr: float = 0.005, rho: float = 0.9, eps: float = 1e-10) -> Teacher:
+    """Δ = lr · g / √(ms + ε), no bias correction, no momentum."""
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        ms = _ema(s["ms"], g * g, rho)
+        return lr * g / torch.sqrt(ms + eps), {"ms": ms}
+
+    return Teacher("rmsprop", _zeros("ms"), update, dict(lr=lr, rho=rho, eps=eps))
+
+
+def sgd(lr: float = 0.2) -> Teacher:
+    return Teacher("sgd", lambda p: {}, lambda g, s: (lr * g, s), dict(lr=lr))
+
+
+def momentum(lr: float = 0.5, beta: float = 0.9) -> Teacher:
+    """EMA momentum: m ← βm + (1−β)g; Δ = lr · m (10x smaller than torch's momentum at equal lr)."""
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        m = _ema(s["m"], g, beta)
+        return lr * m, {"m": m}
+
+    return Teacher("momentum", _zeros("m"), update, dict(lr=lr, beta=beta))
+
+
+def addsign(lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-10) -> Teacher:
+    """Δ = lr · (1 + tanh(g/√(v+ε))·tanh(m/√(v+ε))) · g."""
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        m, v = _ema(s["m"], g, beta1), _ema(s["v"], g * g, beta2)
+        return lr * (1 + _sign_agreement(g, m, v, eps)) * g, {"m": m, "v": v}
+
+    return Teacher("addsign", _zeros("m", "v"), update, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps))
+
+
+def powersign(lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-10) -> Teacher:
+    """Δ = lr · exp(tanh(g/√(v+ε))·tanh(m/√(v+ε))) · g."""
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        m, v = _ema(s["m"], g, beta1), _ema(s["v"], g * g, beta2)
+        return lr * torch.exp(_sign_agreement(g, m, v, eps)) * g, {"m": m, "v": v}
+
+    return Teacher("powersign", _zeros("m", "v"), update, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps))
+
+
+# --- textbook forms (identical to torch.optim; checked against it in the tests) -----------------------------
+
+
+def adam_textbook(lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> Teacher:
+    """torch.optim.Adam: bias correction 1−β^t, ε outside the root."""
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        t = s["step"] + 1
+        m, v = _ema(s["m"], g, beta1), _ema(s["v"], g * g, beta2)
+        m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+        return lr * m_hat / (torch.sqrt(v_hat) + eps), {"m": m, "v": v, "step": t}
+
+    def init(p: Tensor) -> State:
+        return {"m": torch.zeros_like(p), "v": torch.zeros_like(p), "step": 0}
+
+    return Teacher("adam-textbook", init, update, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps))
+
+
+def rmsprop_textbook(lr: float = 1e-2, rho: float = 0.99, eps: float = 1e-8) -> Teacher:
+    """torch.optim.RMSprop(alpha=rho): Δ = lr · g / (√v + ε)."""
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        v = _ema(s["v"], g * g, rho)
+        return lr * g / (torch.sqrt(v) + eps), {"v": v}
+
+    return Teacher("rmsprop-textbook", _zeros("v"), update, dict(lr=lr, rho=rho, eps=eps))
+
+
+def momentum_textbook(lr: float = 0.01, beta: float = 0.9) -> Teacher:
+    """torch.optim.SGD(momentum=beta): b ← βb + g (b = g on the first step); Δ = lr · b."""
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        b = g.clone() if s["b"] is None else beta * s["b"] + g
+        return lr * b, {"b": b}
+
+    return Teacher("momentum-textbook", lambda p: {"b": None}, update, dict(lr=lr, beta=beta))
+
+
+def sgd_textbook(lr: float = 0.2) -> Teacher:
+    return Teacher("sgd-textbook", lambda p: {}, lambda g, s: (lr * g, s), dict(lr=lr))
+
+
+# --- any torch optimizer -----------------------------------------------------------------------------------
+
+
+def torch_teacher(optimizer_cls: type[torch.optim.Optimizer], name: str | None = None, **kwargs: Any) -> Teacher:
+    """Run a real ``torch.optim.Optimizer`` on its own copy of each parameter tensor.
+
+    Its update is read off as ``before - after``.  Not differentiable: use it where no gradient flows
+    through the teacher (imitation targets).
+    """
+
+    def init(p: Tensor) -> State:
+        copy = torch.nn.Parameter(p.detach().clone())
+        return {"param": copy, "optimizer": optimizer_cls([copy], **kwargs)}
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        copy = s["param"]
+        before = copy.detach().clone()
+        copy.grad = g.detach().to(copy.dtype)
+        s["optimizer"].step()
+        return before - copy.detach(), s
+
+    label = name or f"{optimizer_cls.__module__}.{optimizer_cls.__qualname__}"
+    return Teacher(label, init, update, dict(kwargs), differentiable=False)
+
+
+# --- names and pools ---------------------------------------------------------------------------------------
+
+TEACHERS: dict[str, Callable[..., Teacher]] = {
+    "adam": adam,
+    "rmsprop": rmsprop,
+    "sgd": sgd,
+    "momentum": momentum,
+    "addsign": addsign,
+    "powersign": powersign,
+    "adam-textbook": adam_textbook,
+    "rmsprop-textbook": rmsprop_textbook,
+    "sgd-textbook": sgd_textbook,
+    "momentum-textbook": momentum_textbook,
+}
+
+# The textbook counterpart of each paper form (§15.2 baselines), as (torch class, kwargs from the paper's values).
+TEXTBOOK_TWIN: dict[str, str] = {
+    "adam": "adam-textbook",
+    "rmsprop": "rmsprop-textbook",
+    "sgd": "sgd-textbook",
+    "momentum": "momentum-textbook",
+}
+
+# Pools with the paper's hyper-parameters: teachers (§4.1) and the choice networks' own pools (§4.3).
+POOLS: dict[str, list[tuple[str, dict]]] = {
+    "small": [("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005))],
+    "large": [
+        ("adam", dict(lr=0.005)),
+        ("rmsprop", dict(lr=0.005)),
+        ("sgd", dict(lr=0.2)),
+        ("momentum", dict(lr=0.5)),
+        ("addsign", dict(lr=0.1)),
+        ("powersign", dict(lr=0.1)),
+    ],
+    "choice-small": [("rmsprop", dict(lr=0.005, eps=1e-7)), ("adam", dict(lr=0.02))],
+    "choice-large": [
+        ("sgd", dict(lr=2.0)),
+        ("momentum", dict(lr=2.0)),
+        ("rmsprop", dict(lr=0.005, eps=1e-7)),
+        ("adam", dict(lr=0.02)),
+        ("powersign", dict(lr=1.0)),
+        ("addsign", dict(lr=1.0)),
+    ],
+}
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _import_optimizer(path: str) -> type[torch.optim.Optimizer]:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import optimizer class {path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"{path!r} is not a torch.optim.Optimizer subclass")
+    return cls
+
+
+def make_teacher(spec: str) -> Teacher:
+    """``"adam"``, ``"adam:lr=0.01,beta1=0.8"``, or a dotted optimizer class ``"torch.optim.AdamW:lr=1e-3"``."""
+    name, _, args = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, args.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"teacher argument {item!r} in {spec!r} is not of the form key=value")
+        kwargs[key.strip()] = _parse_value(value.strip())
+    name = name.strip()
+    if "." in name:
+        return torch_teacher(_import_optimizer(name), name=name, **kwargs)
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; valid teachers: {', '.join(TEACHERS)} "
+                         "or a dotted torch.optim.Optimizer class such as torch.optim.AdamW")
+    try:
+        return TEACHERS[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad hyper-parameters for teacher {name!r}: {err}") from err
+
+
+def make_pool(spec: str | Sequence[str | Teacher]) -> list[Teacher]:
+    """A preset pool name (``small``, ``large``, ``choice-small``, ``choice-large``), a ``+``-separated list
+    of teacher specs (``"adam:lr=0.01+sgd"``), or a sequence of specs or Teachers."""
+    if isinstance(spec, str):
+        if spec in POOLS:
+            return [TEACHERS[name](**kw) for name, kw in POOLS[spec]]
+        parts = [s for s in spec.split("+") if s.strip()]
+        if not parts:
+            raise ValueError(f"empty pool {spec!r}")
+        try:
+            return [make_teacher(s) for s in parts]
+        except ValueError as err:
+            raise ValueError(f"unknown pool {spec!r} ({err}); preset pools: {', '.join(POOLS)}") from err
+    return [t if isinstance(t, Teacher) else make_teacher(t) for t in spec]
+
+
+def pool_spec(pool: Sequence[Teacher]) -> list[dict]:
+    """A JSON description of a pool, for configs and model cards."""
+    return [{"name": t.name, **t.hparams} for t in pool]
+
+
+class TeacherOptimizer(torch.optim.Optimizer):
+    """A teacher rule as a ``torch.optim.Optimizer``, for evaluating the paper's forms in ordinary loops."""
+
+    def __init__(self, params, teacher: Teacher):
+        super().__init__(params, dict(lr=1.0))
+        self.teacher = teacher
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "rule" not in state:
+                    state["rule"] = self.teacher.init(p)
+                delta, state["rule"] = self.teacher.update(p.grad, state["rule"])
+                p.sub_(group["lr"] * delta)
+        return loss
