@@ -82,6 +82,16 @@ def make_problem(name: str, data_root: str | None = None) -> Problem:
     return Problem(name, ARCHITECTURES[arch](), load_digits(dataset, data_root), batch_size)
 
 
+def selection_problem(problem: Problem, n_val: int = 1000, seed: int = 1) -> Problem:
+    """The same problem with a validation set carved out of its *training* digits, standing in for the held-out
+    set wherever a choice is made (a replicate, a learning rate): held-out digits are for reporting only."""
+    x, y = problem.data.train_x, problem.data.train_y
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    fit, val = perm[n_val:], perm[:n_val]
+    split = DigitSplit(f"{problem.data.name}-selection", x[fit], y[fit], x[val], y[val])
+    return Problem(f"{problem.name}-selection", problem.architecture, split, problem.batch_size, problem.loss_fn)
+
+
 def module_problem(
     module: nn.Module,
     train: Batch,
@@ -113,4 +123,4 @@ def module_problem(
     return Problem(name, Architecture(name, init, forward), split, batch_size, loss_fn)
 
 
-__all__ = ["PROBLEMS", "Problem", "make_problem", "module_problem", "shuffled_batches"]
+__all__ = ["PROBLEMS", "Problem", "make_problem", "module_problem", "selection_problem", "shuffled_batches"]
