@@ -27,10 +27,12 @@ class ChoiceConfig:
     provenance: dict = field(default_factory=dict)
 
 
-def rank_features(rank: int, n: int, like: Tensor) -> Tensor:
-    """One-hot rank == 1, 2, 3. Rank-4 conv kernels get all zeros: a quirk the paper's weights depend on (§15.3)."""
-    onehot = like.new_tensor([float(rank == r) for r in (1, 2, 3)])
-    return onehot.expand(n, 3)
+def rank_features(rank: int | Tensor, n: int, like: Tensor) -> Tensor:
+    """One-hot rank == 1, 2, 3, for one tensor (an int) or per coordinate (a tensor [n]). Rank-4 conv kernels
+    get all zeros: a quirk the paper's weights depend on (§15.3)."""
+    if isinstance(rank, Tensor):
+        return torch.stack([(rank == r) for r in (1, 2, 3)], dim=-1).to(like.dtype)
+    return like.new_tensor([float(rank == r) for r in (1, 2, 3)]).expand(n, 3)
 
 
 class ChoiceNet(nn.Module, HubStudent):
@@ -76,7 +78,7 @@ class ChoiceNet(nn.Module, HubStudent):
         """Warm-up: pool states and the time counter advance, the LSTM state stays frozen."""
         return self._pool_step(grad, state)[1]
 
-    def weights(self, grad: Tensor, state: dict, rank: int) -> tuple[Tensor, Tensor, dict]:
+    def weights(self, grad: Tensor, state: dict, rank: int | Tensor) -> tuple[Tensor, Tensor, dict]:
         """Softmax weights over the pool, the pool's updates [n, K], and the new state."""
         updates, new_state = self._pool_step(grad, state)
         n = grad.shape[0]
@@ -86,6 +88,6 @@ class ChoiceNet(nn.Module, HubStudent):
         e = torch.exp(self.choice(h))
         return e / (e.sum(-1, keepdim=True) + 1e-10), updates, {**new_state, **lstm_state}
 
-    def forward(self, grad: Tensor, state: dict, rank: int = 1) -> tuple[Tensor, dict]:
+    def forward(self, grad: Tensor, state: dict, rank: int | Tensor = 1) -> tuple[Tensor, dict]:
         c, updates, new_state = self.weights(grad, state, rank)
         return (c * updates).sum(-1), new_state

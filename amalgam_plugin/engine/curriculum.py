@@ -1,0 +1,297 @@
+"""Meta-training with the curriculum of METHOD §9.3 (and the fixed schedule of §7.3), checkpointed after
+every period so that ``--resume`` continues with exactly the numbers of an uninterrupted run.
+
+Exact resumption comes from two rules: every random draw comes from a generator seeded by the run seed and the
+position in the curriculum (phase, stage, period, attempt, trajectory), and a checkpoint holds everything else
+(student and meta-optimizer tensors in one safetensors file, the bookkeeping as JSON in its metadata).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..amalgamation import adaptive_clip_, imitation_weight
+from ..problems import Problem
+from ..teachers import Teacher
+from .unroll import new_trajectory, unroll
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CurriculumConfig:
+    """One meta-training phase. Lists are per stage; a shorter list repeats its last value."""
+
+    unroll_length: int = 100
+    depths: list[int] = field(default_factory=lambda: [1, 2, 5, 10])
+    validation_depths: list[int] = field(default_factory=lambda: [2, 5, 10, 20])
+    trajectories_per_period: int = 10
+    validation_trajectories: int = 10
+    warmup_unrolls: list[int] = field(default_factory=lambda: [1])
+    warmup_lr: float = 0.05
+    min_periods: int = 6  # a stage runs periods 0..5 at least
+    num_chances: int = 5  # then continues while period − best period < num_chances
+    max_periods: int = 0  # a hard cap per stage for bounded recipes (0: none)
+    max_repeat: int = 4
+    repeat_threshold: float = 0.5
+    select: str = "best"  # "best": best-validation checkpoint of the last stage; "last": the final period
+    validation_seed: int = 12345
+    imitation_schedule: str = "il_more"
+    mechanism: str = "minmax"
+    second_order: bool = True
+    meta_lr: float = 1e-3
+    clip: float = 0.1
+    random_scale: bool = True
+
+    @property
+    def stages(self) -> int:
+        return len(self.depths)
+
+    def at(self, values: list, stage: int):
+        return values[min(stage, len(values) - 1)]
+
+
+def seed_for(*parts) -> int:
+    """A 63-bit seed from the run seed and a position in the curriculum."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class Progress:
+    """The curriculum's bookkeeping; the JSON half of a checkpoint."""
+
+    stage: int = 0
+    period: int = 0
+    attempt: int = 0
+    repeats: int = 0
+    best_validation: float = math.inf
+    best_period: int = -1
+    previous_validation: float | None = None
+    previous_stage_best: float | None = None
+    meta_steps: int = 0
+    skipped_inner_steps: int = 0
+    skipped_meta_steps: int = 0
+    seconds: float = 0.0
+    done: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def _tensors(student: nn.Module, opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    out = {f"{prefix}weights.{k}": v.detach().clone() for k, v in student.state_dict().items()}
+    names = dict((id(p), n) for n, p in student.named_parameters())
+    for p, st in opt.state.items():
+        for key, value in st.items():
+            out[f"{prefix}adam.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def _restore(student: nn.Module, opt: torch.optim.Optimizer, tensors: dict, prefix: str) -> None:
+    weights = {k[len(prefix) + 8 :]: v for k, v in tensors.items() if k.startswith(prefix + "weights.")}
+    student.load_state_dict(weights, strict=True)
+    opt.state.clear()
+    for name, p in student.named_parameters():
+        st = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            t = tensors.get(f"{prefix}adam.{name}.{key}")
+            if t is not None:
+                st[key] = t.clone()
+        if st:
+            opt.state[p] = st
+
+
+def save_checkpoint(path: Path, progress: Progress, tensors: dict[str, torch.Tensor]) -> None:
+    """Atomic: write beside, then rename over the old checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"progress": json.dumps(asdict(progress))})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> tuple[Progress, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        progress = Progress(**json.loads(f.metadata()["progress"]))
+    return progress, load_file(str(path))
+
+
+def _finite_grads(student: nn.Module) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in student.parameters())
+
+
+class Curriculum:
+    """Runs one phase: meta-trains ``student`` on ``problem`` against ``teachers`` under ``config``."""
+
+    def __init__(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: CurriculumConfig,
+                 workdir: Path, seed: int, phase: str = "student"):
+        self.student, self.problem, self.teachers, self.cfg = student, problem, teachers, config
+        self.workdir, self.seed, self.phase = Path(workdir), seed, phase
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.workdir / "checkpoint.safetensors"
+        self.log_path = self.workdir / "log.jsonl"
+        self.opt = torch.optim.Adam(student.parameters(), lr=config.meta_lr, eps=1e-7)  # Keras Adam's ε
+        self.progress = Progress()
+        self.saved: dict[str, torch.Tensor] = {}  # best-of-stage and start-of-period tensors
+
+    # -- one trajectory ---------------------------------------------------------------------------------
+
+    def _trajectory(self, generator: torch.Generator, stage: int, teachers: list[Teacher]):
+        warmup = self.cfg.at(self.cfg.warmup_unrolls, stage) * self.cfg.unroll_length
+        return new_trajectory(self.problem, self.student, teachers, generator, warmup, self.cfg.warmup_lr,
+                              self.cfg.random_scale)
+
+    def train_period(self) -> float:
+        """Meta-train for one period; returns the mean training meta loss."""
+        cfg, pr = self.cfg, self.progress
+        alpha = imitation_weight(cfg.imitation_schedule, pr.stage) if self.teachers else 0.0
+        losses = []
+        for t in range(cfg.trajectories_per_period):
+            gen = torch.Generator().manual_seed(seed_for(self.seed, self.phase, pr.stage, pr.period, pr.attempt, t))
+            traj = self._trajectory(gen, pr.stage, self.teachers if alpha > 0 else [])
+            for u in range(cfg.at(cfg.depths, pr.stage)):
+                started = time.perf_counter()
+                result = unroll(self.student, traj, self.problem, cfg.unroll_length, cfg.mechanism,
+                                cfg.second_order, track_teachers=alpha > 0)
+                loss = result.meta_loss + alpha * result.imitation
+                self.opt.zero_grad(set_to_none=True)
+                applied = bool(torch.isfinite(loss))
+                if applied:
+                    loss.backward()
+                    applied = _finite_grads(self.student)
+                if applied:
+                    adaptive_clip_(self.student.parameters(), cfg.clip)
+                    self.opt.step()
+                    losses.append(result.meta_loss.item())
+                else:
+                    pr.skipped_meta_steps += 1
+                pr.meta_steps += 1
+                pr.skipped_inner_steps += result.skipped
+                self._log(dict(event="meta_step", phase=self.phase, stage=pr.stage, period=pr.period,
+                               attempt=pr.attempt, trajectory=t, unroll=u, meta_loss=result.meta_loss.item(),
+                               imitation=result.imitation.item(), alpha=alpha, loss=loss.item(), applied=applied,
+                               inner_steps=result.steps, skipped_inner=result.skipped,
+                               seconds=round(time.perf_counter() - started, 3)))
+                self.bar.update(1)
+                if result.steps < cfg.unroll_length:  # the objective blew up: end this trajectory
+                    break
+        return sum(losses) / len(losses) if losses else math.inf
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean meta loss (α = 0) on fixed-seed trajectories of the next stage's depth, training digits only."""
+        cfg, stage = self.cfg, self.progress.stage
+        total, count = 0.0, 0
+        for t in range(cfg.validation_trajectories):
+            gen = torch.Generator().manual_seed(seed_for(cfg.validation_seed, t))
+            traj = self._trajectory(gen, stage, [])
+            for _ in range(cfg.at(cfg.validation_depths, stage)):
+                result = unroll(self.student, traj, self.problem, cfg.unroll_length, track_teachers=False)
+                if not math.isfinite(float(result.meta_loss)) or result.steps < cfg.unroll_length:
+                    return math.inf
+                total, count = total + float(result.meta_loss), count + 1
+        return total / max(count, 1)
+
+    # -- the curriculum's control flow ------------------------------------------------------------------
+
+    def _should_repeat(self, train_loss: float, validation: float) -> bool:
+        pr, cfg = self.progress, self.cfg
+        if pr.repeats >= cfg.max_repeat or (pr.stage == 0 and pr.period == 0):
+            return False
+        if pr.period == 0:
+            reference, value = pr.previous_stage_best, train_loss
+        else:
+            reference, value = pr.previous_validation, validation
+        if reference is None or not math.isfinite(reference):
+            return not math.isfinite(value)
+        return not value <= reference + cfg.repeat_threshold * abs(reference)
+
+    def _stage_over(self) -> bool:
+        pr, cfg = self.progress, self.cfg
+        periods_done = pr.period + 1
+        if cfg.max_periods and periods_done >= cfg.max_periods:
+            return True
+        return periods_done >= cfg.min_periods and pr.period - pr.best_period >= cfg.num_chances
+
+    def run(self, resume: bool = False, deadline: float | None = None) -> bool:
+        """Run to the end (True) or until the next period would pass ``deadline`` (False, resumable)."""
+        if resume and self.ckpt_path.exists():
+            self.progress, tensors = load_checkpoint(self.ckpt_path)
+            _restore(self.student, self.opt, tensors, "current.")
+            self.saved = {k: v for k, v in tensors.items() if not k.startswith("current.")}
+            logger.info("resumed %s at stage %d period %d", self.phase, self.progress.stage, self.progress.period)
+        elif self.log_path.exists():
+            self.log_path.unlink()
+        pr, cfg = self.progress, self.cfg
+        estimate = sum(cfg.trajectories_per_period * cfg.at(cfg.depths, s) * max(cfg.min_periods, 1)
+                       for s in range(cfg.stages))
+        self.bar = tqdm(total=estimate, initial=min(pr.meta_steps, estimate), desc=f"amalgam {self.phase}",
+                        unit="meta-step", dynamic_ncols=True)
+        last_period_seconds = 0.0
+        try:
+            while not pr.done:
+                if deadline is not None and time.time() + last_period_seconds > deadline:
+                    return False
+                started = time.perf_counter()
+                self.saved.update(_tensors(self.student, self.opt, "start."))
+                train_loss = self.train_period()
+                validation = self.validate()
+                self._end_period(train_loss, validation)
+                last_period_seconds = time.perf_counter() - started
+                pr.seconds += last_period_seconds
+                self._checkpoint()
+        finally:
+            self.bar.close()
+        self._restore_final()
+        return True
+
+    def _end_period(self, train_loss: float, validation: float) -> None:
+        pr, cfg = self.progress, self.cfg
+        record = dict(event="period", phase=self.phase, stage=pr.stage, period=pr.period, attempt=pr.attempt,
+                      train_meta_loss=train_loss, validation=validation)
+        if self._should_repeat(train_loss, validation):
+            record["repeated"] = True
+            self._log(record)
+            pr.history.append(record)
+            _restore(self.student, self.opt, self.saved, "start.")
+            pr.repeats += 1
+            pr.attempt += 1
+            return
+        self._log(record)
+        pr.history.append(record)
+        if validation < pr.best_validation or pr.best_period < 0:
+            pr.best_validation, pr.best_period = validation, pr.period
+            self.saved.update(_tensors(self.student, self.opt, "best."))
+        pr.previous_validation, pr.repeats, pr.attempt = validation, 0, 0
+        if not self._stage_over():
+            pr.period += 1
+            return
+        if cfg.select == "best":  # stage transitions and the final model reload the stage's best period
+            _restore(self.student, self.opt, self.saved, "best.")
+        if pr.stage == cfg.stages - 1:
+            pr.done = True
+            self.saved.update(_tensors(self.student, self.opt, "final."))
+            return
+        pr.previous_stage_best = pr.best_validation
+        pr.stage, pr.period, pr.best_validation, pr.best_period = pr.stage + 1, 0, math.inf, -1
+
+    def _restore_final(self) -> None:
+        _restore(self.student, self.opt, self.saved, "final.")
+
+    def _checkpoint(self) -> None:
+        keep = {k: v for k, v in self.saved.items() if not k.startswith("start.")}
+        save_checkpoint(self.ckpt_path, self.progress, {**keep, **_tensors(self.student, self.opt, "current.")})
+
+    def _log(self, record: dict) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
