@@ -1,0 +1,102 @@
+"""``timm.optim.create_optimizer_v2(model, opt="amalgam")``.
+
+Importing this module (or calling :func:`amalgam_plugin.integrations.register`) registers, idempotently,
+in timm's optimizer registry (``timm.optim._optim_factory.default_registry``):
+
+- ``amalgam``: :class:`~amalgam_plugin.optim.AmalgamOptimizer` with its default student;
+- one hyphenated name per bundled student family (timm splits names on ``_``): ``amalgam-choice-large``,
+  ``amalgam-choice-small``, ``amalgam-minmax``, ``amalgam-mean``.
+
+Usage::
+
+    import amalgam_plugin.integrations.timm  # noqa: F401
+    optimizer = timm.optim.create_optimizer_v2(model, opt="amalgam", lr=5e-4, weight_decay=0.05)
+
+timm's ``lr`` value is ignored with one log line (it is tuned for AdamW); every group starts at
+``lr = 1.0 * lr_multiplier`` (``create_optimizer_v2(..., lr_multiplier=0.5)``), and timm's schedulers
+still scale it. timm's weight-decay groups (AdamW units), ``use_fallback`` groups (``fallback_list=``;
+they run AdamW at ``fallback_lr`` times the group ``lr``) and ``lr_scale`` keys (applied by timm's
+schedulers, not the optimizer) are passed through. Other keyword arguments (``student=``,
+``warmup_steps=``, ``fallback_lr=``...) go to ``AmalgamOptimizer``. timm's ``train.py`` works unmodified
+through ``amalgam run train.py --opt amalgam ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import timm
+from amalgam_plugin.integrations import UnsupportedLibraryError
+from amalgam_plugin.integrations._common import student_lr
+from torch.optim import Optimizer
+
+logger = logging.getLogger(__name__)
+
+#: timm optimizer name -> bundled student (``None``: AmalgamOptimizer's default student).
+TIMM_NAMES: dict[str, str | None] = {
+    "amalgam": None,
+    "amalgam-choice-large": "paper-choice-large",
+    "amalgam-choice-small": "paper-choice-small",
+    "amalgam-minmax": "paper-minmax",
+    "amalgam-mean": "paper-mean",
+}
+
+
+def create_amalgam_optimizer(
+    params: Any, lr: float | None = None, lr_multiplier: float = 1.0, **kwargs: Any
+) -> Optimizer:
+    """timm's ``opt_class`` for the amalgam names: ``AmalgamOptimizer(params, lr=1.0 * lr_multiplier, ...)``.
+
+    ``lr`` is what timm passes (its learning rate, tuned for AdamW); it is ignored with one log line.
+    """
+    from amalgam_plugin.optim import AmalgamOptimizer
+
+    return AmalgamOptimizer(params, lr=student_lr("timm", lr, lr_multiplier), **kwargs)
+
+
+def _registry() -> tuple[Any, type]:
+    try:
+        from timm.optim._optim_factory import OptimInfo, default_registry
+    except ImportError as err:
+        raise UnsupportedLibraryError(
+            f"cannot register 'amalgam' with timm {timm.__version__}: timm.optim._optim_factory has no "
+            f"default_registry/OptimInfo ({err}); build the optimizer directly: "
+            "AmalgamOptimizer(timm.optim.param_groups_weight_decay(model, weight_decay), lr=1.0)"
+        ) from err
+    return default_registry, OptimInfo
+
+
+def register() -> None:
+    """Add the amalgam names to timm's default optimizer registry; idempotent.
+
+    Raises:
+        UnsupportedLibraryError: the installed timm has no optimizer registry.
+    """
+    registry, optim_info = _registry()
+    for name, student in TIMM_NAMES.items():
+        info = optim_info(
+            name=name,
+            opt_class=create_amalgam_optimizer,
+            description=(
+                "Optimizer Amalgamation: a learned student optimizer "
+                + (f"({student})" if student else "(the default student)")
+                + "; lr is a multiplier on the student's update, timm's lr value is ignored"
+            ),
+            has_eps=False,
+            has_momentum=False,
+            has_betas=False,
+            defaults={"student": student} if student else None,
+        )
+        try:
+            current = registry.get_optimizer_info(name)
+        except ValueError:
+            current = None
+        if current != info:
+            registry.register(info)
+    logger.debug("registered %s with timm %s", list(TIMM_NAMES), timm.__version__)
+
+
+register()
+
+__all__ = ["TIMM_NAMES", "create_amalgam_optimizer", "register"]
