@@ -45,8 +45,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_STUDENT = "paper-choice-large"
 """The bundled student used when none is named: the paper's optimal-choice (large pool) RNNProp."""
 
-DEFAULT_CHUNK = 2**14
-"""Coordinates per LSTM call: small enough that the chunk's buffers stay in cache, large enough for BLAS."""
+CPU_CHUNK = 2**14
+"""Coordinates per LSTM call on CPU: the chunk's buffers stay near the core's L2/L3 (measured: 2**12..2**14
+are equally fast, 2**16 is ~40% slower), and Python's per-chunk cost stays small."""
+ACCELERATOR_CHUNK = 2**18
+"""On GPUs a chunk must fill the device; temporary memory is still bounded (~2**18 * 250 floats = 256 MB)."""
 
 STATE_WARN_BYTES = 4 * 1024**3
 ADAMW_BETAS = (0.9, 0.999)
@@ -149,55 +152,74 @@ def _unflatten(flat: dict[str, Any], template: Any, prefix: str = "") -> Any:
 class _RNNPropKernel:
     """RNNProp's weights rearranged for speed on one device.
 
-    Layer l computes ``z = [x_l, h_l] @ [kernel; recurrent_kernel] + bias`` in one addmm.  The columns are
-    reordered from (i, f, c, o) to (i, f, o, c) so one sigmoid covers the three gates and one tanh the cell.
-    A workspace ``X = [x(2) | h_0 | h_1 | ...]`` makes every layer's input a contiguous column range:
-    layer 0 reads ``X[:, :2+u0]``, layer l reads ``[new h_{l-1} | old h_l]``.
+    * Layer l computes ``z = [in_l, h_l] @ [kernel; recurrent_kernel] + bias`` in one addmm on a contiguous
+      input buffer ``[in_l | h_l]``; the new ``h_l`` is written straight into the next layer's buffer.
+    * Gate columns are reordered from (i, f, c, o) to (i, f, o, c) and every tanh is computed as
+      ``tanh(y) = 1 - 2 sigmoid(-2y)`` with the factor -2 folded into the weights: CPU ``tanh`` is ~15x
+      slower than ``sigmoid`` in torch's vectorised kernels, so one ``sigmoid_`` covers a whole layer, and
+      the ``1 - 2s`` form lets ``addcmul`` finish ``h = o * tanh(c)`` in one op.
     """
 
     def __init__(self, student: RNNProp, device: torch.device):
         cfg = student.config
         self.sizes = [int(u) for u in cfg.hidden_sizes]
+        self.inputs = [2, *self.sizes[:-1]]
         self.beta1, self.beta2, self.eps = float(cfg.beta1), float(cfg.beta2), float(cfg.epsilon)
         self.scale = float(cfg.output_scale)
         self.weights, self.biases = [], []
         for cell, u in zip(student.recurrent, self.sizes, strict=True):
             order = torch.cat([torch.arange(2 * u), torch.arange(3 * u, 4 * u), torch.arange(2 * u, 3 * u)])
-            w = torch.cat([cell.kernel.detach(), cell.recurrent_kernel.detach()], dim=0)[:, order]
-            self.weights.append(w.to(device, torch.float32).contiguous())
-            self.biases.append(cell.bias.detach()[order].to(device, torch.float32).contiguous())
-        self.out_w = student.delta.kernel.detach().to(device, torch.float32).contiguous()
-        self.out_b = student.delta.bias.detach().to(device, torch.float32).contiguous()
-        self.h_offsets = [2 + sum(self.sizes[:i]) for i in range(len(self.sizes))]
-        self.width = 2 + sum(self.sizes)
+            factor = torch.ones(4 * u, dtype=torch.float64)
+            factor[3 * u :] = -2.0  # the cell candidate goes through tanh
+            w = torch.cat([cell.kernel.detach(), cell.recurrent_kernel.detach()], dim=0).double()[:, order]
+            self.weights.append((w * factor).to(device, torch.float32).contiguous())
+            self.biases.append((cell.bias.detach().double()[order] * factor).to(device, torch.float32))
+        self.out_w = (-2 * student.delta.kernel.detach().double()).to(device, torch.float32).contiguous()
+        self.out_b = (-2 * student.delta.bias.detach().double()).to(device, torch.float32).contiguous()
 
-    def run(self, g: Tensor, m: Tensor, v: Tensor, cs: list[Tensor], x: Tensor, z: Tensor, t: Tensor,
-            delta: Tensor) -> None:
-        """One step for a chunk, in place: g [L]; m, v [L]; cs[l] [L, u_l]; x [L, width] holding the old h's.
+    def workspace_columns(self) -> dict[str, int]:
+        """Column count of every [rows, cols] buffer a chunk needs (``in{l}`` = [in_l | h_l], ``c{l}``...)."""
+        u_max = max(self.sizes)
+        cols = {f"in{i}": n_in + u for i, (n_in, u) in enumerate(zip(self.inputs, self.sizes, strict=True))}
+        cols.update({f"c{i}": u for i, u in enumerate(self.sizes)})
+        cols.update(hout=self.sizes[-1], z=4 * u_max, t=u_max, g=1, m=1, v=1, d=1)
+        return cols
 
-        Leaves the new moments in m, v, the new cells in cs, the new h's in x and Δ (unscaled by lr) in delta.
+    def h_out(self, w: dict[str, Tensor], layer: int) -> Tensor:
+        """Where layer ``layer`` writes its new h: the next layer's input columns, or ``hout``."""
+        if layer + 1 < len(self.sizes):
+            return w[f"in{layer + 1}"][:, : self.sizes[layer]]
+        return w["hout"]
+
+    def h_in(self, w: dict[str, Tensor], layer: int) -> Tensor:
+        """Where layer ``layer`` reads its old h (filled from the state before ``run``)."""
+        return w[f"in{layer}"][:, self.inputs[layer] :]
+
+    def run(self, w: dict[str, Tensor], g: Tensor, m: Tensor, v: Tensor, cs: list[Tensor]) -> Tensor:
+        """One step for a chunk, in place.  g, m, v: [L]; cs[l]: [L, u_l]; ``h_in`` buffers hold the old h's.
+
+        Leaves the new moments in m, v, the new cells in cs, the new h's in the ``h_out`` buffers and returns
+        Δ (not yet scaled by lr), a view of ``w["d"]``.
         """
         b1, b2 = self.beta1, self.beta2
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        delta = w["d"].view(-1)
         denom = torch.div(v, 1 - b2, out=delta).add_(self.eps).sqrt_()  # delta is free until the end
+        x = w["in0"]
         torch.div(m, denom, out=x[:, 0]).div_(1 - b1)
         torch.div(g, denom, out=x[:, 1])
-        start = 0
         for layer, u in enumerate(self.sizes):
-            off = self.h_offsets[layer]
-            zl = z[:, : 4 * u]
-            torch.addmm(self.biases[layer], x[:, start : off + u], self.weights[layer], out=zl)
-            zl[:, : 3 * u].sigmoid_()
-            zl[:, 3 * u :].tanh_()
+            z = w["z"][:, : 4 * u]
+            torch.addmm(self.biases[layer], w[f"in{layer}"], self.weights[layer], out=z)
+            z.sigmoid_()
+            i, f, o, cand = z[:, :u], z[:, u : 2 * u], z[:, 2 * u : 3 * u], z[:, 3 * u :]
             c = cs[layer]
-            c.mul_(zl[:, u : 2 * u]).addcmul_(zl[:, :u], zl[:, 3 * u :])  # c = f*c + i*tanh(c~)
-            tl = torch.tanh(c, out=t[:, :u])
-            torch.mul(zl[:, 2 * u : 3 * u], tl, out=x[:, off : off + u])  # h = o*tanh(c)
-            start = off
-        last = self.h_offsets[-1]
-        torch.addmm(self.out_b, x[:, last : last + self.sizes[-1]], self.out_w, out=delta.unsqueeze(1))
-        delta.tanh_().mul_(self.scale)
+            c.mul_(f).add_(i).addcmul_(i, cand, value=-2.0)  # c = f*c + i*tanh(c~), tanh(c~) = 1 - 2*cand
+            t = torch.mul(c, -2.0, out=w["t"][:, :u]).sigmoid_()
+            torch.addcmul(o, o, t, value=-2.0, out=self.h_out(w, layer))  # h = o*tanh(c) = o - 2*o*t
+        torch.addmm(self.out_b, w["hout"], self.out_w, out=w["d"])
+        return delta.sigmoid_().mul_(-2.0 * self.scale).add_(self.scale)  # scale * tanh(y)
 
 
 # --- the optimizer ----------------------------------------------------------------------------------------
@@ -220,7 +242,8 @@ class AmalgamOptimizer(Optimizer):
         foreach: accepted for API compatibility (the student path is always batched).
         differentiable: must be False (the student runs frozen under ``no_grad``).
         revision: Hub revision used when ``student`` is a repo id.
-        chunk_size: coordinates per fused LSTM call (bounds the temporary memory of a step).
+        chunk_size: coordinates per fused LSTM call (bounds the temporary memory of a step); ``None`` picks
+            :data:`CPU_CHUNK` on CPU and :data:`ACCELERATOR_CHUNK` elsewhere.
     """
 
     def __init__(
@@ -237,7 +260,7 @@ class AmalgamOptimizer(Optimizer):
         differentiable: bool = False,
         *,
         revision: str | None = None,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int | None = None,
         capturable: bool = False,
         fused: bool | None = None,
     ):
@@ -252,13 +275,13 @@ class AmalgamOptimizer(Optimizer):
                 "AmalgamOptimizer supports differentiable=False, capturable=False, fused=None/False only: "
                 "the student runs frozen under torch.no_grad"
             )
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
         self.student = _resolve_student(student, revision)
         self.student.requires_grad_(False)
         self.student.eval()
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = chunk_size
         self._fallback = fallback
         self._student_id = _student_id(self.student)
         self._devices: dict[torch.device, Any] = {}  # device -> float32 student copy or _RNNPropKernel
@@ -455,7 +478,8 @@ class AmalgamOptimizer(Optimizer):
 
     def _init_state(self, p: Tensor) -> dict:
         flat = _flatten(self.student.init_state(p.numel(), p.new_zeros((), dtype=torch.float32)))
-        return {"step": torch.tensor(0.0), **flat}
+        # A Python int: read every step to pick warm-up or learned, and an int costs no tensor op or sync.
+        return {"step": 0, **flat}
 
     def _student_group(self, group: dict, params: list[Tensor]) -> None:
         lr = float(group["lr"])
@@ -467,12 +491,15 @@ class AmalgamOptimizer(Optimizer):
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p))
-            (warm if float(state["step"]) < group["warmup_steps"] else learned).append(p)
-            state["step"] += 1
+            (warm if state["step"] < group["warmup_steps"] else learned).append(p)
+            state["step"] = int(state["step"]) + 1
         if decay != 0.0:
             torch._foreach_mul_(params, 1.0 - decay)
-        for p in warm:
-            self._warmup_update(p, sign, lr * float(cfg.warmup_lr))
+        if warm and isinstance(self.student, RNNProp):
+            self._rnnprop_warmup(warm, sign, lr * float(cfg.warmup_lr))
+        else:
+            for p in warm:
+                self._warmup_update(p, sign, lr * float(cfg.warmup_lr))
         if not learned:
             return
         if isinstance(self.student, RNNProp):
@@ -488,6 +515,19 @@ class AmalgamOptimizer(Optimizer):
     def _flat_grad(self, p: Tensor, sign: float) -> Tensor:
         g = p.grad.reshape(-1).to(torch.float32)
         return -g if sign < 0 else g
+
+    def _rnnprop_warmup(self, params: list[Tensor], sign: float, step_size: float) -> None:
+        """RNNProp's warm-up for many tensors at once: moments by foreach ops, SGD on the parameters."""
+        cfg = self.student.config
+        grads = [self._flat_grad(p, sign) for p in params]
+        ms, vs = [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
+        torch._foreach_mul_(ms, cfg.beta1)
+        torch._foreach_add_(ms, grads, alpha=1 - cfg.beta1)
+        torch._foreach_mul_(vs, cfg.beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - cfg.beta2)
+        if step_size != 0.0:
+            for p, g in zip(params, grads, strict=True):
+                _apply_flat(p, g, -step_size)
 
     def _warmup_update(self, p: Tensor, sign: float, step_size: float) -> None:
         """SGD at warmup_lr; the student's moments advance, its LSTM state does not."""
@@ -524,85 +564,78 @@ class AmalgamOptimizer(Optimizer):
 
     def _rnnprop_batched(self, params: list[Tensor], kernel: _RNNPropKernel, sign: float, lr: float) -> None:
         """Pack the parameters' coordinates into chunks and run the fused kernel once per chunk."""
-        sizes, n_layers = kernel.sizes, len(kernel.sizes)
-        total = sum(p.numel() for p in params)
-        rows = min(total, self.chunk_size)
         device = params[0].device
-        buf = torch.empty(rows * (kernel.width + 4 * max(sizes) + max(sizes) + 4 + sum(sizes)),
-                          device=device, dtype=torch.float32)
-        # workspace: x [rows, width], z [rows, 4u], t [rows, u], g, m, v, delta [rows], c_l [rows, u_l]
-        views, at = {}, 0
-        for name, cols in (("x", kernel.width), ("z", 4 * max(sizes)), ("t", max(sizes)), ("g", 1), ("m", 1),
-                           ("v", 1), ("d", 1), *((f"c{i}", u) for i, u in enumerate(sizes))):
-            views[name] = buf[at : at + rows * cols].view(rows, cols)
+        chunk = self.chunk_size or (CPU_CHUNK if device.type == "cpu" else ACCELERATOR_CHUNK)
+        rows = min(sum(p.numel() for p in params), chunk)
+        columns = kernel.workspace_columns()
+        buf = torch.empty(rows * sum(columns.values()), device=device, dtype=torch.float32)
+        workspace, at = {}, 0
+        for name, cols in columns.items():  # one allocation, carved into [rows, cols] buffers
+            workspace[name] = buf[at : at + rows * cols].view(rows, cols)
             at += rows * cols
         # Non-contiguous parameters are updated through a contiguous copy written back at the end.
         flats = [p.view(-1) if p.is_contiguous() else p.detach().contiguous().view(-1) for p in params]
         grads = [self._flat_grad(p, sign) for p in params]
+        states = [self.state[p] for p in params]
 
         segments: list[tuple[int, int, int]] = []  # (param index, start, stop) packed into the current chunk
         filled = 0
-        for i, p in enumerate(params):
-            start, n = 0, p.numel()
+        for i, n in enumerate(p.numel() for p in params):
+            start = 0
             while start < n:
                 take = min(n - start, rows - filled)
                 segments.append((i, start, start + take))
-                filled += take
-                start += take
+                filled, start = filled + take, start + take
                 if filled == rows:
-                    self._rnnprop_chunk(segments, params, flats, grads, views, kernel, lr, n_layers)
+                    self._rnnprop_chunk(segments, states, flats, grads, workspace, kernel, lr)
                     segments, filled = [], 0
         if segments:
-            self._rnnprop_chunk(segments, params, flats, grads, views, kernel, lr, n_layers)
+            self._rnnprop_chunk(segments, states, flats, grads, workspace, kernel, lr)
         for p, flat in zip(params, flats, strict=True):
             if not p.is_contiguous():
                 p.copy_(flat.view_as(p))
 
-    def _rnnprop_chunk(self, segments, params, flats, grads, views, kernel: _RNNPropKernel, lr: float,
-                       n_layers: int) -> None:
-        length = sum(b - a for _, a, b in segments)
+    @staticmethod
+    def _rnnprop_chunk(segments: list[tuple[int, int, int]], states: list[dict], flats: list[Tensor],
+                       grads: list[Tensor], workspace: dict[str, Tensor], kernel: _RNNPropKernel,
+                       lr: float) -> None:
+        """Gather the chunk's state into the workspace, run the kernel, scatter back, move the parameters."""
         lens = [b - a for _, a, b in segments]
-        states = [self.state[params[i]] for i, _, _ in segments]
-        w = {k: v[:length] for k, v in views.items()}
-        single = len(segments) == 1
-        i0, a0, b0 = segments[0]
+        length = sum(lens)
+        full = length == next(iter(workspace.values())).shape[0]
+        w = workspace if full else {k: v[:length] for k, v in workspace.items()}
+        n_layers = len(kernel.sizes)
 
-        def state_views(key: str) -> list[Tensor]:
-            return [s[key][a:b] for s, (_, a, b) in zip(states, segments, strict=True)]
+        def state_views(key: str) -> list[Tensor]:  # whole small tensors need no slicing
+            return [t if (a == 0 and b == len(t)) else t[a:b] for t, a, b in
+                    ((states[i][key], a, b) for i, a, b in segments)]
 
-        def gather(dst: Tensor, srcs: list[Tensor]) -> None:
-            torch._foreach_copy_(list(dst.split(lens)), srcs)
-
-        gather(w["g"].view(-1), [grads[i][a:b] for i, a, b in segments])
-        # m, v, c: a single segment is updated in place through views; several are gathered and scattered.
-        if single:
-            m, v = states[0]["m"][a0:b0], states[0]["v"][a0:b0]
-            cs = [states[0][f"c{layer}"][a0:b0] for layer in range(n_layers)]
-        else:
-            m, v = w["m"].view(-1), w["v"].view(-1)
-            gather(m, state_views("m"))
-            gather(v, state_views("v"))
-            cs = [w[f"c{layer}"] for layer in range(n_layers)]
-            for layer in range(n_layers):
-                gather(cs[layer], state_views(f"c{layer}"))
-        x = w["x"]
-        h_cols = [x[:, off : off + u] for off, u in zip(kernel.h_offsets, kernel.sizes, strict=True)]
-        for layer in range(n_layers):
-            gather(h_cols[layer], state_views(f"h{layer}"))
-
-        delta = w["d"].view(-1)
-        kernel.run(w["g"].view(-1), m, v, cs, x, w["z"], w["t"], delta)
+        def gather(dst: Tensor, key: str) -> None:
+            torch._foreach_copy_(list(dst.split(lens)), state_views(key))
 
         def scatter(key: str, src: Tensor) -> None:
             torch._foreach_copy_(state_views(key), list(src.split(lens)))
 
+        g = w["g"].view(-1)
+        torch._foreach_copy_(list(g.split(lens)), [grads[i][a:b] for i, a, b in segments])
+        if len(segments) == 1:  # one tensor: update m, v, c in place through views of its state
+            (i, a, b), keys = segments[0], ("m", "v", *(f"c{layer}" for layer in range(n_layers)))
+            m, v, *cs = (states[i][key][a:b] for key in keys)
+        else:
+            m, v = w["m"].view(-1), w["v"].view(-1)
+            cs = [w[f"c{layer}"] for layer in range(n_layers)]
+            for dst, key in ((m, "m"), (v, "v"), *((c, f"c{layer}") for layer, c in enumerate(cs))):
+                gather(dst, key)
         for layer in range(n_layers):
-            scatter(f"h{layer}", h_cols[layer])
-        if not single:
-            scatter("m", m)
-            scatter("v", v)
-            for layer in range(n_layers):
-                scatter(f"c{layer}", cs[layer])
+            gather(kernel.h_in(w, layer), f"h{layer}")
+
+        delta = kernel.run(w, g, m, v, cs)
+
+        for layer in range(n_layers):
+            scatter(f"h{layer}", kernel.h_out(w, layer))
+        if len(segments) > 1:
+            for src, key in ((m, "m"), (v, "v"), *((c, f"c{layer}") for layer, c in enumerate(cs))):
+                scatter(key, src)
         if lr != 0.0:
             torch._foreach_add_([flats[i][a:b] for i, a, b in segments], list(delta.split(lens)), alpha=-lr)
 

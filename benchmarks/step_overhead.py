@@ -1,0 +1,228 @@
+"""Step time and memory of AmalgamOptimizer against torch.optim.AdamW(foreach=True), side by side.
+
+    python benchmarks/step_overhead.py            # 1M, 10M, 25M parameters (a few minutes on 2 cores)
+    python benchmarks/step_overhead.py --quick    # small sizes, few repeats (< 1 minute)
+
+Only the optimizer step is timed (gradients are fixed random tensors; no forward/backward), after warm-up
+steps and with ``warmup_steps=0`` so the learned (LSTM) branch runs.  Floors for the RNNProp student:
+
+* arithmetic: its matmul FLOPs per coordinate over the throughput torch reaches on the student's own shapes
+  ([chunk, 22] x [22, 80], [chunk, 40] x [40, 80], [chunk, 20] x [20, 1]): the time of those matmuls alone;
+* memory traffic: bytes read and written per coordinate (its 82 float32 of state, the gradient and the
+  parameter) over the measured copy bandwidth.
+
+Peak temporary memory of a step is the rise of the process's peak RSS during one step once the state exists
+(Linux: peak reset through /proc/self/clear_refs, and glibc told to mmap every allocation over 64 kB so freed
+buffers leave the RSS and the next step's buffers show up again; elsewhere the lifetime peak).
+Prints only; no assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from amalgam_plugin.optim import CPU_CHUNK, AmalgamOptimizer
+from amalgam_plugin.students import RNNProp
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 1024**2
+
+
+def paper_student() -> RNNProp:
+    """The paper's choice-large replicate 1 when the reference arrays are present, else a seeded RNNProp."""
+    student = RNNProp()
+    for base in (ROOT / "shared", ROOT.parent / "shared"):
+        path = base / "reference" / "paper_students" / "choice-large-1.npz"
+        if path.exists():
+            arrays = np.load(path)
+            student.load_state_dict({k: torch.from_numpy(arrays[k]) for k in arrays.files})
+            return student
+    student.reset_parameters(torch.Generator().manual_seed(0))
+    return student
+
+
+def mlp(width: int, depth: int) -> nn.Module:
+    return nn.Sequential(*(nn.Linear(width, width) for _ in range(depth)))
+
+
+def tensors(sizes: list[int]) -> list[nn.Parameter]:
+    return [nn.Parameter(torch.randn(n)) for n in sizes]
+
+
+def set_grads(params: list[torch.Tensor], seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+
+
+def _read_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _mmap_large_allocations() -> None:
+    """glibc otherwise raises its mmap threshold after a free and reuses resident heap pages unseen by RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixes it, no dynamic raise)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def peak_temp_mb(fn) -> float:
+    """Rise of peak RSS above the RSS before ``fn`` (MB)."""
+    gc.collect()
+    if _reset_peak() and _read_kb("VmRSS") is not None:
+        before = _read_kb("VmRSS")
+        fn()
+        return (_read_kb("VmHWM") - before) / 1024
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def median_time(fn, repeats: int, warm: int = 0) -> float:
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def floors(student: RNNProp, chunk: int, repeats: int) -> dict[str, float]:
+    """Per-coordinate arithmetic and memory-traffic floors (seconds) and the numbers behind them."""
+    sizes = student.config.hidden_sizes
+    shapes, ins = [], 2
+    for u in sizes:
+        shapes.append((ins + u, 4 * u))
+        ins = u
+    shapes.append((sizes[-1], 1))
+    flops = sum(2 * k * n for k, n in shapes)
+    seconds = 0.0
+    for k, n in shapes:
+        a, b, bias, out = torch.randn(chunk, k), torch.randn(k, n), torch.randn(n), torch.empty(chunk, n)
+        seconds += median_time(lambda a=a, b=b, c=bias, o=out: torch.addmm(c, a, b, out=o), repeats, 2)
+    src = torch.randn(64 * MB // 4)
+    dst = torch.empty_like(src)
+    copy_s = median_time(lambda: dst.copy_(src), repeats, 2)
+    bandwidth = 2 * src.numel() * 4 / copy_s  # bytes read + written per second
+    state_floats = 2 + 2 * sum(sizes)
+    traffic = 4 * (2 * state_floats + 1 + 2)  # state read+write, grad read, param read+write
+    return {"flops": flops, "gflops": flops * chunk / seconds / 1e9, "arith": seconds / chunk,
+            "traffic": traffic, "bandwidth": bandwidth, "memory": traffic / bandwidth}
+
+
+def bench_pair(params: list[torch.Tensor], student: RNNProp, repeats: int) -> dict[str, float]:
+    """Time and memory of one step of each optimizer on the same parameters and gradients."""
+    set_grads(params)
+    out = {"n": sum(p.numel() for p in params)}
+    for name, make in (
+        ("amalgam", lambda: AmalgamOptimizer(params, student=student, warmup_steps=0)),
+        ("adamw", lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True)),
+    ):
+        opt = make()
+        opt.step()  # allocates the state and warms up; warmup_steps=0 so every step runs the learned branch
+        out[f"{name}_s"] = median_time(opt.step, repeats if out["n"] < 20e6 else min(repeats, 2))
+        out[f"{name}_temp_mb"] = peak_temp_mb(opt.step)
+        out[f"{name}_state_bpp"] = state_bytes(opt) / out["n"]
+        del opt
+        gc.collect()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 1 minute)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    _mmap_large_allocations()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    student = paper_student()
+    repeats = 2 if args.quick else 3
+    models = [(256, 4), (512, 4)] if args.quick else [(512, 4), (1024, 10), (1600, 10)]
+
+    fl = floors(student, CPU_CHUNK, repeats=5)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), chunk {CPU_CHUNK}")
+    print(f"student: {fl['flops']} matmul FLOPs/coord at {fl['gflops']:.1f} GFLOP/s on its own shapes -> "
+          f"arithmetic floor {fl['arith'] * 1e9:.0f} ns/coord; {fl['traffic']} B/coord at "
+          f"{fl['bandwidth'] / 1e9:.1f} GB/s copy bandwidth -> memory floor "
+          f"{fl['memory'] * 1e9:.1f} ns/coord")
+    print()
+    header = (f"{'params':>10} {'amalgam ms':>11} {'adamw ms':>9} {'ratio':>6} {'state B/p':>9} "
+              f"{'arith ms':>9} {'mem ms':>7} {'step/arith':>10} {'step/mem':>8} {'temp MB am':>10} "
+              f"{'temp MB aw':>10}")
+    print(header)
+    print("-" * len(header))
+    for width, depth in models:
+        model = mlp(width, depth)
+        r = bench_pair(list(model.parameters()), student, repeats)
+        n = r["n"]
+        arith, mem = fl["arith"] * n, fl["memory"] * n
+        print(f"{n:>10,} {r['amalgam_s'] * 1e3:>11.1f} {r['adamw_s'] * 1e3:>9.1f} "
+              f"{r['amalgam_s'] / r['adamw_s']:>6.1f} {r['amalgam_state_bpp']:>9.0f} {arith * 1e3:>9.1f} "
+              f"{mem * 1e3:>7.1f} {r['amalgam_s'] / arith:>10.2f} {r['amalgam_s'] / mem:>8.1f} "
+              f"{r['amalgam_temp_mb']:>10.1f} {r['adamw_temp_mb']:>10.1f}")
+        del model
+        gc.collect()
+
+    print()
+    total = 200_000 if args.quick else 1_000_000
+    small = tensors([total // 1000] * 1000)
+    large = tensors([total // 10] * 10)
+    rs = bench_pair(small, student, repeats)
+    rl = bench_pair(large, student, repeats)
+    per_small = rs["amalgam_s"] / rs["n"] * 1e9
+    per_large = rl["amalgam_s"] / rl["n"] * 1e9
+    adamw_small, adamw_large = rs["adamw_s"] / rs["n"] * 1e9, rl["adamw_s"] / rl["n"] * 1e9
+    print(f"1,000 tensors of {total // 1000:,}: {per_small:.0f} ns/param (AdamW {adamw_small:.1f}) | "
+          f"10 tensors of {total // 10:,}: {per_large:.0f} ns/param (AdamW {adamw_large:.1f}) | "
+          f"small/large {per_small / per_large:.2f}x")
+    print(f"temporary memory of a step (peak RSS rise): {rs['amalgam_temp_mb']:.1f} MB for 1,000 small "
+          f"tensors, {rl['amalgam_temp_mb']:.1f} MB for 10 large; workspace bound = chunk {CPU_CHUNK} x "
+          f"{sum(_columns(student))} floats = {CPU_CHUNK * sum(_columns(student)) * 4 / MB:.1f} MB")
+
+
+def _columns(student: RNNProp) -> list[int]:
+    from amalgam_plugin.optim import _RNNPropKernel
+
+    return list(_RNNPropKernel(student, torch.device("cpu")).workspace_columns().values())
+
+
+if __name__ == "__main__":
+    main()
