@@ -1,0 +1,286 @@
+"""Pick one replicate of each of the paper's four pre-trained students and bundle it in ``hub_models/``.
+
+Selection (training digits only, never the held-out ones): every replicate in
+``shared/reference/paper_students/`` (4 variants x 8) runs the §15.2 protocol on
+``selection_problem(make_problem("train"))`` -- the Train CNN, the validation set being 1,000 digits carved
+from the *training* digits -- with a few paired seeds; the replicate with the lowest mean best log validation
+loss wins. The first ``warmup`` steps (plain SGD at 0.05, LSTM frozen, only the moments m, v advance) do not
+depend on the student's weights, so they are computed once per seed and shared by all 32 replicates; the rest
+of each run steps the student module directly with the same rule ``AmalgamOptimizer`` runs (the tests check
+both against an independent float64 implementation of the README's rule).
+
+Resumable: each finished (replicate, seed) run is cached in ``--cache`` (JSON); ``--max-minutes`` stops
+starting new runs after that many minutes (rerun to continue). Runs go seed-major, so an interrupted selection
+has the same seeds for every replicate.
+
+    python benchmarks/select_paper_students.py --seeds 3 --steps 250 --max-minutes 20          # select
+    python benchmarks/select_paper_students.py --write                                          # bundle
+    python benchmarks/select_paper_students.py --write --heldout-seeds 3 --heldout-steps 1000   # + card table
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from amalgam_plugin.evaluate import seed_generators
+from amalgam_plugin.problems import make_problem, selection_problem
+from amalgam_plugin.students import RNNProp, RNNPropConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO.parent / "shared" / "reference" / "paper_students"
+VARIANTS = {
+    # folder name: (npz prefix, pool, mechanism, one-line description)
+    "paper-choice-large": (
+        "choice-large",
+        "large",
+        "choice",
+        "The paper's RNNProp student, optimal-choice amalgamation of the large pool (Adam, RMSProp, "
+        "SGD, Momentum, AddSign, PowerSign)",
+    ),
+    "paper-choice-small": (
+        "choice-small",
+        "small",
+        "choice",
+        "The paper's RNNProp student, optimal-choice amalgamation of the small pool (Adam, RMSProp)",
+    ),
+    "paper-minmax": (
+        "min-max",
+        "small",
+        "minmax",
+        "The paper's RNNProp student, min-max amalgamation of the small pool (Adam, RMSProp)",
+    ),
+    "paper-mean": (
+        "mean",
+        "small",
+        "mean",
+        "The paper's RNNProp student, mean amalgamation of the small pool (Adam, RMSProp)",
+    ),
+}
+log = logging.getLogger("select_paper_students")
+
+
+def npz_student(path: Path) -> RNNProp:
+    student = RNNProp(RNNPropConfig())
+    arrays = np.load(path)
+    student.load_state_dict(
+        {k: torch.from_numpy(arrays[k].astype(np.float32)) for k in arrays.files}, strict=True
+    )
+    return student.eval().requires_grad_(False)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Warmup:
+    """The shared first ``steps`` steps of one seed: SGD(lr) with the moments advancing, LSTM state frozen."""
+
+    def __init__(self, problem, seed: int, steps: int, lr: float, eval_every: int, config: RNNPropConfig):
+        init_gen, batch_gen = seed_generators(seed)
+        self.params = [p.detach().clone().requires_grad_(True) for p in problem.init_params(init_gen)]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.eval_steps, self.heldout, self.train = [0], [problem.heldout_loss(self.params)], []
+        batches = problem.train_batches(batch_gen)
+        for step in range(1, steps + 1):
+            loss = problem.loss(self.params, next(batches))
+            grads = torch.autograd.grad(loss, self.params)
+            self.train.append(float(loss))
+            with torch.no_grad():
+                for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
+                    m.mul_(config.beta1).add_((1 - config.beta1) * g)
+                    v.mul_(config.beta2).add_((1 - config.beta2) * g * g)
+                    p.sub_(lr * g)
+            if step % eval_every == 0:
+                self.eval_steps.append(step)
+                self.heldout.append(problem.heldout_loss(self.params))
+        self.steps = steps
+
+
+def continue_run(problem, warm: Warmup, student: RNNProp, seed: int, steps: int, eval_every: int) -> dict:
+    """Steps ``warm.steps + 1 .. steps`` with the learned rule; returns the curve and metrics."""
+    _, batch_gen = seed_generators(seed)
+    batches = problem.train_batches(batch_gen)
+    for _ in range(warm.steps):
+        next(batches)
+    params = [p.detach().clone().requires_grad_(True) for p in warm.params]
+    states = []
+    for p, m, v in zip(params, warm.m, warm.v, strict=True):
+        state = student.init_state(p.numel(), p.detach())
+        states.append({**state, "m": m.flatten().clone(), "v": v.flatten().clone()})
+    eval_steps, heldout, train = list(warm.eval_steps), list(warm.heldout), list(warm.train)
+    diverged_at = None
+    for step in range(warm.steps + 1, steps + 1):
+        loss = problem.loss(params, next(batches))
+        train.append(float(loss))
+        if not math.isfinite(train[-1]):
+            diverged_at = step
+            break
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                delta, states[i] = student(g.flatten(), states[i])
+                p.sub_(delta.view_as(p))
+        if step % eval_every == 0 or step == steps:
+            eval_steps.append(step)
+            heldout.append(problem.heldout_loss(params))
+            if not math.isfinite(heldout[-1]):
+                diverged_at = step
+                break
+    finite = [h for h in heldout if math.isfinite(h)]
+    return {
+        "eval_steps": eval_steps,
+        "val_loss": heldout,
+        "best_log_val": math.log(min(finite)),
+        "final_log_val": math.log(heldout[-1]) if diverged_at is None else float("nan"),
+        "train_last100": float(np.mean(train[-100:])) if diverged_at is None else float("nan"),
+        "diverged_at": diverged_at,
+    }
+
+
+def select(args) -> dict:
+    cache_path = Path(args.cache)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    protocol = f"train-selection|steps={args.steps}|every={args.eval_every}|warmup=100@0.05"
+    runs = cache.setdefault(protocol, {})
+    problem = selection_problem(make_problem("train"))
+    files = sorted(SOURCE.glob(args.only))
+    deadline = time.monotonic() + 60 * args.max_minutes
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    total = len(files) * len(seeds)
+    done = sum(f"{f.stem}|{s}" in runs for f in files for s in seeds)
+    log.info("protocol %s: %d/%d runs cached", protocol, done, total)
+    start = time.monotonic()
+    for seed in seeds:
+        todo = [f for f in files if f"{f.stem}|{seed}" not in runs]
+        if not todo:
+            continue
+        if time.monotonic() > deadline:
+            break
+        warm = Warmup(problem, seed, 100, 0.05, args.eval_every, RNNPropConfig())
+        for f in todo:
+            if time.monotonic() > deadline:
+                log.warning("--max-minutes reached: %d/%d runs done; rerun to continue", done, total)
+                break
+            t0 = time.monotonic()
+            result = continue_run(problem, warm, npz_student(f), seed, args.steps, args.eval_every)
+            runs[f"{f.stem}|{seed}"] = result
+            done += 1
+            tmp = cache_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, cache_path)
+            rate = (time.monotonic() - start) / max(1, done)
+            log.info(
+                "%s seed %d: best log val %.4f (%.0fs; %d/%d, ~%.0fs/run)",
+                f.stem,
+                seed,
+                result["best_log_val"],
+                time.monotonic() - t0,
+                done,
+                total,
+                rate,
+            )
+    return {
+        "protocol": protocol,
+        "seeds": seeds,
+        "runs": runs,
+        "complete": done == total,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+    }
+
+
+def scores_by_variant(selection: dict) -> dict[str, dict]:
+    """variant folder -> {"scores": {replicate: {...}}, "chosen": replicate file stem}."""
+    out = {}
+    for folder, (prefix, *_rest) in VARIANTS.items():
+        scores = {}
+        for rep in range(1, 9):
+            stem = f"{prefix}-{rep}"
+            per_seed = [selection["runs"].get(f"{stem}|{s}") for s in selection["seeds"]]
+            per_seed = [r for r in per_seed if r is not None]
+            if not per_seed:
+                continue
+            best = [r["best_log_val"] for r in per_seed]
+            scores[stem] = {
+                "mean_best_log_val": float(np.mean(best)),
+                "best_log_val_per_seed": best,
+                "mean_final_log_val": float(np.mean([r["final_log_val"] for r in per_seed])),
+                "diverged_runs": sum(r["diverged_at"] is not None for r in per_seed),
+                "n_seeds": len(per_seed),
+            }
+        ranked = sorted(scores, key=lambda s: (scores[s]["diverged_runs"], scores[s]["mean_best_log_val"]))
+        out[folder] = {"scores": scores, "ranking": ranked, "chosen": ranked[0] if ranked else None}
+    return out
+
+
+def print_selection(by_variant: dict) -> None:
+    for folder, info in by_variant.items():
+        print(f"\n{folder}: chosen {info['chosen']}")
+        print(f"  {'replicate':<16} {'mean best log val':>18} {'per seed':>30} {'diverged':>9}")
+        for stem in info["ranking"]:
+            s = info["scores"][stem]
+            per = ", ".join(f"{x:.3f}" for x in s["best_log_val_per_seed"])
+            print(f"  {stem:<16} {s['mean_best_log_val']:>18.4f} {per:>30} {s['diverged_runs']:>9}")
+
+
+def write_folders(args, selection: dict, by_variant: dict) -> None:
+    raise NotImplementedError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="number of paired seeds (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument(
+        "--steps", type=int, default=250, help="steps per run including the 100 warm-up steps"
+    )
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--max-minutes", type=float, default=20.0)
+    parser.add_argument("--cache", default=str(REPO / "benchmarks" / "results" / "paper_selection.json"))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the machine is shared; oversubscription is slow)",
+    )
+    parser.add_argument("--only", default="*.npz", help="glob of replicate files (for a quick check)")
+    parser.add_argument("--write", action="store_true", help="bundle the chosen replicates into hub_models/")
+    parser.add_argument(
+        "--heldout-seeds",
+        type=int,
+        default=0,
+        help="held-out evaluation for the cards (§15.2): number of paired seeds (0: none)",
+    )
+    parser.add_argument("--heldout-steps", type=int, default=1000)
+    parser.add_argument("--out", default=str(REPO / "hub_models"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
+    selection = select(args)
+    by_variant = scores_by_variant(selection)
+    print_selection(by_variant)
+    if not selection["complete"]:
+        print("\nselection incomplete: rerun the same command to continue", file=sys.stderr)
+        return 0 if not args.write else 1
+    if args.write:
+        write_folders(args, selection, by_variant)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
