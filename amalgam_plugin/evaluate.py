@@ -135,7 +135,7 @@ def run(
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         loss = problem.loss(params, next(batches))
-        value = float(loss)
+        value = float(loss.detach())
         result.train_losses.append(value)
         if not math.isfinite(value):
             return _flagged_divergence(result, step, "training loss")

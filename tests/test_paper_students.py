@@ -26,7 +26,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# --- the README's rule, written independently in numpy float64 ------------------------------------------------
+# --- the README's rule, written independently in numpy float64 ----------------------------------------------
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,213 @@
+"""§15.2 evaluation: paired statistics on hand-made numbers, divergence handling, a tiny real evaluation (MLP,
+2 seeds, 50 steps) with students through AmalgamOptimizer, tuned Adam chosen on the training digits only."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from amalgam_plugin import evaluate as ev
+from amalgam_plugin.problems import make_problem
+from amalgam_plugin.problems.data import DigitSplit
+from amalgam_plugin.students import RNNProp, RNNPropConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return make_problem("mlp")
+
+
+def result(
+    name: str, seed: int, heldout: list[float], train: list[float] | None = None, **kw
+) -> ev.RunResult:
+    return ev.RunResult(name, seed, 50, [0, 25, 50][: len(heldout)], heldout, train or [1.0] * 50, **kw)
+
+
+# --- statistics on hand-made numbers ------------------------------------------------------------------------
+
+
+def test_paired_difference_by_hand():
+    d = ev.paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0])  # differences 1, 2, 2, 3
+    sd = math.sqrt(2 / 3)
+    half = 3.182446305284263 * sd / 2  # t_{0.975, 3}
+    assert d.n == 4 and d.mean == pytest.approx(2.0) and d.sd == pytest.approx(sd)
+    assert (d.low, d.high) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    assert str(d) == f"+2.000 [{2 - half:+.3f}, {2 + half:+.3f}]"
+    d90 = ev.paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0], confidence=0.9)
+    assert d90.high - d90.mean == pytest.approx(2.3533634348018264 * sd / 2)
+
+
+def test_paired_difference_edge_cases():
+    d = ev.paired_difference([1.0, float("nan"), 3.0], [0.0, 0.0, 1.0])  # the NaN pair is dropped
+    assert d.n == 2 and d.mean == pytest.approx(1.5)
+    one = ev.paired_difference([1.0], [0.5])
+    assert one.mean == 0.5 and math.isnan(one.low) and math.isnan(one.high)
+    assert ev.paired_difference([], []).n == 0
+    with pytest.raises(ValueError, match="differ in length"):
+        ev.paired_difference([1.0, 2.0], [1.0])
+
+
+def test_run_metrics_and_divergence_flags():
+    ok = result("a", 0, [2.0, 0.5, 0.7], train=[3.0] * 10 + [1.0] * 100)
+    assert ok.best_log_heldout == pytest.approx(math.log(0.5))
+    assert ok.final_log_heldout == pytest.approx(math.log(0.7))
+    assert ok.train_last100 == pytest.approx(1.0)
+    bad = result("b", 0, [2.0, 0.4, float("nan")], diverged=True, diverged_at=50)
+    assert bad.best_log_heldout == pytest.approx(math.log(0.4))  # best finite value counts
+    assert math.isnan(bad.final_log_heldout) and math.isnan(bad.train_last100)
+    with pytest.raises(ValueError, match="unknown metric"):
+        ok.metric("accuracy")
+
+
+def hand_evaluation() -> ev.Evaluation:
+    runs = {
+        "student": [
+            result("student", s, [2.3, h]) for s, h in zip([0, 1, 2], [0.30, 0.40, 0.35], strict=True)
+        ],
+        "adam": [result("adam", s, [2.3, h]) for s, h in zip([0, 1, 2], [0.40, 0.50, 0.50], strict=True)],
+        "sgd": [
+            result("sgd", 0, [2.3, 0.9]),
+            result("sgd", 1, [2.3, float("inf")], diverged=True, diverged_at=50),
+            result("sgd", 2, [2.3, 1.0]),
+        ],
+    }
+    return ev.Evaluation("mlp", [0, 1, 2], 50, 25, runs, reference="student", notes={"adam": "lr 0.005"})
+
+
+def test_evaluation_table_and_paired_differences():
+    e = hand_evaluation()
+    assert e.mean("student") == pytest.approx(np.mean(np.log([0.30, 0.40, 0.35])))
+    diffs = e.paired()
+    expected = np.log([0.40, 0.50, 0.50]) - np.log([0.30, 0.40, 0.35])
+    assert diffs["adam"].mean == pytest.approx(expected.mean()) and diffs["adam"].n == 3
+    assert diffs["adam"].low > 0  # adam is worse than the student on every seed
+    assert diffs["sgd"].n == 3  # the diverged run keeps its best finite value (2.3 at step 0)
+    table = e.table()
+    lines = table.splitlines()
+    assert lines[0].startswith("| optimizer | best log held-out |") and len(lines) == 5
+    assert "| student |" in table and "reference" in table and "| 1/3 |" in table
+    plain = e.table("plain")
+    assert "|" not in plain and plain.splitlines()[1].startswith("student")
+    assert "3 paired seeds (0, 1, 2), 50 steps" in e.protocol()
+    with pytest.raises(ValueError, match="unknown table format"):
+        e.table("html")
+
+
+def test_oracle_curves_and_serialisation(tmp_path):
+    e = hand_evaluation()
+    assert e.add_oracle(["adam", "sgd"]) == "adam"
+    assert e.runs["oracle"] is e.runs["adam"] and "= adam" in e.notes["oracle"]
+    steps, mean = e.mean_curves()["sgd"]
+    assert steps == [0, 25] and mean == pytest.approx([2.3, 0.95])  # the inf point is skipped
+    back = ev.Evaluation.from_dict(e.to_dict())
+    assert back.table() == e.table() and back.notes == e.notes
+    png = e.plot(tmp_path / "curves.png", highlight="student")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# --- real runs ----------------------------------------------------------------------------------------------
+
+
+class _Poison(torch.optim.Optimizer):
+    """SGD that writes NaN into the parameters at its 3rd step."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+        self.count = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.count += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])
+                if self.count == 3:
+                    p.fill_(float("nan"))
+
+
+def test_run_is_paired_and_divergence_is_caught(mlp):
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    a, b = ev.run(mlp, sgd, seed=4, steps=10, eval_every=5), ev.run(mlp, sgd, seed=4, steps=10, eval_every=5)
+    assert a.heldout == b.heldout and a.train_losses == b.train_losses and a.eval_steps == [0, 5, 10]
+    assert ev.run(mlp, sgd, seed=5, steps=1).heldout[0] != a.heldout[0]
+    bad = ev.run(mlp, _Poison, seed=4, steps=10, eval_every=1)
+    assert bad.diverged and bad.diverged_at == 3 and math.isfinite(bad.best_log_heldout)
+
+
+def test_tiny_evaluation_with_students_and_baselines(mlp, tmp_path):
+    pytest.importorskip("amalgam_plugin.optim")
+    student = RNNProp(RNNPropConfig())
+    student.reset_parameters(torch.Generator().manual_seed(0))
+    optimizers = {
+        "student": ev.student_factory(student, warmup_steps=20),
+        **ev.pool_baselines("small"),
+    }
+    assert list(optimizers) == [
+        "student",
+        "adam 0.005 (paper)",
+        "adam 0.005 (torch)",
+        "rmsprop 0.005 (paper)",
+        "rmsprop 0.005 (torch)",
+    ]
+    cache = tmp_path / "runs.json"
+    e = ev.evaluate(mlp, optimizers, seeds=[0, 1], steps=50, reference="student", cache=cache, progress=False)
+    assert {n: len(r) for n, r in e.runs.items()} == {n: 2 for n in optimizers}
+    for s in range(2):  # paired: the same initialisation for everyone
+        assert len({e.runs[n][s].heldout[0] for n in optimizers}) == 1
+    assert all(r.heldout[-1] < r.heldout[0] for n, runs in e.runs.items() if n != "student" for r in runs)
+    assert all(math.isfinite(r.best_log_heldout) for r in e.runs["student"])  # an untrained student
+    table = e.table()
+    assert table.count("\n") == 6 and "Δ best vs student" in table
+    # resumed from the cache: no run is repeated
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "run", lambda *a, **k: pytest.fail("run() called despite the cache"))
+        again = ev.evaluate(
+            mlp, optimizers, seeds=[0, 1], steps=50, reference="student", cache=cache, progress=False
+        )
+    assert again.table() == table
+
+
+def test_pool_baselines_forms():
+    large = ev.pool_baselines("large")
+    assert "momentum 0.5 (torch)" in large and "addsign 0.1 (paper)" in large
+    assert "addsign 0.1 (torch)" not in large and "powersign 0.1 (torch)" not in large
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    momentum = large["momentum 0.5 (torch)"](params)
+    assert isinstance(momentum, torch.optim.SGD) and momentum.defaults["momentum"] == 0.9
+    rms = large["rmsprop 0.005 (torch)"](params)
+    assert rms.defaults["alpha"] == 0.9 and rms.defaults["lr"] == 0.005
+    assert list(ev.pool_baselines("small", forms=["paper"])) == [
+        "adam 0.005 (paper)",
+        "rmsprop 0.005 (paper)",
+    ]
+    with pytest.raises(ValueError, match="unknown baseline form"):
+        ev.pool_baselines("small", forms=["keras"])
+
+
+def test_tune_adam_reads_only_training_digits(mlp, monkeypatch):
+    original = DigitSplit.heldout
+
+    def guarded(self):
+        if not self.name.endswith("-selection"):
+            raise AssertionError("tuning read the held-out digits")
+        return original(self)
+
+    monkeypatch.setattr(DigitSplit, "heldout", guarded)
+    choice = ev.tune_adam(mlp, seeds=[0], steps=10, eval_every=5, lrs=[1e-3, 1e-2], progress=False)
+    assert choice.lr in (1e-3, 1e-2) and set(choice.scores) == {1e-3, 1e-2}
+    assert choice.scores[choice.lr] == min(choice.scores.values())
+    assert "selection_problem" in choice.how and f"chosen lr={choice.lr:g}" in choice.how
+    assert isinstance(choice.factory([torch.nn.Parameter(torch.zeros(1))]), torch.optim.Adam)
+    with pytest.raises(ValueError, match="unknown select_on"):
+        ev.tune_adam(mlp, seeds=[0], select_on="test")

@@ -1,0 +1,396 @@
+"""Hub format: folder round-trip, bundled names, a repo id from a pre-seeded offline cache, push with only the
+network calls of HfApi patched, model cards, and every bad input."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import pickle
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi, constants
+from safetensors.torch import load_file, save_file
+
+from amalgam_plugin import hub
+from amalgam_plugin.evaluate import Evaluation, RunResult
+from amalgam_plugin.students import ChoiceConfig, ChoiceNet, RNNProp, RNNPropConfig
+
+PAPER_NAMES = ["paper-choice-large", "paper-choice-small", "paper-mean", "paper-minmax"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_rnnprop(seed: int = 0, **config) -> RNNProp:
+    student = RNNProp(RNNPropConfig(**config))
+    student.reset_parameters(torch.Generator().manual_seed(seed))
+    return student
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def tiny_evaluation() -> Evaluation:
+    def result(name, seed, curve):
+        return RunResult(name, seed, 50, [0, 25, 50], curve, [1.0] * 50)
+
+    runs = {
+        "student": [result("student", 0, [2.3, 0.5, 0.3]), result("student", 1, [2.3, 0.6, 0.35])],
+        "adam 0.005 (paper)": [result("a", 0, [2.3, 0.7, 0.4]), result("a", 1, [2.3, 0.8, 0.5])],
+    }
+    return Evaluation(
+        "mlp", [0, 1], 50, 25, runs, reference="student", notes={"adam 0.005 (paper)": "fixed lr"}
+    )
+
+
+# --- round-trips --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["rnnprop", "choice"])
+def test_folder_round_trip(tmp_path, kind):
+    if kind == "rnnprop":
+        student = make_rnnprop(provenance={"description": "test student"})
+    else:
+        student = ChoiceNet(ChoiceConfig(hidden_sizes=[8, 8]))
+        student.reset_parameters(torch.Generator().manual_seed(1))
+    folder = hub.save_student(student, tmp_path / "s")
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["student_type"] == kind and config["format_version"] == hub.FORMAT_VERSION
+    loaded = hub.load_student(folder)
+    assert type(loaded) is type(student) and loaded.config == student.config
+    assert same_weights(loaded, student)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    identity = hub.student_identity(loaded)
+    assert identity["source"] == "local" and identity["name"] == str(folder.resolve())
+    assert identity["sha256"] == hub.student_identity(student)["sha256"]
+
+
+def test_identity_hash_tracks_weights_not_provenance():
+    a = make_rnnprop(seed=0)
+    assert hub.student_identity(a) == {
+        "name": None,
+        "revision": None,
+        "source": "module",
+        "sha256": hub.content_hash(a),
+    }
+    b = make_rnnprop(seed=0, provenance={"note": "same weights"})
+    assert hub.content_hash(a) == hub.content_hash(b)
+    with torch.no_grad():
+        b.delta.bias += 1e-6
+    assert hub.content_hash(a) != hub.content_hash(b)
+    assert hub.content_hash(make_rnnprop(seed=0, warmup_steps=5)) != hub.content_hash(a)
+
+
+def test_bundled_students_load_by_name():
+    names = [name for name, _ in hub.list_bundled()]
+    assert set(PAPER_NAMES) <= set(names)
+    assert hub.DEFAULT_STUDENT in names
+    assert all(desc for _, desc in hub.list_bundled())
+    student = hub.load_student("paper-choice-large")
+    assert isinstance(student, RNNProp) and student.config.warmup_steps == 100
+    provenance = student.config.provenance
+    assert provenance["source_file"].startswith("choice-large-") and provenance["selection"]["scores"]
+    identity = hub.student_identity(student)
+    assert identity["source"] == "bundled" and identity["name"] == "paper-choice-large"
+    folder = hub.bundled_root() / "paper-choice-large"
+    assert (folder / "model.safetensors").stat().st_size < 64_000
+
+
+# --- a repo id from a pre-seeded Hub cache, offline ---------------------------------------------------------
+
+
+def seed_cache(cache: Path, repo_id: str, commits: dict[str, torch.nn.Module], main: str) -> None:
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(main)
+    for commit, student in commits.items():
+        hub.save_student(student, repo / "snapshots" / commit)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_repo_id_from_preseeded_cache_offline(tmp_path, offline):
+    first, second = "a" * 40, "b" * 40
+    old, new = make_rnnprop(seed=1), make_rnnprop(seed=2)
+    seed_cache(tmp_path, "acme/amalgam-tiny", {first: old, second: new}, main=second)
+
+    latest = hub.load_student("acme/amalgam-tiny", cache_dir=tmp_path)
+    assert same_weights(latest, new)
+    assert hub.student_identity(latest) | {"sha256": None} == {
+        "name": "acme/amalgam-tiny",
+        "revision": second,
+        "source": "hub",
+        "sha256": None,
+    }
+
+    pinned = hub.load_student("acme/amalgam-tiny", revision=first, cache_dir=tmp_path)
+    assert same_weights(pinned, old) and hub.student_identity(pinned)["revision"] == first
+
+    with pytest.raises(FileNotFoundError, match="acme/not-cached"):
+        hub.load_student("acme/not-cached", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="c{40}"):
+        hub.load_student("acme/amalgam-tiny", revision="c" * 40, cache_dir=tmp_path)
+
+
+def test_repo_id_with_default_cache_monkeypatched(tmp_path, offline, monkeypatch):
+    commit = "d" * 40
+    seed_cache(tmp_path, "acme/amalgam-tiny", {commit: make_rnnprop(seed=3)}, main=commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    student = hub.load_student("acme/amalgam-tiny", local_files_only=True)
+    assert same_weights(student, make_rnnprop(seed=3))
+
+
+# --- push ---------------------------------------------------------------------------------------------------
+
+
+def test_push_folder_uploads_the_hub_files(tmp_path):
+    folder = hub.save_student(
+        make_rnnprop(), tmp_path / "s", card={"title": "Tiny", "pool": "small"}, evaluation=tiny_evaluation()
+    )
+    (folder / "pytorch_model.bin").write_bytes(b"not uploaded")
+    (folder / "scratch.txt").write_text("not uploaded")
+    uploaded: dict[str, bytes] = {}
+    calls = {}
+
+    def fake_upload(self, *, folder_path, repo_id, allow_patterns=None, **kwargs):
+        calls["upload"] = dict(repo_id=repo_id, **kwargs)
+        for path in Path(folder_path).iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
+                uploaded[path.name] = path.read_bytes()
+        return "https://huggingface.co/acme/amalgam-tiny/commit/0"
+
+    def fake_create(self, repo_id, **kwargs):
+        calls["create"] = dict(repo_id=repo_id, **kwargs)
+        return f"https://huggingface.co/{repo_id}"
+
+    with (
+        mock.patch.object(HfApi, "create_repo", fake_create),
+        mock.patch.object(HfApi, "upload_folder", fake_upload),
+    ):
+        url = hub.push_folder(folder, "acme/amalgam-tiny", token="hf_test", private=True)
+    assert url == "https://huggingface.co/acme/amalgam-tiny"
+    assert calls["create"]["exist_ok"] is True and calls["create"]["private"] is True
+    assert calls["upload"]["repo_id"] == "acme/amalgam-tiny"
+    assert set(uploaded) == {"README.md", "config.json", "model.safetensors", "heldout_loss.png"}
+    meta = yaml.safe_load(uploaded["README.md"].decode().split("---")[1])
+    assert meta["library_name"] == "amalgam-plugin" and meta["license"] == "mit"
+    config = json.loads(uploaded["config.json"])
+    assert config["student_type"] == "rnnprop" and config["format_version"] == 1
+    (tmp_path / "w.safetensors").write_bytes(uploaded["model.safetensors"])
+    assert set(load_file(tmp_path / "w.safetensors")) == set(make_rnnprop().state_dict())
+
+
+def test_push_refuses_a_broken_folder(tmp_path):
+    folder = hub.save_student(make_rnnprop(), tmp_path / "s")
+    (folder / "model.safetensors").unlink()
+    with (
+        mock.patch.object(HfApi, "create_repo") as create,
+        mock.patch.object(HfApi, "upload_folder") as upload,
+    ):
+        with pytest.raises(FileNotFoundError, match="model.safetensors"):
+            hub.push_folder(folder, "acme/x")
+    create.assert_not_called()
+    upload.assert_not_called()
+
+
+# --- model cards --------------------------------------------------------------------------------------------
+
+
+def test_model_card_contents(tmp_path):
+    card = {
+        "title": "Tiny student",
+        "description": "A test.",
+        "pool": [{"name": "adam", "lr": 0.005}, {"name": "rmsprop", "lr": 0.005}],
+        "mechanism": "choice",
+        "problem": "Train CNN on MNIST",
+        "data_split": "training digits only",
+        "recipe": {"preset": "quick", "unroll": 20},
+        "seeds": "meta-training seed 0; evaluation seeds 0, 1",
+        "command": "amalgam amalgamate --preset quick",
+        "license_notice": "MIT License\n\nCopyright (c) 2021 VITA-Group",
+        "notes": "some notes",
+        "tags": ["extra-tag"],
+    }
+    folder = hub.save_student(make_rnnprop(), tmp_path / "s", card=card, evaluation=tiny_evaluation())
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["library_name"] == "amalgam-plugin" and meta["license"] == "mit"
+    assert {"arxiv:2203.06474", "extra-tag", "learned-optimizer"} <= set(meta["tags"])
+    for heading in [
+        "# Tiny student",
+        "## Intended use",
+        "## Limits",
+        "## How to use",
+        "## Training",
+        "## Reproduce",
+        "## Evaluation",
+        "## Notes",
+        "## License",
+        "## Citation",
+    ]:
+        assert f"\n{heading}\n" in text, heading
+    for fragment in [
+        "**Teacher pool**",
+        "name=adam, lr=0.005",
+        "**Mechanism**: choice",
+        "**Data split**",
+        "`preset`: quick",
+        "amalgam amalgamate --preset quick",
+        "Copyright (c) 2021 VITA-Group",
+        "arxiv.org/abs/2203.06474",
+        "Optimizer Amalgamation",
+        "![held-out loss against steps](heldout_loss.png)",
+        "| optimizer | best log held-out |",
+        "| student |",
+        "- adam 0.005 (paper): fixed lr",
+    ]:
+        assert fragment in text, fragment
+    assert (folder / "heldout_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_card_key_is_rejected_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="unknown model-card keys colour.*valid keys"):
+        hub.save_student(make_rnnprop(), tmp_path / "s", card={"colour": "red"})
+    assert not (tmp_path / "s" / "config.json").exists()
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    return hub.save_student(make_rnnprop(), tmp_path / "s")
+
+
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_missing_folder_and_unknown_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        hub.load_student(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="paper-choice-large"):  # lists the bundled names
+        hub.load_student("no-such-student")
+    with pytest.raises(FileNotFoundError, match="no student folder"):
+        hub.load_student("./relative/missing")
+    with pytest.raises(FileNotFoundError, match="no student folder"):
+        hub.load_folder(tmp_path / "nope")
+
+
+def test_missing_weights(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no model\.safetensors"):
+        hub.load_student(saved)
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"])
+def test_corrupt_weights(saved, content):
+    (saved / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match="corrupt"):
+        hub.load_student(saved)
+
+
+def test_truncated_weights(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        hub.load_student(saved)
+
+
+def test_unknown_student_type(saved):
+    edit_config(saved, student_type="transformer")
+    with pytest.raises(ValueError, match="unknown student_type 'transformer'.*rnnprop, choice"):
+        hub.load_student(saved)
+
+
+def test_newer_format_version(saved):
+    edit_config(saved, format_version=hub.FORMAT_VERSION + 1)
+    with pytest.raises(ValueError, match="format_version 2, newer"):
+        hub.load_student(saved)
+    edit_config(saved, format_version="1")
+    with pytest.raises(ValueError, match="integer format_version"):
+        hub.load_student(saved)
+
+
+def test_missing_and_unreadable_config(saved):
+    (saved / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        hub.load_student(saved)
+    (saved / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        hub.load_student(saved)
+
+
+def test_mismatched_shapes(saved):
+    edit_config(saved, hidden_sizes=[10, 10])
+    with pytest.raises(
+        ValueError, match=r"shape mismatch.*recurrent\.0\.kernel: expected \(2, 40\), got \(2, 80\)"
+    ):
+        hub.load_student(saved)
+
+
+def test_missing_and_unexpected_keys(saved):
+    tensors = load_file(saved / "model.safetensors")
+    tensors["extra.weight"] = tensors.pop("delta.bias")
+    save_file(tensors, saved / "model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"missing keys \['delta\.bias'\].*unexpected keys \['extra\.weight'\]"
+    ):
+        hub.load_student(saved)
+
+
+def test_non_finite_weights(saved):
+    tensors = load_file(saved / "model.safetensors")
+    tensors["delta.bias"] = torch.tensor([float("nan")])
+    save_file(tensors, saved / "model.safetensors")
+    with pytest.raises(ValueError, match="non-finite"):
+        hub.load_student(saved)
+
+
+class _Bomb:
+    """Unpickling this would create a marker file: proof that pickle is never loaded."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_folder_with_only_a_pickle_is_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    marker = tmp_path / "unpickled"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Bomb(str(marker))))
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model\.bin\).*never loaded"):
+        hub.load_student(folder)  # no config.json either
+    edit = hub.save_student(make_rnnprop(), tmp_path / "tmp")
+    os.replace(edit / "config.json", folder / "config.json")
+    with pytest.raises(ValueError, match="only pickle weights.*never loaded"):
+        hub.load_student(folder)
+    assert not marker.exists()
+
+
+def test_a_file_is_not_a_folder(saved):
+    with pytest.raises(ValueError, match="is a file, not a student folder"):
+        hub.load_student(saved / "config.json")
