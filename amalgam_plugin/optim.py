@@ -83,20 +83,21 @@ def _student_fingerprint(student: nn.Module) -> str:
 
 
 def _student_id(student: nn.Module) -> str:
-    """``"NAME@REVISION sha256:HEX"``; only the hash is compared, the rest is for people reading it."""
-    name, revision = None, None
+    """``"NAME@REVISION sha256:HEX"``; only the hash is compared, the rest is for people reading it.
+
+    Name, revision and hash come from ``amalgam_plugin.hub.student_identity`` (the hash its model cards use);
+    :func:`_student_fingerprint` stands in only if the hub module cannot be imported.
+    """
     try:
-        from .hub import student_identity  # lazy: hub is optional at import time
+        from .hub import student_identity  # lazy: the runtime optimizer needs the hub only for names
     except ImportError:
-        student_identity = None
-    if student_identity is not None:
-        try:
-            info = student_identity(student)
-            name, revision = info.get("name"), info.get("revision")
-        except Exception as err:  # identity is metadata only; the hash below is what protects a resume
-            logger.debug("hub.student_identity failed (%s); using the content hash alone", err)
-    name = name or getattr(getattr(student, "config", None), "student_type", type(student).__name__)
-    return f"{name}@{revision or 'local'} sha256:{_student_fingerprint(student)}"
+        info: dict = {}
+    else:
+        info = student_identity(student)
+    config = getattr(student, "config", None)
+    name = info.get("name") or getattr(config, "student_type", type(student).__name__)
+    sha = info.get("sha256") or _student_fingerprint(student)
+    return f"{name}@{info.get('revision') or 'local'} sha256:{sha}"
 
 
 def _sha_of(student_id: str | None) -> str | None:

@@ -343,3 +343,19 @@ def test_deepcopy_and_large_state_warning(student, monkeypatch):
     monkeypatch.setattr(optim_mod, "STATE_WARN_BYTES", 100)
     with pytest.warns(UserWarning, match="GiB"):
         AmalgamOptimizer([p], student=student)
+
+
+def test_from_pretrained_folder_records_identity(student, tmp_path):
+    from amalgam_plugin.hub import save_student
+
+    folder = save_student(student, tmp_path / "my-student")
+    p = torch.ones(3, requires_grad=True)
+    opt = AmalgamOptimizer.from_pretrained(folder, [p], warmup_steps=0)
+    assert opt.student.config == student.config and not any(t.requires_grad for t in opt.student.parameters())
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    assert "sha256:" in saved["param_groups"][0]["student_id"]
+    same = AmalgamOptimizer([p], student=student)  # the same weights as a module: the same identity
+    same.load_state_dict(saved)
+    assert torch.equal(same.state[p]["h1"], opt.state[p]["h1"])
