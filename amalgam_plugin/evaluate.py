@@ -308,7 +308,8 @@ class Evaluation:
     def protocol(self) -> str:
         """One sentence stating what the table measures."""
         return (
-            f"Problem `{self.problem}`, {len(self.seeds)} paired seeds ({', '.join(map(str, self.seeds))}), "
+            f"Problem `{self.problem}`, {len(self.seeds)} paired seed{'s' if len(self.seeds) != 1 else ''} "
+            f"({', '.join(map(str, self.seeds))}), "
             f"{self.steps} steps, held-out loss on all held-out examples every {self.eval_every} steps; "
             "log = natural log; intervals: 95% t-intervals of the mean paired difference."
         )

@@ -416,8 +416,8 @@ def render_card(
         out.append(f"{card['description']}\n")
     out.append(
         f"A learned optimizer trained by [Optimizer Amalgamation]({PAPER_URL}) (Huang et al., ICLR 2022): a "
-        "student optimizer distilled from a pool of analytical teacher optimizers. Saved by "
-        "[amalgam-plugin](https://github.com/VITA-Group/OptimizerAmalgamation) in the Hub format "
+        "student optimizer distilled from a pool of analytical teacher optimizers. Saved by amalgam-plugin "
+        "in the Hub format "
         f"(`{CONFIG_NAME}` with `student_type` and `format_version`, `{WEIGHTS_NAME}`).\n"
     )
     out.append(f"## Intended use\n\n{card.get('intended_use') or DEFAULT_INTENDED_USE}\n")
@@ -508,9 +508,10 @@ def save_student(
     )
     plot_name = None
     if evaluation is not None and evaluation.runs:
-        title = (card or {}).get("title") or f"{config['student_type']} student"
         evaluation.plot(
-            folder / PLOT_NAME, title=f"{title}: held-out loss", highlight=reference or evaluation.reference
+            folder / PLOT_NAME,
+            title=f"{folder.name}: held-out loss on {evaluation.problem}",
+            highlight=reference or evaluation.reference,
         )
         plot_name = PLOT_NAME
     (folder / CARD_NAME).write_text(render_card(config, card, evaluation, plot_name, reference))

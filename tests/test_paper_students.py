@@ -129,3 +129,28 @@ def test_every_paper_file_loads_strictly():
     for name in names:
         _, student = load_npz(name)
         assert sum(p.numel() for p in student.parameters()) == 5141
+
+
+def test_selection_shortcut_equals_a_full_run_through_amalgam_optimizer():
+    """benchmarks/select_paper_students.py shares the warm-up among replicates and then steps the student
+    module; its curve must be the one evaluate.run gives through AmalgamOptimizer."""
+    pytest.importorskip("amalgam_plugin.optim")
+    import sys
+
+    from amalgam_plugin.evaluate import run, student_factory
+    from amalgam_plugin.problems import make_problem
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import select_paper_students as selection
+    finally:
+        sys.path.pop(0)
+    _, student = load_npz("mean-8.npz")
+    student.config.warmup_steps = 10
+    problem = make_problem("mlp")
+    warm = selection.Warmup(problem, seed=3, steps=10, lr=0.05, eval_every=5, config=student.config)
+    shortcut = selection.continue_run(problem, warm, student, seed=3, steps=30, eval_every=5)
+    full = run(problem, student_factory(student), seed=3, steps=30, eval_every=5)
+    assert shortcut["eval_steps"] == full.eval_steps
+    np.testing.assert_allclose(shortcut["val_loss"], full.heldout, rtol=1e-4)
+    assert shortcut["best_log_val"] == pytest.approx(full.best_log_heldout, rel=1e-4)
