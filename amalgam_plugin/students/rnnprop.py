@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import FORMAT_VERSION, Dense, HubStudent, lstm_stack, run_lstm_stack, zero_lstm_state
+from .base import FORMAT_VERSION, Dense, HubStudent, fast_tanh, lstm_stack, run_lstm_stack, zero_lstm_state
 
 
 @dataclass
@@ -71,5 +71,5 @@ class RNNProp(nn.Module, HubStudent):
         state = self.update_moments(grad, state)
         x = self.features(grad, state["m"], state["v"])
         h, lstm_state = run_lstm_stack(self.recurrent, x, state)
-        delta = self.config.output_scale * torch.tanh(self.delta(h)).squeeze(-1)
+        delta = self.config.output_scale * fast_tanh(self.delta(h)).squeeze(-1)
         return delta, {**state, **lstm_state}

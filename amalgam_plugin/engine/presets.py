@@ -1,0 +1,65 @@
+"""Recipes: ``paper`` (METHOD §7.3 and §9, for a GPU or a long run), ``cpu`` (at most ~2 hours on 2 CPU
+cores, resumable) and ``quick`` (at most ~15 minutes on 2 CPU cores, evaluation included)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .curriculum import CurriculumConfig
+
+# §7.3: the choice network's fixed schedule ("cl_fixed"), meta loss only, the last period is kept.
+PAPER_CHOICE = CurriculumConfig(
+    unroll_length=100, depths=[1, 2, 5, 5, 5], validation_depths=[10], trajectories_per_period=10,
+    validation_trajectories=1, warmup_unrolls=[0, 1], min_periods=1, max_periods=1, num_chances=0,
+    repeat_threshold=0.9, select="last", imitation_schedule="none",
+)
+# §9.3: the student's curriculum.
+PAPER_STUDENT = CurriculumConfig()
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    choice: CurriculumConfig
+    student: CurriculumConfig
+    eval_seeds: int = 10
+    eval_steps: int = 1000
+    eval_textbook: bool = True  # also evaluate the pool's textbook (torch) forms
+    notes: list[str] = field(default_factory=list)
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset("paper", "the full recipe of METHOD §7.3 and §9 (a GPU or a long run)", PAPER_CHOICE,
+                    PAPER_STUDENT),
+    "cpu": Preset(
+        "cpu",
+        "about 2 hours on 2 CPU cores: truncations of 50 steps, first-order meta-gradients, shorter stages",
+        replace(PAPER_CHOICE, unroll_length=50, depths=[1, 2, 4], trajectories_per_period=6,
+                validation_depths=[4], second_order=False),
+        replace(PAPER_STUDENT, unroll_length=50, depths=[1, 2, 4], validation_depths=[2, 4, 6],
+                trajectories_per_period=6, validation_trajectories=2, min_periods=3, num_chances=2,
+                max_periods=5, second_order=False),
+        notes=["first-order meta-gradients (second-order terms dropped) for speed on a CPU",
+               "truncations of 50 steps instead of 100; shorter curriculum (3 stages, at most 5 periods each)"],
+    ),
+    "quick": Preset(
+        "quick",
+        "at most ~15 minutes on 2 CPU cores, including a reduced evaluation",
+        replace(PAPER_CHOICE, unroll_length=20, depths=[1, 2, 5], trajectories_per_period=4,
+                validation_depths=[5], second_order=False),
+        replace(PAPER_STUDENT, unroll_length=20, depths=[1, 2, 5], validation_depths=[2, 5, 10],
+                trajectories_per_period=4, validation_trajectories=1, min_periods=2, num_chances=1,
+                max_periods=3, second_order=False),
+        eval_seeds=3, eval_textbook=False,
+        notes=["first-order meta-gradients (second-order terms dropped) for speed on a CPU",
+               "truncations of 20 steps instead of 100; 3 short curriculum stages",
+               "reduced evaluation: 3 paired seeds, the pool in the paper's form and tuned torch Adam"],
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
