@@ -56,6 +56,17 @@ PRESETS: dict[str, Preset] = {
                "truncations of 20 steps instead of 100; 3 short curriculum stages",
                "reduced evaluation: 3 paired seeds, the pool in the paper's form and tuned torch Adam"],
     ),
+    "smoke": Preset(
+        "smoke",
+        "seconds: checks the whole pipeline (tests, CI); the student it makes is not useful",
+        replace(PAPER_CHOICE, unroll_length=5, depths=[1, 1], trajectories_per_period=1, validation_depths=[1],
+                warmup_unrolls=[0, 1], second_order=False),
+        replace(PAPER_STUDENT, unroll_length=5, depths=[1, 1], validation_depths=[1], trajectories_per_period=1,
+                validation_trajectories=1, warmup_unrolls=[1], min_periods=1, num_chances=0, max_periods=2,
+                second_order=False),
+        eval_seeds=2, eval_steps=50, eval_textbook=False,
+        notes=["smoke preset: a pipeline check, not a useful student"],
+    ),
 }
 
 
