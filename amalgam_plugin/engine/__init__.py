@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..amalgamation import IMITATION_SCHEDULES, MECHANISMS
 from ..problems import PROBLEMS, Problem, make_problem
@@ -142,7 +142,11 @@ def amalgamate(
     student.requires_grad_(False).eval()
     save_file(student.state_dict(), str(workdir / "student.safetensors"))
     evaluation = _evaluate(student, pool, recipe, task, workdir) if evaluate else None
-    _save(student, out, config, recipe, evaluation, pool_spec(make_pool(pool)))
+    if mechanism == "choice" and imitation != "none":
+        teachers = [{"name": n, **kw} for n, kw in _choice_pool(pool)]
+    else:
+        teachers = pool_spec(make_pool(pool)) if imitation != "none" else []
+    _save(student, out, config, recipe, evaluation, teachers)
     return out
 
 
@@ -182,12 +186,11 @@ def _save(student, out: Path, config: dict, recipe: Preset, evaluation, pool_des
         "recipe": {"choice": config["choice_recipe"] if config["mechanism"] == "choice" else None,
                    "student": config["student_recipe"], "imitation": config["imitation"]},
         "seeds": {"meta-training": config["seed"], "evaluation": list(range(recipe.eval_seeds))},
-        "command": command, "notes": recipe.notes,
+        "command": command,
+        "notes": [*recipe.notes, *(["choice amalgamation: a choice network over this pool (METHOD §4.3) was "
+                                    "trained with the meta loss alone, then distilled into RNNProp; the "
+                                    "evaluation's baselines are the pool with the teachers' values (§4.1)"]
+                                   if config["mechanism"] == "choice" else [])],
     }
     hub.save_student(student, out, card=card, evaluation=evaluation)
 
-
-def load_trained(workdir: Path) -> RNNProp:
-    student = RNNProp(RNNPropConfig())
-    student.load_state_dict(load_file(str(workdir / "student.safetensors")))
-    return student
