@@ -1,0 +1,122 @@
+"""The examples in a smoke setting, ``amalgam run SCRIPT.py``, ``register()``, and the light import (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from amalgam_plugin import hub
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+PAPER_DIR = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if p.is_dir()), ROOT / "shared")
+PAPER_NPZ = PAPER_DIR / "reference" / "paper_students" / "choice-large-1.npz"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> str:
+    """``paper-choice-large`` when bundled, else the same paper weights saved as a student folder."""
+    if "paper-choice-large" in dict(hub.list_bundled()):
+        return "paper-choice-large"
+    if not PAPER_NPZ.exists():
+        pytest.skip("neither the bundled paper-choice-large nor the paper's npz weights are available")
+    folder = tmp_path_factory.mktemp("student") / "choice-large-1"
+    hub.save_student(hub.student_from_npz(PAPER_NPZ), folder)
+    return str(folder)
+
+
+def run(args: list[str], cwd: Path, timeout: int = 150) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def train_losses(stdout: str) -> list[float]:
+    return [float(line.split("train loss")[1].split()[0]) for line in stdout.splitlines() if "train loss" in line]
+
+
+@pytest.mark.parametrize(
+    "script, student_flag",
+    [
+        ("train_with_trainer.py", ["--optim-args", "student={}"]),
+        ("train_timm.py", ["--student", "{}"]),
+        ("train_accelerate.py", ["--student", "{}"]),
+    ],
+)
+def test_example_smoke(script, student_flag, student, tmp_path):
+    flags = [flag.format(student) for flag in student_flag]
+    done = run([sys.executable, str(EXAMPLES / script), "--smoke", *flags], cwd=tmp_path)
+    losses = train_losses(done.stdout)
+    assert len(losses) >= 2 and losses[-1] < losses[0], done.stdout
+    assert "held-out loss" in done.stdout
+
+
+SCRIPT = """\
+import sys
+
+import timm.optim
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+(args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
+student = args.optim_args.split("=", 1)[1]  # "student=NAME"
+optimizer = timm.optim.create_optimizer_v2(torch.nn.Linear(2, 2), opt="amalgam", lr=5e-4, student=student)
+print("RESULT", __name__, args.optim.value, type(optimizer).__name__, optimizer.param_groups[0]["lr"])
+sys.exit(3)
+"""
+
+
+def test_run_script_registers_before_an_unmodified_script(student, tmp_path):
+    """The script knows nothing of amalgam_plugin; ``--optim amalgam`` and ``opt="amalgam"`` work anyway."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    args = [str(script), "--output_dir", str(tmp_path / "out"), "--optim", "amalgam",
+            "--optim_args", f"student={student}", "--report_to", "none"]  # fmt: skip
+    plain = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=120)
+    assert plain.returncode != 0 and "invalid choice: 'amalgam'" in plain.stderr  # without registration
+
+    code = "import sys; from amalgam_plugin.integrations import run_script; run_script(sys.argv[1], sys.argv[2:])"
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 3, done.stderr[-3000:]  # the script's own exit status
+    assert "RESULT __main__ amalgam AmalgamOptimizer 1.0" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("amalgam") is None, reason="the amalgam console script is not installed")
+def test_amalgam_run_command(student, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.replace("sys.exit(3)", ""))
+    done = run(["amalgam", "run", str(script), "--output_dir", str(tmp_path / "out"), "--optim", "amalgam",
+                "--optim_args", f"student={student}", "--report_to", "none"], cwd=tmp_path, timeout=120)  # fmt: skip
+    assert "RESULT __main__ amalgam AmalgamOptimizer 1.0" in done.stdout
+
+
+def test_register_and_run_script_errors(tmp_path):
+    from amalgam_plugin.integrations import register, run_script
+
+    assert register() == ["transformers", "timm"]
+    with pytest.raises(ValueError, match="valid choices"):
+        register(["keras"])
+    with pytest.raises(FileNotFoundError):
+        run_script(tmp_path / "missing.py")
+
+
+def test_import_amalgam_plugin_is_light():
+    code = textwrap.dedent(
+        """
+        import sys
+        import amalgam_plugin
+        import amalgam_plugin.integrations
+        heavy = sorted(m for m in ("transformers", "timm") if m in sys.modules)
+        print("HEAVY", heavy)
+        """
+    )
+    done = run([sys.executable, "-c", code], cwd=ROOT, timeout=60)
+    assert "HEAVY []" in done.stdout
