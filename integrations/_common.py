@@ -21,6 +21,9 @@ FALLBACK_CATEGORIES: dict[str, str] = {
     "all": "every parameter (the whole model runs the fallback AdamW)",
 }
 
+#: Options whose values stay strings (a revision such as "1234" must not become an int).
+STRING_OPTIONS = ("student", "fallback", "revision")
+
 
 def student_lr(framework: str, framework_lr: float | None, lr_multiplier: float = 1.0) -> float:
     """The group ``lr`` an integration gives AmalgamOptimizer: ``1.0 * lr_multiplier``, whatever the
@@ -68,24 +71,20 @@ def constructor_options(optimizer_cls: type) -> list[str]:
     ]
 
 
-def parse_options(
-    options: Mapping[str, str], optimizer_cls: type, extra: Iterable[str] = ()
-) -> dict[str, Any]:
+def parse_options(options: Mapping[str, str], optimizer_cls: type, extra: Iterable[str] = ()) -> dict[str, Any]:
     """Convert ``key=value`` strings for ``optimizer_cls`` (plus ``extra`` integration keys); check keys.
 
-    ``student`` and ``fallback`` stay strings; other values go through :func:`parse_value`.
+    The keys of :data:`STRING_OPTIONS` stay strings; other values go through :func:`parse_value`.
 
     Raises:
         ValueError: an unknown key, naming the valid ones.
     """
-    valid = [*constructor_options(optimizer_cls), *extra]
+    valid = sorted({*constructor_options(optimizer_cls), *extra})
     parsed: dict[str, Any] = {}
     for key, value in options.items():
         if key not in valid:
-            raise ValueError(
-                f"unknown AmalgamOptimizer option {key!r}={value!r}; valid options: {sorted(valid)}"
-            )
-        parsed[key] = value if key in ("student", "fallback") else parse_value(value)
+            raise ValueError(f"unknown AmalgamOptimizer option {key!r}={value!r}; valid options: {valid}")
+        parsed[key] = value if key in STRING_OPTIONS else parse_value(value)
     return parsed
 
 

@@ -61,8 +61,7 @@ INTEGRATION_OPTIONS = ("lr_multiplier", "fallback")
 
 def _unsupported(reason: str) -> UnsupportedLibraryError:
     return UnsupportedLibraryError(
-        f"cannot register optim='{OPTIM_NAME}' with transformers {transformers.__version__}: {reason}; "
-        f"{STABLE_ROUTE}"
+        f"cannot register optim='{OPTIM_NAME}' with transformers {transformers.__version__}: {reason}; {STABLE_ROUTE}"
     )
 
 
@@ -82,9 +81,7 @@ def check_internals(names: Any, handlers: Any) -> None:
     """Raise :class:`UnsupportedLibraryError` unless ``names`` is a str Enum with Python's private member
     maps and ``handlers`` is a dict keyed by its members (transformers 5.x)."""
     if not isinstance(handlers, dict):
-        raise _unsupported(
-            "transformers.trainer_optimizer._OPTIMIZER_HANDLERS (a dict of handlers) is missing"
-        )
+        raise _unsupported("transformers.trainer_optimizer._OPTIMIZER_HANDLERS (a dict of handlers) is missing")
     maps = ("_member_map_", "_value2member_map_", "_member_names_")
     if not (isinstance(names, type) and issubclass(names, str) and all(hasattr(names, m) for m in maps)):
         raise _unsupported("training_args.OptimizerNames is not a str Enum with the standard member maps")
@@ -151,9 +148,7 @@ def fallback_param_groups(model: nn.Module, spec: str, weight_decay: float) -> l
     for name, param in model.named_parameters():
         if param.requires_grad:
             groups.setdefault((name in decay, name in chosen), []).append(param)
-    logger.info(
-        "fallback=%r: %d parameter tensors run AdamW", spec, sum(len(v) for (_, f), v in groups.items() if f)
-    )
+    logger.info("fallback=%r: %d parameter tensors run AdamW", spec, sum(len(v) for (_, f), v in groups.items() if f))
     return [
         {
             "params": params,
