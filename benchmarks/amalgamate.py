@@ -1,0 +1,158 @@
+"""Amalgamate a student with a preset, then evaluate it by METHOD §15.2 on the held-out digits against:
+the α = 0 RNNProp baseline meta-trained on the same student recipe, every pool member in the paper's form and in
+torch's textbook form, torch Adam tuned on the training digits, and the paper's pre-trained choice-large
+student (the median of its 8 replicates, ranked on the training digits by benchmarks/select_paper_students.py).
+
+Prints each optimizer's mean best log held-out loss, the paired differences to the new student with 95%
+intervals, and the meta-training wall time. Resumable: rerun the same command (meta-training resumes from its
+checkpoints, finished evaluation runs are cached).
+
+    python benchmarks/amalgamate.py --preset quick            # ~15 min meta-training x 2, then the evaluation
+    python benchmarks/amalgamate.py --preset cpu --max-minutes 170
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from amalgam_plugin import evaluate as ev
+from amalgam_plugin.engine import amalgamate
+from amalgam_plugin.hub import load_student, student_from_npz
+from amalgam_plugin.problems import make_problem
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_STUDENTS = REPO.parent / "shared" / "reference" / "paper_students"
+SELECTION = REPO / "benchmarks" / "results" / "paper_selection.json"
+
+
+def median_paper_replicate(variant: str = "choice-large") -> tuple[str, float]:
+    """The replicate with the median selection score (training digits only) among the paper's 8."""
+    scores: dict[str, list[float]] = {}
+    for runs in json.loads(SELECTION.read_text()).values():
+        for key, run in runs.items():
+            name = key.split("|")[0]
+            if name.rsplit("-", 1)[0] == variant:
+                scores.setdefault(name, []).append(run["best_log_val"])
+    if not scores:
+        raise SystemExit(f"no {variant} scores in {SELECTION}; run benchmarks/select_paper_students.py first")
+    ranked = sorted(scores, key=lambda n: np.mean(scores[n]))
+    name = ranked[(len(ranked) - 1) // 2]
+    return name, float(np.mean(scores[name]))
+
+
+def train(args, imitation: str, out: Path, deadline: float) -> tuple[Path | None, float]:
+    """Meta-train (or resume); returns the folder and the meta-training seconds recorded in the checkpoints."""
+    minutes = max((deadline - time.time()) / 60, 1e-6)
+    folder = amalgamate(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem,
+                        out=out, seed=args.seed, resume=True, max_minutes=minutes, imitation=imitation,
+                        evaluate=False, threads=args.threads)
+    seconds = 0.0
+    for phase in ("choice", "student"):
+        path = out / "training" / phase / "checkpoint.safetensors"
+        if path.exists():
+            from amalgam_plugin.engine.curriculum import load_checkpoint
+
+            seconds += load_checkpoint(path)[0].seconds
+    return folder, seconds
+
+
+def optimizers(args, student_dir: Path, baseline_dir: Path, paper_name: str, tuned) -> dict:
+    factories = {
+        "new student": ev.student_factory(load_student(str(student_dir))),
+        "alpha=0 RNNProp": ev.student_factory(load_student(str(baseline_dir))),
+        f"paper {paper_name}": ev.student_factory(student_from_npz(PAPER_STUDENTS / f"{paper_name}.npz")),
+        **ev.pool_baselines(args.pool, forms=("paper", "torch")),
+        tuned.name: tuned.factory,
+    }
+    return factories
+
+
+def _worker(args, names: list[str], cache: str, student_dir, baseline_dir, paper_name, tuned) -> None:
+    torch.set_num_threads(1)
+    all_factories = optimizers(args, student_dir, baseline_dir, paper_name, tuned)
+    ev.evaluate(make_problem(args.problem), {n: all_factories[n] for n in names}, list(range(args.seeds)),
+                args.steps, cache=cache, progress=False)
+
+
+def evaluate_in_parallel(args, factories: dict, workdir: Path, *context) -> None:
+    """Fill per-worker caches in ``args.workers`` processes; the caller then reads them all back."""
+    names = list(factories)
+    chunks = [names[i :: args.workers] for i in range(args.workers)]
+    procs = [mp.get_context("spawn").Process(target=_worker, args=(args, chunk, str(workdir / f"cache_{i}.json"),
+                                                                     *context))
+             for i, chunk in enumerate(chunks)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise SystemExit(f"an evaluation worker failed (exit {p.exitcode})")
+
+
+def merged_cache(workdir: Path) -> Path:
+    merged = {}
+    for path in sorted(workdir.glob("cache_*.json")):
+        merged.update(json.loads(path.read_text()))
+    out = workdir / "cache.json"
+    out.write_text(json.dumps(merged))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quick", choices=["quick", "cpu", "paper", "smoke"])
+    parser.add_argument("--pool", default="large")
+    parser.add_argument("--mechanism", default="choice")
+    parser.add_argument("--problem", default="train")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=10, help="paired evaluation seeds (>= 10 for the report)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2, help="evaluation processes (1 thread each)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for meta-training")
+    parser.add_argument("--max-minutes", type=float, default=600, help="meta-training budget of this call")
+    parser.add_argument("--out", default=None, help="work folder (default benchmarks/runs/PRESET)")
+    args = parser.parse_args(argv)
+    workdir = Path(args.out or REPO / "benchmarks" / "runs" / args.preset)
+    workdir.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + 60 * args.max_minutes
+
+    student_dir, student_seconds = train(args, "il_more", workdir / "student", deadline)
+    baseline_dir, baseline_seconds = train(args, "none", workdir / "alpha0", deadline)
+    if student_dir is None or baseline_dir is None:
+        print("meta-training stopped at a checkpoint (--max-minutes); rerun the same command to continue")
+        return 3
+
+    problem = make_problem(args.problem)
+    paper_name, paper_score = median_paper_replicate()
+    seeds = list(range(args.seeds))
+    tuned = ev.tune_adam(problem, seeds[:3], args.steps, cache=workdir / "tuning.json", progress=False)
+    context = (student_dir, baseline_dir, paper_name, tuned)
+    factories = optimizers(args, *context)
+    evaluate_in_parallel(args, factories, workdir, *context)
+    evaluation = ev.evaluate(problem, factories, seeds, args.steps, reference="new student",
+                             notes={tuned.name: tuned.how}, cache=merged_cache(workdir), progress=False)
+    evaluation.add_oracle([n for n in factories if n.endswith("(paper)")], label="oracle (best paper-form member)")
+
+    print(f"# amalgamate benchmark: preset {args.preset}, {args.mechanism} amalgamation of the {args.pool} pool "
+          f"on {args.problem}, meta-training seed {args.seed}")
+    print(f"meta-training wall time: new student {student_seconds / 60:.1f} min, "
+          f"alpha=0 baseline {baseline_seconds / 60:.1f} min (threads {torch.get_num_threads()})")
+    print(f"paper student: {paper_name} (median of 8 by mean best log loss {paper_score:.3f} on training digits)")
+    print(f"evaluation: {len(seeds)} paired seeds x {args.steps} steps on the {len(problem.data.heldout()[0])} "
+          "held-out digits; difference = optimizer - new student (negative: better than the new student)\n")
+    print(evaluation.table(fmt="plain"))
+    print(f"\nadam tuning: {tuned.how}")
+    (workdir / "report.md").write_text(evaluation.table(fmt="markdown"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
