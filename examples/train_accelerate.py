@@ -1,6 +1,6 @@
 """Train a small CNN on MNIST digits with an Accelerate loop and ``AmalgamOptimizer``.
 
-    python examples/train_accelerate.py                        # 400 steps, about half a minute on 2 cores
+    python examples/train_accelerate.py                        # 400 steps, about 20 s on 2 cores
     python examples/train_accelerate.py --mixed-precision bf16 --grad-accum 2
     accelerate launch --cpu --num_processes 2 examples/train_accelerate.py --steps 200   # DDP on CPU (gloo)
     python examples/train_accelerate.py --smoke                # a few steps, for tests

@@ -1,6 +1,6 @@
 """Train a tiny timm ResNet on MNIST digits with ``create_optimizer_v2(opt="amalgam")``.
 
-    python examples/train_timm.py                 # 400 steps (100 warm-up + 300 learned), about 1 min on 2 cores
+    python examples/train_timm.py                 # 400 steps (100 warm-up + 300 learned), about 30 s on 2 cores
     python examples/train_timm.py --smoke         # a few steps, for tests
     python examples/train_timm.py --opt amalgam-mean --steps 600
 

@@ -1,6 +1,6 @@
 """Train a tiny GPT-2 on Python's own standard library with the stock ``Trainer`` and ``optim="amalgam"``.
 
-    python examples/train_with_trainer.py            # 400 steps (100 warm-up + 300 learned), about 1 min on 2 cores
+    python examples/train_with_trainer.py            # 400 steps (100 warm-up + 300 learned), about 40 s on 2 cores
     python examples/train_with_trainer.py --optim-args "student=paper-choice-large,fallback=embeddings"
     python examples/train_with_trainer.py --smoke    # a few steps, for tests
 
