@@ -419,7 +419,8 @@ def evaluate(
     evaluation = Evaluation(
         problem.name, list(seeds), steps, eval_every, reference=reference, notes=dict(notes or {})
     )
-    jobs = [(n, s) for n in optimizers for s in seeds]
+    evaluation.runs = {n: [] for n in optimizers}
+    jobs = [(n, s) for s in seeds for n in optimizers]  # seed-major: an interrupted run leaves whole seeds
     bar = tqdm(jobs, desc=f"evaluate on {problem.name}", disable=not progress)
     for name, seed in bar:
         key = f"{name}|seed={seed}|steps={steps}|every={eval_every}|problem={problem.name}"
@@ -431,7 +432,7 @@ def evaluate(
             if cache_path is not None:
                 stored[key] = result.to_dict()
                 _save_cache(cache_path, stored)
-        evaluation.runs.setdefault(name, []).append(result)
+        evaluation.runs[name].append(result)
     return evaluation
 
 

@@ -162,7 +162,9 @@ def _download(
         RevisionNotFoundError,
     )
 
-    where = f"Hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    where = f"{repo_id!r} is no local folder or bundled student, and Hub repo {repo_id!r}" + (
+        f" at revision {revision!r}" if revision else ""
+    )
     try:
         folder = snapshot_download(
             repo_id,
@@ -170,6 +172,7 @@ def _download(
             cache_dir=cache_dir,
             local_files_only=bool(local_files_only),
             allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+            library_name="amalgam-plugin",
         )
     except LocalEntryNotFoundError as err:
         raise FileNotFoundError(
