@@ -227,15 +227,9 @@ class Evaluation:
         """``name -> paired difference (name - reference)`` for every other optimizer."""
         ref = reference or self.reference or self.names[0]
         ref_values = self.values(ref, metric)
-        return {
-            n: paired_difference(self.values(n, metric), ref_values, confidence)
-            for n in self.names
-            if n != ref
-        }
+        return {n: paired_difference(self.values(n, metric), ref_values, confidence) for n in self.names if n != ref}
 
-    def add_oracle(
-        self, members: Iterable[str], label: str = "oracle", metric: str = "best_log_heldout"
-    ) -> str:
+    def add_oracle(self, members: Iterable[str], label: str = "oracle", metric: str = "best_log_heldout") -> str:
         """Add the member with the lowest mean ``metric`` (held-out, as the paper's oracle: a choice that
         favours the baseline) under ``label``; returns the chosen member's name."""
         members = list(members)
@@ -299,10 +293,7 @@ class Evaluation:
             lines += ["| " + " | ".join(cells) + " |" for cells in body]
         else:
             widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-            lines = [
-                "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                for r in [header, *body]
-            ]
+            lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *body]]
         return "\n".join(lines)
 
     def protocol(self) -> str:
@@ -416,9 +407,7 @@ def evaluate(
         raise ValueError(f"reference {reference!r} is not among the optimizers: {', '.join(optimizers)}")
     cache_path = Path(cache) if cache is not None else None
     stored = _load_cache(cache_path)
-    evaluation = Evaluation(
-        problem.name, list(seeds), steps, eval_every, reference=reference, notes=dict(notes or {})
-    )
+    evaluation = Evaluation(problem.name, list(seeds), steps, eval_every, reference=reference, notes=dict(notes or {}))
     evaluation.runs = {n: [] for n in optimizers}
     jobs = [(n, s) for s in seeds for n in optimizers]  # seed-major: an interrupted run leaves whole seeds
     bar = tqdm(jobs, desc=f"evaluate on {problem.name}", disable=not progress)
@@ -546,3 +535,44 @@ def student_factory(student: Any, **kwargs: Any) -> OptimizerFactory:
     from .optim import AmalgamOptimizer
 
     return lambda params: AmalgamOptimizer(params, student=student, **kwargs)
+
+
+def evaluate_with_baselines(
+    problem: Problem,
+    candidates: Mapping[str, OptimizerFactory],
+    pool: str | Sequence[str | Teacher],
+    seeds: Sequence[int],
+    steps: int = 1000,
+    eval_every: int = 25,
+    forms: Sequence[str] = ("paper", "torch"),
+    tune_seeds: Sequence[int] | None = None,
+    tune_on: str = "selection",
+    reference: str | None = None,
+    cache: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """§15.2 in one call: ``candidates`` (e.g. ``{"student": student_factory(module)}``) against every pool
+    member in the paper's and torch's forms (:func:`pool_baselines`), the oracle (the best member on the
+    held-out metric, :meth:`Evaluation.add_oracle`) and torch Adam tuned by :func:`tune_adam` (on the training
+    digits by default, with ``tune_seeds`` or else ``seeds``). ``reference`` defaults to the first candidate.
+    Every choice is written into ``Evaluation.notes``, which the model card prints under the table."""
+    baselines = pool_baselines(pool, forms)
+    clash = sorted(set(candidates) & set(baselines))
+    if clash:
+        raise ValueError(f"candidate names clash with baseline names: {', '.join(clash)}")
+    tuned = tune_adam(
+        problem, list(tune_seeds or seeds), steps, eval_every, select_on=tune_on, cache=cache, progress=progress
+    )
+    optimizers = {**candidates, **baselines, tuned.name: tuned.factory}
+    notes = {tuned.name: "torch.optim.Adam; " + tuned.how}
+    for name in baselines:
+        notes[name] = (
+            "paper form (METHOD §4.2), TeacherOptimizer"
+            if name.endswith("(paper)")
+            else ("torch textbook form (METHOD §4.4; Momentum = SGD(lr, momentum=0.9))")
+        )
+    evaluation = evaluate(
+        problem, optimizers, seeds, steps, eval_every, reference or next(iter(candidates), None), notes, cache, progress
+    )
+    evaluation.add_oracle(list(baselines))
+    return evaluation

@@ -28,9 +28,7 @@ def mlp():
     return make_problem("mlp")
 
 
-def result(
-    name: str, seed: int, heldout: list[float], train: list[float] | None = None, **kw
-) -> ev.RunResult:
+def result(name: str, seed: int, heldout: list[float], train: list[float] | None = None, **kw) -> ev.RunResult:
     return ev.RunResult(name, seed, 50, [0, 25, 50][: len(heldout)], heldout, train or [1.0] * 50, **kw)
 
 
@@ -72,9 +70,7 @@ def test_run_metrics_and_divergence_flags():
 
 def hand_evaluation() -> ev.Evaluation:
     runs = {
-        "student": [
-            result("student", s, [2.3, h]) for s, h in zip([0, 1, 2], [0.30, 0.40, 0.35], strict=True)
-        ],
+        "student": [result("student", s, [2.3, h]) for s, h in zip([0, 1, 2], [0.30, 0.40, 0.35], strict=True)],
         "adam": [result("adam", s, [2.3, h]) for s, h in zip([0, 1, 2], [0.40, 0.50, 0.50], strict=True)],
         "sgd": [
             result("sgd", 0, [2.3, 0.9]),
@@ -172,9 +168,7 @@ def test_tiny_evaluation_with_students_and_baselines(mlp, tmp_path):
     # resumed from the cache: no run is repeated
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ev, "run", lambda *a, **k: pytest.fail("run() called despite the cache"))
-        again = ev.evaluate(
-            mlp, optimizers, seeds=[0, 1], steps=50, reference="student", cache=cache, progress=False
-        )
+        again = ev.evaluate(mlp, optimizers, seeds=[0, 1], steps=50, reference="student", cache=cache, progress=False)
     assert again.table() == table
 
 
@@ -211,3 +205,18 @@ def test_tune_adam_reads_only_training_digits(mlp, monkeypatch):
     assert isinstance(choice.factory([torch.nn.Parameter(torch.zeros(1))]), torch.optim.Adam)
     with pytest.raises(ValueError, match="unknown select_on"):
         ev.tune_adam(mlp, seeds=[0], select_on="test")
+
+
+def test_evaluate_with_baselines_names_every_choice(mlp):
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    e = ev.evaluate_with_baselines(
+        mlp, {"mine": sgd}, "small", seeds=[0, 1], steps=10, eval_every=5, forms=["paper"], progress=False
+    )
+    assert e.reference == "mine"
+    assert e.names[:3] == ["mine", "adam 0.005 (paper)", "rmsprop 0.005 (paper)"]
+    tuned = [n for n in e.names if n.startswith("torch adam tuned")]
+    assert len(tuned) == 1 and "selection_problem" in e.notes[tuned[0]]
+    assert e.names[-1] == "oracle" and e.notes["oracle"].startswith("= ")
+    assert "oracle" in e.table() and "- oracle: = " in e.notes_text()
+    with pytest.raises(ValueError, match="clash"):
+        ev.evaluate_with_baselines(mlp, {"adam 0.005 (paper)": sgd}, "small", seeds=[0], steps=2, progress=False)
