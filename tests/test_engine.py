@@ -189,7 +189,7 @@ def test_amalgamate_writes_a_hub_folder_that_loads_and_trains(tmp_path):
     run_config = json.loads((out / "training" / "run_config.json").read_text())
     assert run_config["threads"] == 1 and "torch" in run_config["versions"]
     card = (out / "README.md").read_text()
-    assert "| student |" in card and "amalgam amalgamate --pool small --mechanism mean" in card
+    assert "| student |" in card and "amalgam amalgamate --pool 'small' --mechanism mean" in card
     log = [json.loads(line) for line in (out / "training" / "student" / "log.jsonl").read_text().splitlines()]
     assert any(r["event"] == "meta_step" and r["alpha"] > 0 for r in log)
     student = load_student(str(out))

@@ -97,7 +97,7 @@ def meta_train(
 def amalgamate(
     pool: str | list = "large",
     mechanism: str = "choice",
-    preset: str = "quick",
+    preset: str | Preset = "quick",
     problem: str | Problem = "train",
     out: str | os.PathLike = "amalgam-student",
     seed: int = 0,
@@ -115,7 +115,7 @@ def amalgamate(
     ``imitation="none"`` trains the α = 0 baseline (plain RNNProp, meta loss only, no teachers).
     """
     check_mechanism(mechanism)
-    recipe = get_preset(preset)
+    recipe = preset if isinstance(preset, Preset) else get_preset(preset)
     if imitation not in IMITATION_SCHEDULES:
         raise ValueError(f"unknown imitation schedule {imitation!r}; valid: {', '.join(IMITATION_SCHEDULES)}")
     make_pool(pool)  # validate names before any work
@@ -128,7 +128,7 @@ def amalgamate(
     workdir = out / "training"
     workdir.mkdir(parents=True, exist_ok=True)
     config = _run_config(pool=pool if isinstance(pool, str) else list(map(str, pool)), mechanism=mechanism,
-                         preset=preset, problem=task.name, seed=seed, imitation=imitation,
+                         preset=recipe.name, problem=task.name, seed=seed, imitation=imitation,
                          max_minutes=max_minutes, choice_recipe=asdict(recipe.choice),
                          student_recipe=asdict(recipe.student), notes=recipe.notes)
     (workdir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -170,9 +170,11 @@ def _evaluate(student: RNNProp, pool, recipe: Preset, problem: Problem, workdir:
 def _save(student, out: Path, config: dict, recipe: Preset, evaluation, pool_desc: list) -> None:
     from .. import hub
 
-    command = (f"amalgam amalgamate --pool {config['pool']} --mechanism {config['mechanism']} "
+    command = (f"amalgam amalgamate --pool '{config['pool']}' --mechanism {config['mechanism']} "
                f"--preset {config['preset']} --problem {config['problem']} --seed {config['seed']}"
                + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}"))
+    if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
+        command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
     student.config.provenance = {"source": "amalgam-plugin", "pool": config["pool"],
                                  "mechanism": config["mechanism"], "preset": config["preset"],
                                  "problem": config["problem"], "seed": config["seed"],
