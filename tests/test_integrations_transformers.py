@@ -208,3 +208,15 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(student, tmp_path):
     trainer_b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_optim_amalgam_alone_uses_the_default_student(tmp_path):
+    from amalgam_plugin.optim import DEFAULT_STUDENT
+
+    if DEFAULT_STUDENT not in dict(hub.list_bundled()):
+        pytest.skip(f"the default student {DEFAULT_STUDENT!r} is not bundled yet")
+    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=ByteWindows())
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, AmalgamOptimizer)
+    assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0]
+    assert optimizer.param_groups[0]["student_id"].startswith(DEFAULT_STUDENT)
