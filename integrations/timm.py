@@ -17,8 +17,9 @@ timm's ``lr`` value is ignored with one log line (it is tuned for AdamW); every 
 still scale it. timm's weight-decay groups (AdamW units), ``use_fallback`` groups (``fallback_list=``;
 they run AdamW at ``fallback_lr`` times the group ``lr``) and ``lr_scale`` keys (applied by timm's
 schedulers, not the optimizer) are passed through. Other keyword arguments (``student=``,
-``warmup_steps=``, ``fallback_lr=``...) go to ``AmalgamOptimizer``. timm's ``train.py`` works unmodified
-through ``amalgam run train.py --opt amalgam ...``.
+``warmup_steps=``, ``fallback_lr=``...) go to ``AmalgamOptimizer``. A script that builds its optimizer with
+``create_optimizer_v2`` (as timm's ``train.py`` does) can run unmodified through
+``amalgam run SCRIPT.py --opt amalgam ...``, which registers these names first.
 """
 
 from __future__ import annotations
