@@ -48,20 +48,33 @@ def median_paper_replicate(variant: str = "choice-large") -> tuple[str, float]:
     return name, float(np.mean(scores[name]))
 
 
-def train(args, imitation: str, out: Path, deadline: float) -> tuple[Path | None, float]:
-    """Meta-train (or resume); returns the folder and the meta-training seconds recorded in the checkpoints."""
+def _train(args, imitation: str, out: Path, deadline: float) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     minutes = max((deadline - time.time()) / 60, 1e-6)
-    folder = amalgamate(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem,
-                        out=out, seed=args.seed, resume=True, max_minutes=minutes, imitation=imitation,
-                        evaluate=False, threads=args.threads)
-    seconds = 0.0
-    for phase in ("choice", "student"):
-        path = out / "training" / phase / "checkpoint.safetensors"
-        if path.exists():
-            from amalgam_plugin.engine.curriculum import load_checkpoint
+    amalgamate(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem, out=out,
+               seed=args.seed, resume=True, max_minutes=minutes, imitation=imitation, evaluate=False)
 
-            seconds += load_checkpoint(path)[0].seconds
-    return folder, seconds
+
+def meta_training_seconds(out: Path) -> float:
+    """Meta-training time recorded in the checkpoints (sums the phases; survives resumption)."""
+    from amalgam_plugin.engine.curriculum import load_checkpoint
+
+    paths = [out / "training" / phase / "checkpoint.safetensors" for phase in ("choice", "student")]
+    return sum(load_checkpoint(p)[0].seconds for p in paths if p.exists())
+
+
+def train_both(args, workdir: Path, deadline: float) -> None:
+    """The new student and the alpha = 0 baseline, side by side in two processes (one thread each)."""
+    jobs = [("il_more", workdir / "student"), ("none", workdir / "alpha0")]
+    procs = [mp.get_context("spawn").Process(target=_train, args=(args, imitation, out, deadline))
+             for imitation, out in jobs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise SystemExit(f"a meta-training process failed (exit {p.exitcode})")
 
 
 def optimizers(args, student_dir: Path, baseline_dir: Path, paper_name: str, tuned) -> dict:
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=10, help="paired evaluation seeds (>= 10 for the report)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2, help="evaluation processes (1 thread each)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for meta-training")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per meta-training process")
     parser.add_argument("--max-minutes", type=float, default=600, help="meta-training budget of this call")
     parser.add_argument("--out", default=None, help="work folder (default benchmarks/runs/PRESET)")
     args = parser.parse_args(argv)
@@ -124,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.max_minutes
 
-    student_dir, student_seconds = train(args, "il_more", workdir / "student", deadline)
-    baseline_dir, baseline_seconds = train(args, "none", workdir / "alpha0", deadline)
-    if student_dir is None or baseline_dir is None:
+    train_both(args, workdir, deadline)
+    student_dir, baseline_dir = workdir / "student", workdir / "alpha0"
+    student_seconds, baseline_seconds = meta_training_seconds(student_dir), meta_training_seconds(baseline_dir)
+    if not (student_dir / "model.safetensors").exists() or not (baseline_dir / "model.safetensors").exists():
         print("meta-training stopped at a checkpoint (--max-minutes); rerun the same command to continue")
         return 3
 
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# amalgamate benchmark: preset {args.preset}, {args.mechanism} amalgamation of the {args.pool} pool "
           f"on {args.problem}, meta-training seed {args.seed}")
     print(f"meta-training wall time: new student {student_seconds / 60:.1f} min, "
-          f"alpha=0 baseline {baseline_seconds / 60:.1f} min (threads {torch.get_num_threads()})")
+          f"alpha=0 baseline {baseline_seconds / 60:.1f} min (side by side, {args.threads} thread(s) each)")
     print(f"paper student: {paper_name} (median of 8 by mean best log loss {paper_score:.3f} on training digits)")
     print(f"evaluation: {len(seeds)} paired seeds x {args.steps} steps on the {len(problem.data.heldout()[0])} "
           "held-out digits; difference = optimizer - new student (negative: better than the new student)\n")
