@@ -500,15 +500,9 @@ def save_student(
         render_card(config, card)  # validate the keys before writing anything
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
-    save_file(
-        tensors,
-        str(folder / WEIGHTS_NAME),
-        metadata={
-            "format": "pt",
-            "student_type": config["student_type"],
-            "format_version": str(FORMAT_VERSION),
-        },
-    )
+    # one metadata key only: safetensors writes its metadata map in no fixed order, and a bundled file
+    # should be byte-identical when rebuilt
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     plot_name = None
     if evaluation is not None and evaluation.runs:
         evaluation.plot(
