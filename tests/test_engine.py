@@ -231,3 +231,11 @@ def test_cli_help_explains_every_command():
     sub = amalgam_cli("amalgamate", "--help")
     for flag in ("--pool", "--mechanism", "--preset", "--problem", "--out", "--seed", "--resume", "--max-minutes"):
         assert flag in sub.stdout
+
+
+def test_full_mnist_needs_local_files_and_never_downloads(tmp_path):
+    with pytest.raises(FileNotFoundError, match="amalgam never downloads"):
+        make_problem("fmnist", data_root=str(tmp_path))
+    with pytest.raises(ValueError, match="needs a local data root"):
+        make_problem("train-mnist")
+    assert list(tmp_path.iterdir()) == []
