@@ -50,9 +50,7 @@ def tiny_evaluation() -> Evaluation:
         "student": [result("student", 0, [2.3, 0.5, 0.3]), result("student", 1, [2.3, 0.6, 0.35])],
         "adam 0.005 (paper)": [result("a", 0, [2.3, 0.7, 0.4]), result("a", 1, [2.3, 0.8, 0.5])],
     }
-    return Evaluation(
-        "mlp", [0, 1], 50, 25, runs, reference="student", notes={"adam 0.005 (paper)": "fixed lr"}
-    )
+    return Evaluation("mlp", [0, 1], 50, 25, runs, reference="student", notes={"adam 0.005 (paper)": "fixed lr"})
 
 
 # --- round-trips --------------------------------------------------------------------------------------------
@@ -343,9 +341,7 @@ def test_missing_and_unreadable_config(saved):
 
 def test_mismatched_shapes(saved):
     edit_config(saved, hidden_sizes=[10, 10])
-    with pytest.raises(
-        ValueError, match=r"shape mismatch.*recurrent\.0\.kernel: expected \(2, 40\), got \(2, 80\)"
-    ):
+    with pytest.raises(ValueError, match=r"shape mismatch.*recurrent\.0\.kernel: expected \(2, 40\), got \(2, 80\)"):
         hub.load_student(saved)
 
 
@@ -353,9 +349,7 @@ def test_missing_and_unexpected_keys(saved):
     tensors = load_file(saved / "model.safetensors")
     tensors["extra.weight"] = tensors.pop("delta.bias")
     save_file(tensors, saved / "model.safetensors")
-    with pytest.raises(
-        ValueError, match=r"missing keys \['delta\.bias'\].*unexpected keys \['extra\.weight'\]"
-    ):
+    with pytest.raises(ValueError, match=r"missing keys \['delta\.bias'\].*unexpected keys \['extra\.weight'\]"):
         hub.load_student(saved)
 
 
@@ -394,3 +388,50 @@ def test_folder_with_only_a_pickle_is_refused(tmp_path):
 def test_a_file_is_not_a_folder(saved):
     with pytest.raises(ValueError, match="is a file, not a student folder"):
         hub.load_student(saved / "config.json")
+
+
+# --- packaging -------------------------------------------------------------------------------------------------
+
+
+def test_wheel_ships_bundled_students_and_integrations(tmp_path):
+    """Build the wheel from a copy of the sources (the shared tree stays clean), then load a bundled student
+    from the unpacked wheel alone, as right after ``pip install``."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ["pyproject.toml", "README.md"]:
+        shutil.copy(root / name, src / name)
+    for name in ["amalgam_plugin", "integrations", "hub_models"]:
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", "dist"],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (src / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for folder in PAPER_NAMES:
+        for file in ["config.json", "model.safetensors", "README.md", "heldout_loss.png"]:
+            assert f"amalgam_plugin/hub_models/{folder}/{file}" in names
+    assert "amalgam_plugin/integrations/__init__.py" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        "import amalgam_plugin.hub as h; s = h.load_student('paper-choice-large'); "
+        "print(h.bundled_root()); print(type(s).__name__)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    bundled_root, kind = out.stdout.split()
+    assert Path(bundled_root).is_relative_to(site) and kind == "RNNProp"
