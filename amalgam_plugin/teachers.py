@@ -28,6 +28,11 @@ class Teacher:
     update: Callable[[Tensor, State], tuple[Tensor, State]]
     hparams: dict = field(default_factory=dict)
     differentiable: bool = True
+    # the state update of a warm-up step, when it differs from ``update`` (learned teachers freeze their LSTM)
+    warmup: Callable[[Tensor, State], State] | None = None
+
+    def warmup_step(self, grad: Tensor, state: State) -> State:
+        return self.warmup(grad, state) if self.warmup is not None else self.update(grad, state)[1]
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.hparams.items())

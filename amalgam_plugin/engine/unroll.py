@@ -63,7 +63,8 @@ def frozen_choice_teacher(net: nn.Module, ranks: Tensor) -> Teacher:
         with torch.no_grad():
             return net(g, s, ranks)
 
-    return Teacher("choice", lambda p: net.init_state(p.numel(), p), update, {}, differentiable=True)
+    return Teacher("choice", lambda p: net.init_state(p.numel(), p), update, {}, differentiable=True,
+                   warmup=net.update_moments)
 
 
 @dataclass
@@ -102,19 +103,19 @@ def new_trajectory(
     ranks = layout.ranks()
     batches = problem.train_batches(generator)
     state = student.init_state(n, params)
-    analytic = [t for t in teachers if t.differentiable]
-    analytic_states = [t.init(theta) for t in analytic]
+    # torch optimizers cannot replay the warm-up on their own copy: they start fresh at the warmed-up point.
+    replays = [t.differentiable for t in teachers]
+    teacher_states = [t.init(theta) if r else None for t, r in zip(teachers, replays, strict=True)]
     with torch.no_grad():
         for _ in range(warmup_steps):
             g_theta = flat_grad(problem, layout, scale * params, next(batches))
             g_p = g_theta * scale
             state = student.update_moments(g_p, state)
-            analytic_states = [t.update(g_theta, s)[1] for t, s in zip(analytic, analytic_states, strict=True)]
+            teacher_states = [t.warmup_step(g_theta, s) if r else s
+                              for t, s, r in zip(teachers, teacher_states, replays, strict=True)]
             params = params - warmup_lr * g_p
-    # torch optimizers cannot replay the warm-up on their own copy: they start fresh at the warmed-up point.
     theta = scale * params
-    by_teacher = dict(zip(map(id, analytic), analytic_states, strict=True))
-    teacher_states = [by_teacher[id(t)] if id(t) in by_teacher else t.init(theta) for t in teachers]
+    teacher_states = [s if r else t.init(theta) for t, s, r in zip(teachers, teacher_states, replays, strict=True)]
     return Trajectory(
         layout, ranks, scale, params, state, batches, list(teachers),
         [params.clone() for _ in teachers], teacher_states,
