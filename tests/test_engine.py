@@ -140,6 +140,11 @@ def test_killed_run_resumes_with_exactly_the_uninterrupted_numbers(tmp_path, mon
     resumed = Curriculum(student, make_problem("mlp"), make_pool("small"), TINY, tmp_path / "killed", seed=7)
     resumed.run(resume=True)
     assert resumed.progress.history == ref_curriculum.progress.history
+    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
+    again = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert again == strip  # the log of the killed period was dropped and written again
     for key, value in reference.state_dict().items():
         assert torch.equal(student.state_dict()[key], value), key
     checkpoint = load_file(str(tmp_path / "killed" / "checkpoint.safetensors"))

@@ -85,6 +85,7 @@ class Progress:
     skipped_inner_steps: int = 0
     skipped_meta_steps: int = 0
     seconds: float = 0.0
+    log_lines: int = 0  # lines of log.jsonl covered by this checkpoint (a resumed run drops the rest)
     done: bool = False
     history: list[dict] = field(default_factory=list)
 
@@ -230,6 +231,8 @@ class Curriculum:
             _restore(self.student, self.opt, tensors, "current.")
             self.saved = {k: v for k, v in tensors.items() if not k.startswith("current.")}
             logger.info("resumed %s at stage %d period %d", self.phase, self.progress.stage, self.progress.period)
+            lines = self.log_path.read_text().splitlines(keepends=True) if self.log_path.exists() else []
+            self.log_path.write_text("".join(lines[: self.progress.log_lines]))
         elif self.log_path.exists():
             self.log_path.unlink()
         pr, cfg = self.progress, self.cfg
@@ -295,3 +298,4 @@ class Curriculum:
     def _log(self, record: dict) -> None:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.progress.log_lines += 1
