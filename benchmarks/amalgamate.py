@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per meta-training process")
     parser.add_argument("--max-minutes", type=float, default=600, help="meta-training budget of this call")
     parser.add_argument("--out", default=None, help="work folder (default benchmarks/runs/PRESET)")
+    parser.add_argument("--bundle", default=None, help="also save the new student, with this evaluation in its "
+                                                       "card, to this folder (e.g. hub_models/NAME)")
     args = parser.parse_args(argv)
     workdir = Path(args.out or REPO / "benchmarks" / "runs" / args.preset)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     print(evaluation.table(fmt="plain"))
     print(f"\nadam tuning: {tuned.how}")
     (workdir / "report.md").write_text(evaluation.table(fmt="markdown"))
+    if args.bundle:
+        bundle(args, student_dir, evaluation)
     return 0
+
+
+def bundle(args, student_dir: Path, evaluation) -> None:
+    """Save the new student with this evaluation in its card (e.g. into hub_models/)."""
+    from amalgam_plugin.engine import model_card
+    from amalgam_plugin.engine.presets import get_preset
+    from amalgam_plugin.hub import save_student
+
+    config = json.loads((student_dir / "training" / "run_config.json").read_text())
+    student = load_student(str(student_dir))
+    card = model_card(student, config, get_preset(config["preset"]))
+    card["seeds"]["evaluation"] = evaluation.seeds
+    card["notes"] = [*card["notes"], f"evaluated by `python benchmarks/amalgamate.py --preset {args.preset}` "
+                     f"({len(evaluation.seeds)} paired seeds; the table's reference is this student)"]
+    save_student(student, args.bundle, card=card, evaluation=evaluation, reference="new student")
+    print(f"bundled the new student into {args.bundle}")
 
 
 if __name__ == "__main__":

