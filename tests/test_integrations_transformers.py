@@ -18,33 +18,9 @@ from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from amalgam_plugin import hub
 from amalgam_plugin.optim import AmalgamOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_DIR = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if p.is_dir()), ROOT / "shared")
-PAPER_NPZ = PAPER_DIR / "reference" / "paper_students" / "choice-large-1.npz"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> str:
-    """``paper-choice-large`` when bundled, else the same paper weights saved as a student folder."""
-    if "paper-choice-large" in dict(hub.list_bundled()):
-        return "paper-choice-large"
-    if not PAPER_NPZ.exists():
-        pytest.skip("neither the bundled paper-choice-large nor the paper's npz weights are available")
-    folder = tmp_path_factory.mktemp("student") / "choice-large-1"
-    hub.save_student(hub.student_from_npz(PAPER_NPZ), folder)
-    return str(folder)
 
 
 class ByteWindows(Dataset):
@@ -106,18 +82,18 @@ def test_registration_is_idempotent_and_picklable():
     assert pickle.loads(pickle.dumps(args)).optim is member  # training_args.bin
 
 
-def test_command_line_optim_amalgam(student):
+def test_command_line_optim_amalgam(paper_student_name):
     parser = HfArgumentParser(TrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", "unused", "--optim", "amalgam", "--optim_args", f"student={student},lr_multiplier=2",
-         "--report_to", "none"]
+        ["--output_dir", "unused", "--optim", "amalgam", "--optim_args",
+         f"student={paper_student_name},lr_multiplier=2", "--report_to", "none"]
     )  # fmt: skip
     assert args.optim is OptimizerNames.AMALGAM
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, tiny_gpt2())
-    assert cls is AmalgamOptimizer and kwargs == {"student": student, "lr": 2.0}
+    assert cls is AmalgamOptimizer and kwargs == {"student": paper_student_name, "lr": 2.0}
 
 
-def test_unknown_optim_args_name_the_valid_ones(student):
+def test_unknown_optim_args_name_the_valid_ones(paper_student_name):
     args = TrainingArguments(output_dir="unused", optim="amalgam", optim_args="bogus=1", report_to=[])
     with pytest.raises(ValueError, match="bogus.*valid options.*lr_multiplier"):
         Trainer.get_optimizer_cls_and_kwargs(args, tiny_gpt2())
@@ -137,8 +113,8 @@ def test_unsupported_transformers_layout_fails_clearly():
     assert "optimizer_cls_and_kwargs" in hf_integration.__doc__  # the stable route is documented
 
 
-def test_trainer_ignores_learning_rate_and_uses_the_multiplier(student, tmp_path, caplog):
-    args = training_args(tmp_path, optim_args=f"student={student},lr_multiplier=0.5,warmup_steps=0")
+def test_trainer_ignores_learning_rate_and_uses_the_multiplier(paper_student_name, tmp_path, caplog):
+    args = training_args(tmp_path, optim_args=f"student={paper_student_name},lr_multiplier=0.5,warmup_steps=0")
     model = tiny_gpt2()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = Trainer(model=model, args=args, train_dataset=ByteWindows())
@@ -154,20 +130,20 @@ def test_trainer_ignores_learning_rate_and_uses_the_multiplier(student, tmp_path
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_stable_route_optimizer_cls_and_kwargs(student, tmp_path):
+def test_stable_route_optimizer_cls_and_kwargs(paper_student_name, tmp_path):
     args = training_args(tmp_path, optim="adamw_torch")
     trainer = Trainer(
         model=tiny_gpt2(), args=args, train_dataset=ByteWindows(),
-        optimizer_cls_and_kwargs=(AmalgamOptimizer, {"lr": 1.0, "student": student, "warmup_steps": 0}),
+        optimizer_cls_and_kwargs=(AmalgamOptimizer, {"lr": 1.0, "student": paper_student_name, "warmup_steps": 0}),
     )  # fmt: skip
     trainer.train()
     optimizer = inner(trainer)
     assert [g["initial_lr"] for g in optimizer.param_groups] == [1.0, 1.0] and learned_branch_ran(optimizer)
 
 
-def test_fallback_groups_through_optim_args(student, tmp_path):
+def test_fallback_groups_through_optim_args(paper_student_name, tmp_path):
     args = training_args(
-        tmp_path, optim_args=f"student={student},fallback=embeddings+norms,fallback_lr=1e-3,warmup_steps=0"
+        tmp_path, optim_args=f"student={paper_student_name},fallback=embeddings+norms,fallback_lr=1e-3,warmup_steps=0"
     )
     model = tiny_gpt2()
     trainer = Trainer(model=model, args=args, train_dataset=ByteWindows())
@@ -190,10 +166,10 @@ def test_fallback_groups_through_optim_args(student, tmp_path):
         hf_integration.fallback_param_groups(model, "embedings", 0.0)
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(student, tmp_path):
+def test_resume_from_checkpoint_matches_uninterrupted_run(paper_student_name, tmp_path):
     """Gradient accumulation 2, cosine schedule, warm-up ending before the checkpoint: exact continuation."""
     common = dict(
-        optim_args=f"student={student},warmup_steps=2", max_steps=6, gradient_accumulation_steps=2,
+        optim_args=f"student={paper_student_name},warmup_steps=2", max_steps=6, gradient_accumulation_steps=2,
         per_device_train_batch_size=2, lr_scheduler_type="cosine", save_strategy="steps", save_steps=3,
     )  # fmt: skip
     model_a = tiny_gpt2()
@@ -213,8 +189,6 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(student, tmp_path):
 def test_optim_amalgam_alone_uses_the_default_student(tmp_path):
     from amalgam_plugin.optim import DEFAULT_STUDENT
 
-    if DEFAULT_STUDENT not in dict(hub.list_bundled()):
-        pytest.skip(f"the default student {DEFAULT_STUDENT!r} is not bundled yet")
     trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=ByteWindows())
     optimizer = trainer.create_optimizer()
     assert isinstance(optimizer, AmalgamOptimizer)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,32 +13,6 @@ from torch import nn
 from amalgam_plugin import optim as optim_mod
 from amalgam_plugin.optim import AmalgamOptimizer
 from amalgam_plugin.students import ChoiceNet, RNNProp
-
-ROOT = Path(__file__).resolve().parents[1]
-PAPER = next(
-    (p for p in (ROOT / "shared", ROOT.parent / "shared") if p.is_dir()), ROOT / "shared"
-) / "reference" / "paper_students" / "choice-large-1.npz"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids spin-wait contention (30x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def student() -> RNNProp:
-    """The paper's trained choice-large student, so the learned branch is a real optimizer."""
-    net = RNNProp()
-    if PAPER.exists():
-        arrays = np.load(PAPER)
-        net.load_state_dict({k: torch.from_numpy(arrays[k]) for k in arrays.files})
-    else:  # a fixed random student still exercises every code path
-        net.reset_parameters(torch.Generator().manual_seed(0))
-    return net
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +59,13 @@ def reference_run(student: nn.Module, params: list[torch.Tensor], grads: list[li
 
 
 @pytest.mark.parametrize("chunk_size", [64, 2**14])
-def test_batched_step_equals_student_forward(student, chunk_size):
+def test_batched_step_equals_student_forward(paper_student, chunk_size):
     gen = torch.Generator().manual_seed(0)
     shapes = [(5,), (300,), (7, 3), (30, 40), (1,)]  # small chunks split big tensors and pack small ones
     params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
-    expected = reference_run(student, params, grads)
-    opt = AmalgamOptimizer(params, student=student, warmup_steps=0, chunk_size=chunk_size)
+    expected = reference_run(paper_student, params, grads)
+    opt = AmalgamOptimizer(params, student=paper_student, warmup_steps=0, chunk_size=chunk_size)
     for step_grads in grads:
         for p, g in zip(params, step_grads, strict=True):
             p.grad = g.clone()
@@ -101,12 +74,12 @@ def test_batched_step_equals_student_forward(student, chunk_size):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-6)
 
 
-def test_non_contiguous_parameter_uses_logical_order(student):
+def test_non_contiguous_parameter_uses_logical_order(paper_student):
     gen = torch.Generator().manual_seed(1)
     p = torch.randn(4, 6, generator=gen).t().requires_grad_()  # a non-contiguous leaf
     grads = [[torch.randn(6, 4, generator=gen)] for _ in range(3)]
-    expected = reference_run(student, [p], grads)
-    opt = AmalgamOptimizer([p], student=student, warmup_steps=0)
+    expected = reference_run(paper_student, [p], grads)
+    opt = AmalgamOptimizer([p], student=paper_student, warmup_steps=0)
     for (g,) in grads:
         p.grad = g.clone()
         opt.step()
@@ -133,10 +106,10 @@ def test_choice_student_runs_generic_path():
 # --- warm-up and training ---------------------------------------------------------------------------------
 
 
-def test_warmup_is_sgd_then_learned_branch_runs(student, digits):
+def test_warmup_is_sgd_then_learned_branch_runs(paper_student, digits):
     a, b = mlp(), mlp()
-    opt = AmalgamOptimizer(a.parameters(), student=student, warmup_steps=3)
-    sgd = torch.optim.SGD(b.parameters(), lr=student.config.warmup_lr)
+    opt = AmalgamOptimizer(a.parameters(), student=paper_student, warmup_steps=3)
+    sgd = torch.optim.SGD(b.parameters(), lr=paper_student.config.warmup_lr)
     train(a, opt, digits, 3)
     train(b, sgd, digits, 3)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
@@ -147,9 +120,9 @@ def test_warmup_is_sgd_then_learned_branch_runs(student, digits):
     assert all(opt.state[p]["h1"].abs().sum() > 0 for p in a.parameters())
 
 
-def test_training_past_warmup_lowers_loss(student, digits):
+def test_training_past_warmup_lowers_loss(paper_student, digits):
     model = mlp()
-    opt = AmalgamOptimizer(model.parameters(), student=student, warmup_steps=10)
+    opt = AmalgamOptimizer(model.parameters(), student=paper_student, warmup_steps=10)
     before = train(model, opt, digits, 10)
     after = train(model, opt, digits, 60, start=10)
     assert float(opt.state[model[0].weight]["step"]) == 70
@@ -160,8 +133,8 @@ def test_training_past_warmup_lowers_loss(student, digits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_roundtrip_continues_exactly(student, digits, dtype):
-    kwargs = dict(student=student, warmup_steps=2, weight_decay=0.1)
+def test_state_dict_roundtrip_continues_exactly(paper_student, digits, dtype):
+    kwargs = dict(student=paper_student, warmup_steps=2, weight_decay=0.1)
     straight = mlp(dtype)
     opt = AmalgamOptimizer(straight.parameters(), **kwargs)
     train(straight, opt, digits, 8)
@@ -190,21 +163,21 @@ def test_state_dict_roundtrip_continues_exactly(student, digits, dtype):
         assert torch.equal(p, q)
 
 
-def test_load_state_dict_accepts_own_output_and_does_not_alias(student, digits):
+def test_load_state_dict_accepts_own_output_and_does_not_alias(paper_student, digits):
     model = mlp()
-    opt = AmalgamOptimizer(model.parameters(), student=student, warmup_steps=1)
+    opt = AmalgamOptimizer(model.parameters(), student=paper_student, warmup_steps=1)
     opt.load_state_dict(opt.state_dict())  # what Accelerate does at prepare, with empty state
     train(model, opt, digits, 2)
-    other = AmalgamOptimizer(model.parameters(), student=student, warmup_steps=1)
+    other = AmalgamOptimizer(model.parameters(), student=paper_student, warmup_steps=1)
     other.load_state_dict(opt.state_dict())
     w = model[0].weight
     assert other.state[w]["m"].data_ptr() != opt.state[w]["m"].data_ptr()
     assert set(opt.state_dict()["state"]) == {0, 1, 2, 3}
 
 
-def test_load_state_dict_from_another_student_raises(student, digits):
+def test_load_state_dict_from_another_student_raises(paper_student, digits):
     model = mlp()
-    opt = AmalgamOptimizer(model.parameters(), student=student)
+    opt = AmalgamOptimizer(model.parameters(), student=paper_student)
     train(model, opt, digits, 1)
     other = RNNProp()
     other.reset_parameters(torch.Generator().manual_seed(99))
@@ -216,10 +189,10 @@ def test_load_state_dict_from_another_student_raises(student, digits):
 # --- lr, schedulers, weight decay, maximize ---------------------------------------------------------------
 
 
-def test_lr_zero_is_a_noop_but_state_advances(student, digits):
+def test_lr_zero_is_a_noop_but_state_advances(paper_student, digits):
     model = mlp()
     before = copy.deepcopy(model.state_dict())
-    opt = AmalgamOptimizer(model.parameters(), student=student, lr=0.0, weight_decay=0.5, warmup_steps=2)
+    opt = AmalgamOptimizer(model.parameters(), student=paper_student, lr=0.0, weight_decay=0.5, warmup_steps=2)
     train(model, opt, digits, 4)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -239,32 +212,32 @@ def _delta_after(student, digits, lr_factor: float, **kwargs) -> list[torch.Tens
     return [p.detach() - o for p, o in zip(model.parameters(), old, strict=True)]
 
 
-def test_lr_scheduler_scales_the_update(student, digits):
-    full = _delta_after(student, digits, 1.0)
-    quarter = _delta_after(student, digits, 0.25)
+def test_lr_scheduler_scales_the_update(paper_student, digits):
+    full = _delta_after(paper_student, digits, 1.0)
+    quarter = _delta_after(paper_student, digits, 0.25)
     for f, q in zip(full, quarter, strict=True):
         assert f.abs().sum() > 0
         torch.testing.assert_close(q, 0.25 * f, atol=1e-7, rtol=1e-5)
 
 
-def test_weight_decay_is_adamw_decoupled_decay(student, digits):
+def test_weight_decay_is_adamw_decoupled_decay(paper_student, digits):
     lr, wd = 0.5, 0.1
     model = mlp()
     old = [p.detach().clone() for p in model.parameters()]
     plain, decayed = mlp(), mlp()
     for m, kw in ((plain, {}), (decayed, {"weight_decay": wd})):
-        train(m, AmalgamOptimizer(m.parameters(), student=student, lr=lr, warmup_steps=0, **kw), digits, 1)
-    adamw_lr = lr * student.config.decay_ref_lr  # AdamW's decay term for the same lr and weight_decay
+        train(m, AmalgamOptimizer(m.parameters(), student=paper_student, lr=lr, warmup_steps=0, **kw), digits, 1)
+    adamw_lr = lr * paper_student.config.decay_ref_lr  # AdamW's decay term for the same lr and weight_decay
     for p0, p, q in zip(old, plain.parameters(), decayed.parameters(), strict=True):
         torch.testing.assert_close(q - p, -adamw_lr * wd * p0, atol=1e-7, rtol=1e-4)
 
 
-def test_maximize_equals_minimizing_the_negated_gradient(student):
+def test_maximize_equals_minimizing_the_negated_gradient(paper_student):
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(50, generator=gen) for _ in range(3)]
     p, q = torch.ones(50, requires_grad=True), torch.ones(50, requires_grad=True)
-    opt_max = AmalgamOptimizer([p], student=student, maximize=True, warmup_steps=1)
-    opt_min = AmalgamOptimizer([q], student=student, warmup_steps=1)
+    opt_max = AmalgamOptimizer([p], student=paper_student, maximize=True, warmup_steps=1)
+    opt_min = AmalgamOptimizer([q], student=paper_student, warmup_steps=1)
     for g in grads:
         p.grad, q.grad = g.clone(), -g
         opt_max.step()
@@ -275,21 +248,21 @@ def test_maximize_equals_minimizing_the_negated_gradient(student):
 # --- inputs and groups ------------------------------------------------------------------------------------
 
 
-def test_sparse_gradient_raises_and_none_is_skipped(student):
+def test_sparse_gradient_raises_and_none_is_skipped(paper_student):
     emb = nn.Embedding(10, 3, sparse=True)
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
-        AmalgamOptimizer(emb.parameters(), student=student).step()
+        AmalgamOptimizer(emb.parameters(), student=paper_student).step()
     a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     a.grad = torch.ones(3)
-    opt = AmalgamOptimizer([a, b], student=student)
+    opt = AmalgamOptimizer([a, b], student=paper_student)
     opt.step()
     assert torch.equal(b, torch.ones(3)) and b not in opt.state and not torch.equal(a, torch.ones(3))
 
 
-def test_closure_returns_loss(student):
+def test_closure_returns_loss(paper_student):
     p = torch.ones(4, requires_grad=True)
-    opt = AmalgamOptimizer([p], student=student)
+    opt = AmalgamOptimizer([p], student=paper_student)
 
     def closure():
         opt.zero_grad()
@@ -301,11 +274,11 @@ def test_closure_returns_loss(student):
     assert not torch.equal(p, torch.ones(4))
 
 
-def test_extra_group_keys_are_kept_and_not_applied(student, digits):
+def test_extra_group_keys_are_kept_and_not_applied(paper_student, digits):
     plain, tagged = mlp(), mlp()
-    opt_plain = AmalgamOptimizer(plain.parameters(), student=student, warmup_steps=1)
+    opt_plain = AmalgamOptimizer(plain.parameters(), student=paper_student, warmup_steps=1)
     groups = [{"params": list(tagged.named_parameters()), "lr_scale": 0.1, "my_key": "x"}]
-    opt_tagged = AmalgamOptimizer(groups, student=student, warmup_steps=1)
+    opt_tagged = AmalgamOptimizer(groups, student=paper_student, warmup_steps=1)
     train(plain, opt_plain, digits, 3)
     train(tagged, opt_tagged, digits, 3)
     for p, q in zip(plain.parameters(), tagged.parameters(), strict=True):
@@ -314,13 +287,13 @@ def test_extra_group_keys_are_kept_and_not_applied(student, digits):
     assert group["lr_scale"] == 0.1 and group["my_key"] == "x" and group["param_names"][0] == "0.weight"
 
 
-def test_fallback_groups_match_torch_adamw(student, digits):
+def test_fallback_groups_match_torch_adamw(paper_student, digits):
     lr, fallback_lr, wd = 0.5, 2e-3, 0.01
     ours, ref = mlp(), mlp()
     for m in (ours, ref):  # the student-driven first layer has no gradient (skipped): same inputs to layer 2
         m[0].requires_grad_(False)
     opt = AmalgamOptimizer(
-        ours.named_parameters(), student=student, lr=lr, weight_decay=wd, fallback_lr=fallback_lr,
+        ours.named_parameters(), student=paper_student, lr=lr, weight_decay=wd, fallback_lr=fallback_lr,
         fallback=lambda name, p: name.startswith("2."),  # the output layer runs AdamW
     )
     flags = [g["use_fallback"] for g in opt.param_groups]
@@ -331,31 +304,31 @@ def test_fallback_groups_match_torch_adamw(student, digits):
     for p, q in zip(ours[2].parameters(), ref[2].parameters(), strict=True):
         assert torch.equal(p, q)
     marked = [{"params": ref[2].parameters(), "use_fallback": True, "weight_decay": 0.0}]
-    AmalgamOptimizer(marked, student=student).step()  # no gradients after zero_grad(set_to_none): no-op
+    AmalgamOptimizer(marked, student=paper_student).step()  # no gradients after zero_grad(set_to_none): no-op
 
 
-def test_deepcopy_and_large_state_warning(student, monkeypatch):
+def test_deepcopy_and_large_state_warning(paper_student, monkeypatch):
     p = torch.ones(10, requires_grad=True)
-    opt = AmalgamOptimizer([p], student=student)
+    opt = AmalgamOptimizer([p], student=paper_student)
     clone = copy.deepcopy(opt)
     assert clone.student is not None
     assert clone.param_groups[0]["student_id"] == opt.param_groups[0]["student_id"]
     monkeypatch.setattr(optim_mod, "STATE_WARN_BYTES", 100)
     with pytest.warns(UserWarning, match="GiB"):
-        AmalgamOptimizer([p], student=student)
+        AmalgamOptimizer([p], student=paper_student)
 
 
-def test_from_pretrained_folder_records_identity(student, tmp_path):
+def test_from_pretrained_folder_records_identity(paper_student, tmp_path):
     from amalgam_plugin.hub import save_student
 
-    folder = save_student(student, tmp_path / "my-student")
+    folder = save_student(paper_student, tmp_path / "my-student")
     p = torch.ones(3, requires_grad=True)
     opt = AmalgamOptimizer.from_pretrained(folder, [p], warmup_steps=0)
-    assert opt.student.config == student.config and not any(t.requires_grad for t in opt.student.parameters())
+    assert opt.student.config == paper_student.config and not any(t.requires_grad for t in opt.student.parameters())
     p.grad = torch.ones(3)
     opt.step()
     saved = opt.state_dict()
     assert "sha256:" in saved["param_groups"][0]["student_id"]
-    same = AmalgamOptimizer([p], student=student)  # the same weights as a module: the same identity
+    same = AmalgamOptimizer([p], student=paper_student)  # the same weights as a module: the same identity
     same.load_state_dict(saved)
     assert torch.equal(same.state[p]["h1"], opt.state[p]["h1"])

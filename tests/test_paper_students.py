@@ -9,21 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PAPER_STUDENTS
 
 from amalgam_plugin.students import RNNProp, RNNPropConfig
 
-SOURCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper_students"
 FILES = ["choice-large-1.npz", "choice-small-4.npz", "min-max-6.npz", "mean-8.npz"]  # one of each variant
-pytestmark = pytest.mark.skipif(not SOURCE.is_dir(), reason=f"{SOURCE} not available")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the README's rule, written independently in numpy float64 ----------------------------------------------
@@ -70,7 +60,7 @@ def gradient_sequence(steps: int, n: int, seed: int) -> np.ndarray:
 
 
 def load_npz(name: str) -> tuple[dict[str, np.ndarray], RNNProp]:
-    arrays = dict(np.load(SOURCE / name))
+    arrays = dict(np.load(PAPER_STUDENTS / name))
     student = RNNProp(RNNPropConfig())
     student.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
     return {k: v.astype(np.float64) for k, v in arrays.items()}, student.eval().requires_grad_(False)
@@ -124,7 +114,7 @@ def test_amalgam_optimizer_with_paper_weights_follows_readme_rule(name):
 
 
 def test_every_paper_file_loads_strictly():
-    names = sorted(p.name for p in SOURCE.glob("*.npz"))
+    names = sorted(p.name for p in PAPER_STUDENTS.glob("*.npz"))
     assert len(names) == 32
     for name in names:
         _, student = load_npz(name)
