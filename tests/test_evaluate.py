@@ -134,7 +134,6 @@ def test_run_is_paired_and_divergence_is_caught(mlp):
 
 
 def test_tiny_evaluation_with_students_and_baselines(mlp, tmp_path):
-    pytest.importorskip("amalgam_plugin.optim")
     student = RNNProp(RNNPropConfig())
     student.reset_parameters(torch.Generator().manual_seed(0))
     optimizers = {

@@ -89,7 +89,7 @@ def test_student_module_matches_readme_rule_in_float64(name):
 @pytest.mark.parametrize("name", FILES[:3])
 def test_amalgam_optimizer_with_paper_weights_follows_readme_rule(name):
     """Through AmalgamOptimizer (float32), the student's configured 100-step warm-up included."""
-    optim = pytest.importorskip("amalgam_plugin.optim")
+    from amalgam_plugin import optim
     weights, student = load_npz(name)
     shapes = [(3, 5), (7,), (2, 2, 3)]
     sizes = [int(np.prod(s)) for s in shapes]
@@ -124,7 +124,6 @@ def test_every_paper_file_loads_strictly():
 def test_selection_shortcut_equals_a_full_run_through_amalgam_optimizer():
     """benchmarks/select_paper_students.py shares the warm-up among replicates and then steps the student
     module; its curve must be the one evaluate.run gives through AmalgamOptimizer."""
-    pytest.importorskip("amalgam_plugin.optim")
     import sys
 
     from amalgam_plugin.evaluate import run, student_factory
