@@ -189,13 +189,16 @@ def model_card(student: RNNProp, config: dict, recipe: Preset) -> dict:
                + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}"))
     if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
-    student.config.provenance = {"source": "amalgam-plugin", "command": command,
+    alpha0 = " (alpha = 0 baseline: meta loss only)" if config["imitation"] == "none" else ""
+    description = (f"RNNProp student meta-trained by amalgam-plugin: {config['mechanism']} amalgamation of the "
+                   f"{config['pool']} pool on {config['problem']}, {config['preset']} preset, seed {config['seed']}"
+                   + alpha0)
+    student.config.provenance = {"source": "amalgam-plugin", "description": description, "command": command,
                                  **{k: config[k] for k in ("pool", "mechanism", "preset", "problem", "seed",
                                                            "imitation")}}
     choice = config["mechanism"] == "choice" and config["imitation"] != "none"
     return {
-        "title": f"amalgam student: {config['mechanism']} amalgamation of the {config['pool']} pool"
-                 + (" (alpha = 0 baseline)" if config["imitation"] == "none" else ""),
+        "title": f"amalgam student: {config['mechanism']} amalgamation of the {config['pool']} pool" + alpha0,
         "description": f"RNNProp student meta-trained by amalgam-plugin ({recipe.name} preset: "
                        f"{recipe.description}).",
         "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
