@@ -254,3 +254,12 @@ def test_warmup_moves_everyone_together_and_freezes_lstm_states():
     assert float(adam_state["m"].abs().sum()) > 0
     assert choice_state["t"] == 3 and float(choice_state["h0"].abs().sum()) == 0
     torch.testing.assert_close(traj.teacher_states[2]["param"].detach(), traj.scale * traj.params)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    out = tmp_path / "student"
+    amalgamate(pool="small", mechanism="minmax", preset="smoke", problem="mlp", out=out, max_minutes=1e-9,
+               evaluate=False)
+    with pytest.raises(ValueError, match="changed: pool, mechanism"):
+        amalgamate(pool="large", mechanism="mean", preset="smoke", problem="mlp", out=out, resume=True,
+                   evaluate=False)

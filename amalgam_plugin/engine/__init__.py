@@ -64,6 +64,21 @@ def _run_config(**kwargs) -> dict:
     return {**kwargs, "threads": torch.get_num_threads(), "versions": _versions(), "argv": sys.argv}
 
 
+RUN_KEYS = ("pool", "mechanism", "preset", "problem", "seed", "imitation", "choice_recipe", "student_recipe")
+
+
+def _check_same_run(path: Path, config: dict) -> None:
+    """--resume continues only the run that wrote the checkpoints: the same pool, recipe, problem and seed."""
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    fresh = json.loads(json.dumps(config, default=str))
+    changed = [k for k in RUN_KEYS if saved.get(k) != fresh.get(k)]
+    if changed:
+        raise ValueError(f"--resume: {path.parent.parent} holds a different run (changed: {', '.join(changed)}); "
+                         "use another --out or drop --resume to start over")
+
+
 def _phase(student, problem, teachers, cfg, workdir, seed, phase, resume, deadline) -> bool:
     return Curriculum(student, problem, teachers, cfg, workdir, seed, phase).run(resume=resume, deadline=deadline)
 
@@ -131,6 +146,8 @@ def amalgamate(
                          preset=recipe.name, problem=task.name, data=task.data.name, seed=seed, imitation=imitation,
                          max_minutes=max_minutes, choice_recipe=asdict(recipe.choice),
                          student_recipe=asdict(recipe.student), notes=recipe.notes)
+    if resume:
+        _check_same_run(workdir / "run_config.json", config)
     (workdir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
     started = time.time()
     deadline = started + 60 * max_minutes if max_minutes else None

@@ -233,7 +233,7 @@ class Curriculum:
             logger.info("resumed %s at stage %d period %d", self.phase, self.progress.stage, self.progress.period)
             lines = self.log_path.read_text().splitlines(keepends=True) if self.log_path.exists() else []
             self.log_path.write_text("".join(lines[: self.progress.log_lines]))
-        elif self.log_path.exists():
+        elif self.log_path.exists():  # a fresh start (or nothing to resume from): a fresh log
             self.log_path.unlink()
         pr, cfg = self.progress, self.cfg
         estimate = sum(cfg.trajectories_per_period * cfg.at(cfg.depths, s) * max(cfg.min_periods, 1)
