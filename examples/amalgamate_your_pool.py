@@ -44,9 +44,9 @@ def main() -> None:
 
     quick = PRESETS["smoke" if args.smoke else "quick"]
     recipe = replace(quick, name="example", student=replace(
-        quick.student, unroll_length=10 if args.smoke else 20, depths=[1, 2], validation_depths=[2, 3],
-        trajectories_per_period=2 if args.smoke else 5, min_periods=1, num_chances=0, max_periods=1,
-        meta_lr=0.005, max_repeat=0))
+        quick.student, unroll_length=10 if args.smoke else 20, depths=[1, 2] if args.smoke else [1, 2, 5],
+        validation_depths=[2, 5, 5], trajectories_per_period=2 if args.smoke else 12, min_periods=1,
+        num_chances=0, max_periods=1 if args.smoke else 2, meta_lr=0.005, max_repeat=0))
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         out = amalgamate(pool=POOL, mechanism="minmax", preset=recipe, problem=problem, out=f"{tmp}/student",

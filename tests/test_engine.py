@@ -2,8 +2,10 @@
 command line."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +265,11 @@ def test_resume_refuses_a_different_run(tmp_path):
     with pytest.raises(ValueError, match="changed: pool, mechanism"):
         amalgamate(pool="large", mechanism="mean", preset="smoke", problem="mlp", out=out, resume=True,
                    evaluate=False)
+
+
+def test_amalgamate_your_pool_example_runs(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "amalgamate_your_pool.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "amalgamated torch.optim.AdamW" in result.stdout and "step  120" in result.stdout
