@@ -192,14 +192,6 @@ TEACHERS: dict[str, Callable[..., Teacher]] = {
     "momentum-textbook": momentum_textbook,
 }
 
-# The textbook counterpart of each paper form (§15.2 baselines), as (torch class, kwargs from the paper's values).
-TEXTBOOK_TWIN: dict[str, str] = {
-    "adam": "adam-textbook",
-    "rmsprop": "rmsprop-textbook",
-    "sgd": "sgd-textbook",
-    "momentum": "momentum-textbook",
-}
-
 # Pools with the paper's hyper-parameters: teachers (§4.1) and the choice networks' own pools (§4.3).
 POOLS: dict[str, list[tuple[str, dict]]] = {
     "small": [("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005))],
