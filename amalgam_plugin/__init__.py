@@ -1,6 +1,6 @@
 """amalgam-plugin: Optimizer Amalgamation (Huang et al., ICLR 2022) for PyTorch.
 
-``from amalgam_plugin import AmalgamOptimizer, amalgamate``. Imports are lazy, so ``import amalgam_plugin``
+``from amalgam_plugin import AmalgamOptimizer, amalgamate``: both are imported on first use, so
 ``import amalgam_plugin`` alone loads neither torch nor transformers nor timm.
 """
 
