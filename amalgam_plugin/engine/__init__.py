@@ -202,7 +202,8 @@ def model_card(student: RNNProp, config: dict, recipe: Preset) -> dict:
     """The model card's fields for a student trained by ``amalgamate`` (``config``: its run_config.json);
     also records the run in ``student.config.provenance``."""
     command = (f"amalgam amalgamate --pool '{config['pool']}' --mechanism {config['mechanism']} "
-               f"--preset {config['preset']} --problem {config['problem']} --seed {config['seed']}"
+               f"--preset {config['preset']} --problem {config['problem']} --seed {config['seed']} "
+               f"--threads {config['threads']}"
                + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}"))
     if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
@@ -221,8 +222,9 @@ def model_card(student: RNNProp, config: dict, recipe: Preset) -> dict:
         "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
         "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
                       + "; meta-training reads the training data only",
-        "recipe": {"choice": config["choice_recipe"] if choice else None, "student": config["student_recipe"],
-                   "imitation": config["imitation"]},
+        "recipe": {"choice": {k: v for k, v in config["choice_recipe"].items() if k != "mechanism"} if choice else None,
+                   "student": {**config["student_recipe"], "mechanism": config["mechanism"],
+                               "imitation_schedule": config["imitation"]}},
         "seeds": {"meta-training": config["seed"], "evaluation": list(range(recipe.eval_seeds))},
         "command": command,
         "notes": [*recipe.notes, *(["choice amalgamation: a choice network over this pool (METHOD §4.3) was "
