@@ -273,3 +273,34 @@ def test_amalgamate_your_pool_example_runs(tmp_path):
                             cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "amalgamated torch.optim.AdamW" in result.stdout and "step  120" in result.stdout
+
+
+def test_curriculum_control_flow_repeats_chances_and_best_checkpoints(tmp_path):
+    """§9.3 on scripted losses: repeats (first period of a stage against the previous stage's best), chances,
+    reload of the best period at each stage end, and the last stage's best as the final model."""
+    cfg = CurriculumConfig(depths=[1, 1], min_periods=2, num_chances=1, max_repeat=1, repeat_threshold=0.5)
+    student = RNNProp()
+    curriculum = Curriculum(student, make_problem("mlp"), [], cfg, tmp_path, seed=0)
+    train_losses = {(1, 0, 0): 0.0}  # stage 1 starts worse than stage 0's best (-1.0) + 0.5: repeated
+    validations = {(0, 0, 0): 1.0, (0, 1, 0): -1.0, (0, 2, 0): -0.5, (1, 0, 0): -0.1, (1, 0, 1): -3.0,
+                   (1, 1, 0): -2.0}
+    marks, starts = [], []
+
+    def scripted_period():
+        pr = curriculum.progress
+        key = (pr.stage, pr.period, pr.attempt)
+        starts.append(student.delta.bias.item())
+        with torch.no_grad():
+            student.delta.bias.fill_(len(marks))  # tag the weights this period leaves behind
+        marks.append(key)
+        return train_losses.get(key, -2.0)
+
+    curriculum.train_period = scripted_period
+    curriculum.validate = lambda: validations[marks[-1]]
+    curriculum.run()
+    assert marks == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0), (1, 0, 1), (1, 1, 0)]
+    assert [r.get("repeated", False) for r in curriculum.progress.history] == [False, False, False, True, False,
+                                                                                False]
+    # stage 1 (and its repeat) started from stage 0's best period (tag 1); the final model is stage 1's best
+    assert starts[3:] == [1.0, 1.0, 4.0]
+    assert student.delta.bias.item() == float(marks.index((1, 0, 1)))
