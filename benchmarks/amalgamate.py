@@ -64,28 +64,31 @@ def meta_training_seconds(out: Path) -> float:
     return sum(load_checkpoint(p)[0].seconds for p in paths if p.exists())
 
 
-def train_both(args, workdir: Path, deadline: float) -> None:
-    """The new student and the alpha = 0 baseline, side by side in two processes (one thread each)."""
-    jobs = [("il_more", workdir / "student"), ("none", workdir / "alpha0")]
-    procs = [mp.get_context("spawn").Process(target=_train, args=(args, imitation, out, deadline))
-             for imitation, out in jobs]
+def run_side_by_side(target, arg_lists: list[tuple], what: str) -> None:
+    """Run ``target(*args)`` for each argument tuple in its own process and wait for all of them."""
+    procs = [mp.get_context("spawn").Process(target=target, args=args) for args in arg_lists]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
         if p.exitcode:
-            raise SystemExit(f"a meta-training process failed (exit {p.exitcode})")
+            raise SystemExit(f"a {what} process failed (exit {p.exitcode})")
+
+
+def train_both(args, workdir: Path, deadline: float) -> None:
+    """The new student and the alpha = 0 baseline, side by side in two processes (one thread each)."""
+    run_side_by_side(_train, [(args, "il_more", workdir / "student", deadline),
+                              (args, "none", workdir / "alpha0", deadline)], "meta-training")
 
 
 def optimizers(args, student_dir: Path, baseline_dir: Path, paper_name: str, tuned) -> dict:
-    factories = {
+    return {
         "new student": ev.student_factory(load_student(str(student_dir))),
         "alpha=0 RNNProp": ev.student_factory(load_student(str(baseline_dir))),
         f"paper {paper_name}": ev.student_factory(student_from_npz(PAPER_STUDENTS / f"{paper_name}.npz")),
         **ev.pool_baselines(args.pool, forms=("paper", "torch")),
         tuned.name: tuned.factory,
     }
-    return factories
 
 
 def _worker(args, names: list[str], cache: str, student_dir, baseline_dir, paper_name, tuned) -> None:
@@ -99,15 +102,8 @@ def evaluate_in_parallel(args, factories: dict, workdir: Path, *context) -> None
     """Fill per-worker caches in ``args.workers`` processes; the caller then reads them all back."""
     names = list(factories)
     chunks = [names[i :: args.workers] for i in range(args.workers)]
-    procs = [mp.get_context("spawn").Process(target=_worker, args=(args, chunk, str(workdir / f"cache_{i}.json"),
-                                                                     *context))
-             for i, chunk in enumerate(chunks)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise SystemExit(f"an evaluation worker failed (exit {p.exitcode})")
+    run_side_by_side(_worker, [(args, chunk, str(workdir / f"cache_{i}.json"), *context)
+                               for i, chunk in enumerate(chunks)], "evaluation")
 
 
 def merged_cache(workdir: Path) -> Path:

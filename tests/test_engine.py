@@ -304,3 +304,15 @@ def test_curriculum_control_flow_repeats_chances_and_best_checkpoints(tmp_path):
     # stage 1 (and its repeat) started from stage 0's best period (tag 1); the final model is stage 1's best
     assert starts[3:] == [1.0, 1.0, 4.0]
     assert student.delta.bias.item() == float(marks.index((1, 0, 1)))
+
+
+def test_amalgamate_benchmark_runs_end_to_end(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "amalgamate.py"
+    result = subprocess.run([sys.executable, str(script), "--preset", "smoke", "--problem", "mlp", "--seeds", "2",
+                             "--steps", "30", "--out", str(tmp_path / "run"), "--bundle", str(tmp_path / "bundle")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("new student", "alpha=0 RNNProp", "paper choice-large", "adam 0.005 (torch)", "torch adam tuned"):
+        assert line in result.stdout
+    assert "meta-training wall time" in result.stdout
+    assert (tmp_path / "bundle" / "README.md").exists()
