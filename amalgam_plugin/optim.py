@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -537,30 +536,18 @@ class AmalgamOptimizer(Optimizer):
         g = self._flat_grad(p, sign)
         template = self.student.init_state(1, g)
         nested = _unflatten(state, template)
-        new = _flatten(self.student.update_moments(g, nested))
-        for k, v in new.items():
-            if isinstance(state.get(k), Tensor) and isinstance(v, Tensor):
-                state[k].copy_(v)
-            else:
-                state[k] = v
+        _write_state(state, self.student.update_moments(g, nested))
         if step_size != 0.0:
             _apply_flat(p, g, -step_size)
 
     def _generic_update(self, p: Tensor, sign: float, lr: float) -> None:
-        """Any student: one ``forward`` per parameter on its flat gradient (``rank`` passed when accepted)."""
+        """Any student: one ``forward`` per parameter on its flat gradient and the tensor's rank."""
         student = self._on_device(p.device)
         state = self.state[p]
         g = self._flat_grad(p, sign)
         nested = _unflatten(state, self.student.init_state(1, g))
-        if "rank" in inspect.signature(student.forward).parameters:
-            delta, new = student(g, nested, rank=p.dim())
-        else:
-            delta, new = student(g, nested)
-        for k, v in _flatten(new).items():
-            if isinstance(state.get(k), Tensor) and isinstance(v, Tensor):
-                state[k].copy_(v)
-            else:
-                state[k] = v
+        delta, new = student(g, nested, rank=p.dim())
+        _write_state(state, new)
         if lr != 0.0:
             _apply_flat(p, delta, -lr)
 
@@ -640,6 +627,15 @@ class AmalgamOptimizer(Optimizer):
                 scatter(key, src)
         if lr != 0.0:
             torch._foreach_add_([flats[i][a:b] for i, a, b in segments], list(delta.split(lens)), alpha=-lr)
+
+
+def _write_state(state: dict, new_nested: Any) -> None:
+    """Store a student's new (nested) state into a parameter's flat state, in place where a tensor exists."""
+    for k, v in _flatten(new_nested).items():
+        if isinstance(state.get(k), Tensor) and isinstance(v, Tensor):
+            state[k].copy_(v)
+        else:
+            state[k] = v
 
 
 def _apply_flat(p: Tensor, delta: Tensor, alpha: float) -> None:

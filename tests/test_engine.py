@@ -69,8 +69,8 @@ class NaNOnOddSteps(RNNProp):
 
     calls = 0
 
-    def forward(self, grad, state):
-        delta, new_state = super().forward(grad, state)
+    def forward(self, grad, state, rank=None):
+        delta, new_state = super().forward(grad, state, rank)
         self.calls += 1
         return (delta * float("nan") if self.calls % 2 == 0 else delta), new_state
 

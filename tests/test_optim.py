@@ -55,6 +55,14 @@ def reference_run(student: nn.Module, params: list[torch.Tensor], grads: list[li
     return params
 
 
+def step_through(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
+    """One optimizer step per entry of ``grads`` (one gradient per parameter)."""
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+
+
 # --- exactness --------------------------------------------------------------------------------------------
 
 
@@ -66,10 +74,7 @@ def test_batched_step_equals_student_forward(paper_student, chunk_size):
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
     expected = reference_run(paper_student, params, grads)
     opt = AmalgamOptimizer(params, student=paper_student, warmup_steps=0, chunk_size=chunk_size)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
+    step_through(opt, params, grads)
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-6)
 
@@ -94,10 +99,7 @@ def test_choice_student_runs_generic_path():
     grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
     expected = reference_run(net, params, grads, rank=True)
     opt = AmalgamOptimizer(params, student=net, warmup_steps=0)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
+    step_through(opt, params, grads)
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-6)
     assert all(isinstance(v, (torch.Tensor, int, float)) for s in opt.state.values() for v in s.values())

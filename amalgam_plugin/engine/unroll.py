@@ -50,12 +50,6 @@ def flat_grad(problem: Problem, layout: Layout, theta: Tensor, batch: Batch) -> 
         return torch.autograd.grad(flat_loss(problem, layout, theta, batch), theta)[0]
 
 
-def student_step(student: nn.Module, grad: Tensor, state: dict, ranks: Tensor) -> tuple[Tensor, dict]:
-    if getattr(student, "student_type", "") == "choice":
-        return student(grad, state, ranks)
-    return student(grad, state)
-
-
 def frozen_choice_teacher(net: nn.Module, ranks: Tensor) -> Teacher:
     """A trained choice network as the single (frozen) teacher of choice distillation (§3.5)."""
 
@@ -159,6 +153,7 @@ def unroll(
     counted), instead of l2o's behaviour of zeroing the parameters.
     """
     p_start = traj.params.detach()
+    theta_start = traj.scale * p_start  # the meta loss's reference point
     params, state = p_start.clone().requires_grad_(True), _detach_state(traj.state)
     log_terms, distances, skipped, ran = [], [], 0, 0
     differentiable = torch.is_grad_enabled()
@@ -176,10 +171,10 @@ def unroll(
         if not (differentiable and second_order):
             grad = grad.detach()
         with torch.no_grad():
-            reference = flat_loss(problem, traj.layout, traj.scale * p_start, batch)
+            reference = flat_loss(problem, traj.layout, theta_start, batch)
         log_terms.append(log_improvement(objective if differentiable else objective.detach(), reference))
         ran += 1
-        delta, new_state = student_step(student, grad, state, traj.ranks)
+        delta, new_state = student(grad, state, traj.ranks)
         if _finite(delta):
             params, state = params - delta, new_state
         else:

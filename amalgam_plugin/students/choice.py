@@ -44,14 +44,11 @@ class ChoiceNet(nn.Module, HubStudent):
         for name, _ in self.config.pool:
             if name not in TEACHERS:
                 raise ValueError(f"choice pool member {name!r} is not a named teacher; valid: {', '.join(TEACHERS)}")
+        self.pool: list[Teacher] = [TEACHERS[name](**kw) for name, kw in self.config.pool]  # built once
         sizes = list(self.config.hidden_sizes)
         self.recurrent = lstm_stack(sizes, input_size=len(self.config.pool) + 4)
         self.choice = Dense(sizes[-1], len(self.config.pool))
         self.reset_parameters()
-
-    @property
-    def pool(self) -> list[Teacher]:
-        return [TEACHERS[name](**kw) for name, kw in self.config.pool]
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for cell in self.recurrent:

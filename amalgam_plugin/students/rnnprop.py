@@ -66,8 +66,11 @@ class RNNProp(nn.Module, HubStudent):
         denom = torch.sqrt(v / (1 - cfg.beta2) + cfg.epsilon)
         return torch.stack([m / (1 - cfg.beta1) / denom, grad / denom], dim=-1)
 
-    def forward(self, grad: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """grad: flat ``[n]``. Returns Δ (the parameter moves by −Δ) and the new state."""
+    def forward(
+        self, grad: Tensor, state: dict[str, Tensor], rank: int | Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """grad: flat ``[n]``. Returns Δ (the parameter moves by −Δ) and the new state. ``rank`` is part of the
+        student protocol and unused here: RNNProp has no per-tensor features."""
         state = self.update_moments(grad, state)
         x = self.features(grad, state["m"], state["v"])
         h, lstm_state = run_lstm_stack(self.recurrent, x, state)
