@@ -23,9 +23,6 @@ a step is bounded by the chunk, not by the model.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
@@ -61,43 +58,14 @@ _SHA_RE = re.compile(r"sha256:([0-9a-f]{64})")
 # --- student identity -------------------------------------------------------------------------------------
 
 
-def _config_dict(student: nn.Module) -> dict:
-    config = getattr(student, "config", None)
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config)
-    return dict(config or {})
-
-
-def _student_fingerprint(student: nn.Module) -> str:
-    """sha256 of the float32 weights (state_dict order, names and shapes included) and the JSON config.
-
-    ``provenance`` is left out of the config: it records where a student came from, not how it behaves.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in student.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    config = {k: v for k, v in _config_dict(student).items() if k != "provenance"}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
 def _student_id(student: nn.Module) -> str:
-    """``"NAME@REVISION sha256:HEX"``; only the hash is compared, the rest is for people reading it.
+    """``"NAME@REVISION sha256:HEX"``; only the hash (the content hash of the hub module, as in the model
+    cards) is compared, the rest is for people reading it."""
+    from .hub import student_identity  # lazy: the runtime optimizer needs the hub only for names
 
-    Name, revision and hash come from ``amalgam_plugin.hub.student_identity`` (the hash its model cards use);
-    :func:`_student_fingerprint` stands in only if the hub module cannot be imported.
-    """
-    try:
-        from .hub import student_identity  # lazy: the runtime optimizer needs the hub only for names
-    except ImportError:
-        info: dict = {}
-    else:
-        info = student_identity(student)
-    config = getattr(student, "config", None)
-    name = info.get("name") or getattr(config, "student_type", type(student).__name__)
-    sha = info.get("sha256") or _student_fingerprint(student)
-    return f"{name}@{info.get('revision') or 'local'} sha256:{sha}"
+    info = student_identity(student)
+    name = info["name"] or getattr(student.config, "student_type", type(student).__name__)
+    return f"{name}@{info['revision'] or 'local'} sha256:{info['sha256']}"
 
 
 def _sha_of(student_id: str | None) -> str | None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from amalgam_plugin.evaluate import seed_generators
+from amalgam_plugin.hub import student_from_npz
 from amalgam_plugin.problems import make_problem, selection_problem
 from amalgam_plugin.students import RNNProp, RNNPropConfig
 
@@ -72,12 +73,7 @@ log = logging.getLogger("select_paper_students")
 
 
 def npz_student(path: Path) -> RNNProp:
-    student = RNNProp(RNNPropConfig())
-    arrays = np.load(path)
-    student.load_state_dict(
-        {k: torch.from_numpy(arrays[k].astype(np.float32)) for k in arrays.files}, strict=True
-    )
-    return student.eval().requires_grad_(False)
+    return student_from_npz(path).eval().requires_grad_(False)
 
 
 def sha256(path: Path) -> str:
