@@ -215,13 +215,19 @@ POOLS: dict[str, list[tuple[str, dict]]] = {
 }
 
 
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
+def parse_value(text: str) -> Any:
+    """A textual option value (``key=value`` specs) as None, bool, int, float or the string itself."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
         try:
-            return cast(text)
+            return kind(text)
         except ValueError:
             pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+    return text
 
 
 def _import_optimizer(path: str) -> type[torch.optim.Optimizer]:
@@ -243,7 +249,7 @@ def make_teacher(spec: str) -> Teacher:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"teacher argument {item!r} in {spec!r} is not of the form key=value")
-        kwargs[key.strip()] = _parse_value(value.strip())
+        kwargs[key.strip()] = parse_value(value.strip())
     name = name.strip()
     if "." in name:
         return torch_teacher(_import_optimizer(name), name=name, **kwargs)

@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from amalgam_plugin.teachers import parse_value
+
 logger = logging.getLogger("amalgam_plugin.integrations")
 
 #: Named parameter categories accepted by ``fallback=`` (joined with ``+``), besides glob patterns on names.
@@ -44,21 +46,6 @@ def student_lr(framework: str, framework_lr: float | None, lr_multiplier: float 
             lr_multiplier,
         )
     return lr
-
-
-def parse_value(text: str) -> Any:
-    """A string option value as None, bool, int, float or the string itself."""
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def constructor_options(optimizer_cls: type) -> list[str]:

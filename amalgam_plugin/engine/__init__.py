@@ -171,15 +171,11 @@ def _evaluate(student: RNNProp, pool, recipe: Preset, problem: Problem, workdir:
     from .. import evaluate as ev
 
     seeds = list(range(recipe.eval_seeds))
-    forms = ("paper", "torch") if recipe.eval_textbook else ("paper",)
-    baselines = ev.pool_baselines(pool, forms=forms)
-    tuned = ev.tune_adam(problem, seeds[: max(1, min(3, len(seeds)))], recipe.eval_steps,
-                         cache=workdir / "eval_cache.json")
-    optimizers = {"student": ev.student_factory(student), **baselines, tuned.name: tuned.factory}
-    evaluation = ev.evaluate(problem, optimizers, seeds, recipe.eval_steps, reference="student",
-                             notes={tuned.name: tuned.how}, cache=workdir / "eval_cache.json")
-    evaluation.add_oracle([n for n in baselines if n.endswith("(paper)")])
-    return evaluation
+    return ev.evaluate_with_baselines(
+        problem, {"student": ev.student_factory(student)}, pool, seeds, recipe.eval_steps,
+        forms=("paper", "torch") if recipe.eval_textbook else ("paper",), tune_seeds=seeds[:3],
+        cache=workdir / "eval_cache.json",
+    )
 
 
 def _teachers(config: dict) -> list[dict]:
