@@ -21,29 +21,13 @@ EXAMPLES = """examples:
 """
 
 
-def _choices_error(kind: str, value: str, valid) -> str:
-    return f"unknown {kind} {value!r}; valid {kind}s: {', '.join(valid)}"
-
-
 def _amalgamate(args: argparse.Namespace) -> int:
-    from .engine import amalgamate
-    from .engine.presets import PRESETS
-    from .teachers import make_pool
+    from .engine import amalgamate, check_request
 
-    if args.mechanism not in MECHANISMS:
-        raise SystemExit(_choices_error("mechanism", args.mechanism, MECHANISMS))
-    if args.preset not in PRESETS:
-        raise SystemExit(_choices_error("preset", args.preset, PRESETS))
-    if args.problem not in PROBLEMS:
-        raise SystemExit(_choices_error("problem", args.problem, PROBLEMS))
-    if args.imitation not in IMITATION_SCHEDULES:
-        raise SystemExit(_choices_error("imitation schedule", args.imitation, IMITATION_SCHEDULES))
     try:
-        make_pool(args.pool)
-    except ValueError:
-        raise SystemExit(f"unknown pool {args.pool!r}; preset pools: {', '.join(POOLS)}; "
-                         f"or teachers joined by '+': {', '.join(TEACHERS)}, or a dotted torch.optim class "
-                         "(e.g. torch.optim.AdamW:lr=0.001)") from None
+        check_request(args.pool, args.mechanism, args.preset, args.problem, args.imitation)
+    except ValueError as err:
+        raise SystemExit(f"amalgam amalgamate: {err}") from None
     out = amalgamate(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem,
                      out=args.out, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
                      imitation=args.imitation, evaluate=not args.no_eval, data_root=args.data_root,

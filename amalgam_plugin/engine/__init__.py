@@ -30,13 +30,19 @@ from .unroll import Layout, frozen_choice_teacher
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRESETS", "Curriculum", "CurriculumConfig", "amalgamate", "check_mechanism"]
+__all__ = ["PRESETS", "Curriculum", "CurriculumConfig", "amalgamate", "check_request"]
 
 
-def check_mechanism(mechanism: str) -> str:
+def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Problem, imitation: str) -> Preset:
+    """Every name of an ``amalgamate`` call, checked before any work: a ValueError listing the valid names."""
     if mechanism not in MECHANISMS:
         raise ValueError(f"unknown mechanism {mechanism!r}; valid mechanisms: {', '.join(MECHANISMS)}")
-    return mechanism
+    if imitation not in IMITATION_SCHEDULES:
+        raise ValueError(f"unknown imitation schedule {imitation!r}; valid: {', '.join(IMITATION_SCHEDULES)}")
+    if isinstance(problem, str) and problem not in PROBLEMS:
+        raise ValueError(f"unknown problem {problem!r}; valid problems: {', '.join(PROBLEMS)}")
+    make_pool(pool)
+    return preset if isinstance(preset, Preset) else get_preset(preset)
 
 
 def _choice_pool(pool: str | list) -> list:
@@ -129,13 +135,7 @@ def amalgamate(
     ``resume=True`` to continue with exactly the numbers of an uninterrupted run).
     ``imitation="none"`` trains the α = 0 baseline (plain RNNProp, meta loss only, no teachers).
     """
-    check_mechanism(mechanism)
-    recipe = preset if isinstance(preset, Preset) else get_preset(preset)
-    if imitation not in IMITATION_SCHEDULES:
-        raise ValueError(f"unknown imitation schedule {imitation!r}; valid: {', '.join(IMITATION_SCHEDULES)}")
-    make_pool(pool)  # validate names before any work
-    if isinstance(problem, str) and problem not in PROBLEMS:
-        raise ValueError(f"unknown problem {problem!r}; valid problems: {', '.join(PROBLEMS)}")
+    recipe = check_request(pool, mechanism, preset, problem, imitation)
     if threads:
         torch.set_num_threads(threads)
     task = make_problem(problem, data_root) if isinstance(problem, str) else problem
