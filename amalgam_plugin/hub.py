@@ -2,7 +2,7 @@
 
 **Folder format** (the Hugging Face Hub layout, also used for bundled students):
 
-* ``config.json``: ``asdict(student.config)`` with ``student_type`` (a key of ``STUDENT_TYPES``) and
+* ``config.json``: ``asdict(student.config)`` with ``student_type`` (a key of the student registry ``amalgam_plugin.students.STUDENTS``) and
   ``format_version`` (an integer, at most :data:`FORMAT_VERSION` to be loadable);
 * ``model.safetensors``: the weights, keyed like ``student.state_dict()`` (safetensors only; pickle files such
   as ``pytorch_model.bin`` are refused, never loaded);
@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .students import STUDENT_TYPES
+from .students import STUDENTS
 from .students.base import FORMAT_VERSION, PAPER_URL
 
 logger = logging.getLogger(__name__)
@@ -77,8 +77,12 @@ BASE_TAGS = [
 
 
 def bundled_root() -> Path:
-    """The folder of the bundled students (package ``amalgam_plugin.hub_models``)."""
-    return Path(str(importlib.resources.files("amalgam_plugin.hub_models")))
+    """The folder of the bundled students (package ``amalgam_plugin.hub_models``; in a source checkout that is
+    not installed, the checkout's ``hub_models/``)."""
+    try:
+        return Path(str(importlib.resources.files("amalgam_plugin.hub_models")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "hub_models"
 
 
 def _bundled_names() -> list[str]:
@@ -217,16 +221,16 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
             f"({FORMAT_VERSION}); upgrade amalgam-plugin"
         )
     student_type = config.get("student_type")
-    if student_type not in STUDENT_TYPES:
+    if not isinstance(student_type, str) or student_type not in STUDENTS:
         raise ValueError(
-            f"{str(config_path)!r}: unknown student_type {student_type!r}; "
-            f"valid student types: {', '.join(STUDENT_TYPES)}"
+            f"{str(config_path)!r}: unknown student_type {student_type!r}; valid student types: {STUDENTS.valid()}"
         )
     return config
 
 
 def _build(config: dict[str, Any], where: str) -> nn.Module:
-    cls, config_cls = STUDENT_TYPES[config["student_type"]]
+    entry = STUDENTS[config["student_type"]]
+    cls, config_cls = entry.module, entry.config
     known = {f.name for f in fields(config_cls)}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -492,10 +496,7 @@ def save_student(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = _config_dict(student)
-    if config["student_type"] not in STUDENT_TYPES:
-        raise ValueError(
-            f"unknown student_type {config['student_type']!r}; valid: {', '.join(STUDENT_TYPES)}"
-        )
+    STUDENTS.lookup(config["student_type"])
     if card is not None:
         render_card(config, card)  # validate the keys before writing anything
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

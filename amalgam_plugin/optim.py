@@ -1,6 +1,6 @@
 """AmalgamOptimizer: a frozen learned student behind the ``torch.optim.Optimizer`` interface.
 
-The rules (DESIGN, "The runtime optimizer's rules"):
+The rules (one each, everywhere):
 
 * ``lr`` multiplies the student's own update (1.0 = as trained); ``lr = 0`` leaves the parameters unchanged
   (the state may still advance), so LR schedulers and DCP's ``lr = 0`` state initialisation work.
@@ -14,10 +14,9 @@ The rules (DESIGN, "The runtime optimizer's rules"):
 * Every param group records ``student_id`` (name, revision, content hash); loading a state dict produced by
   another student raises ``ValueError``.
 
-Speed: for RNNProp students all learned-phase parameters of a (device, dtype) pair are packed into chunks of
-at most ``chunk_size`` coordinates and run through one fused LSTM kernel per chunk, so a model made of many
-small tensors costs about the same per coordinate as one made of a few large ones, and the temporary memory of
-a step is bounded by the chunk, not by the model.
+Speed: the student's runtime kernel comes from the student registry (``amalgam_plugin.students``): RNNProp's
+packs all parameters of a (device, dtype) pair into chunks of at most ``chunk_size`` coordinates and runs one
+fused LSTM step per chunk; any other student runs through its ``forward`` once per tensor.
 """
 
 from __future__ import annotations
@@ -34,19 +33,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .students.rnnprop import RNNProp
+from .students import STUDENTS
+from .students.kernel import RuntimeKernel, flatten_state
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STUDENT = "paper-choice-large"
 """The bundled student used when none is named: the paper's optimal-choice (large pool) RNNProp."""
-
-CPU_CHUNK = 2**13
-"""Coordinates per LSTM call on CPU: the chunk's buffers stay near the core's L2/L3 (measured: 2**12..2**14
-are within a few percent, 2**16 is ~40% slower), and Python's per-chunk cost stays small; 2**13 halves the
-workspace (7 MB)."""
-ACCELERATOR_CHUNK = 2**18
-"""On GPUs a chunk must fill the device; temporary memory is still bounded (~2**18 * 250 floats = 256 MB)."""
 
 STATE_WARN_BYTES = 4 * 1024**3
 ADAMW_BETAS = (0.9, 0.999)
@@ -90,107 +83,6 @@ def _resolve_student(student: nn.Module | str | os.PathLike, revision: str | Non
     )
 
 
-# --- nested student state <-> flat per-parameter state ----------------------------------------------------
-
-
-def _flatten(state: Any, prefix: str = "") -> dict[str, Any]:
-    """{"pool": [{"m": t}], "t": 0} -> {"pool.0.m": t, "t": 0}: torch's state must be one flat dict."""
-    if isinstance(state, dict):
-        items = state.items()
-    elif isinstance(state, (list, tuple)):
-        items = ((str(i), v) for i, v in enumerate(state))
-    else:
-        return {prefix: state}
-    out: dict[str, Any] = {}
-    for key, value in items:
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def _unflatten(flat: dict[str, Any], template: Any, prefix: str = "") -> Any:
-    if isinstance(template, dict):
-        return {k: _unflatten(flat, v, f"{prefix}.{k}" if prefix else k) for k, v in template.items()}
-    if isinstance(template, (list, tuple)):
-        return [_unflatten(flat, v, f"{prefix}.{i}" if prefix else str(i)) for i, v in enumerate(template)]
-    return flat[prefix]
-
-
-# --- the fused RNNProp kernel -----------------------------------------------------------------------------
-
-
-class _RNNPropKernel:
-    """RNNProp's weights rearranged for speed on one device.
-
-    * Layer l computes ``z = [in_l, h_l] @ [kernel; recurrent_kernel] + bias`` in one addmm on a contiguous
-      input buffer ``[in_l | h_l]``; the new ``h_l`` is written straight into the next layer's buffer.
-    * Gate columns are reordered from (i, f, c, o) to (i, f, o, c) and every tanh is computed as
-      ``tanh(y) = 1 - 2 sigmoid(-2y)`` with the factor -2 folded into the weights: CPU ``tanh`` is ~15x
-      slower than ``sigmoid`` in torch's vectorised kernels, so one ``sigmoid_`` covers a whole layer, and
-      the ``1 - 2s`` form lets ``addcmul`` finish ``h = o * tanh(c)`` in one op.
-    """
-
-    def __init__(self, student: RNNProp, device: torch.device):
-        cfg = student.config
-        self.sizes = [int(u) for u in cfg.hidden_sizes]
-        self.inputs = [2, *self.sizes[:-1]]
-        self.beta1, self.beta2, self.eps = float(cfg.beta1), float(cfg.beta2), float(cfg.epsilon)
-        self.scale = float(cfg.output_scale)
-        self.weights, self.biases = [], []
-        for cell, u in zip(student.recurrent, self.sizes, strict=True):
-            order = torch.cat([torch.arange(2 * u), torch.arange(3 * u, 4 * u), torch.arange(2 * u, 3 * u)])
-            factor = torch.ones(4 * u, dtype=torch.float64)
-            factor[3 * u :] = -2.0  # the cell candidate goes through tanh
-            w = torch.cat([cell.kernel.detach(), cell.recurrent_kernel.detach()], dim=0).double()[:, order]
-            self.weights.append((w * factor).to(device, torch.float32).contiguous())
-            self.biases.append((cell.bias.detach().double()[order] * factor).to(device, torch.float32))
-        self.out_w = (-2 * student.delta.kernel.detach().double()).to(device, torch.float32).contiguous()
-        self.out_b = (-2 * student.delta.bias.detach().double()).to(device, torch.float32).contiguous()
-
-    def workspace_columns(self) -> dict[str, int]:
-        """Column count of every [rows, cols] buffer a chunk needs (``in{l}`` = [in_l | h_l], ``c{l}``...)."""
-        u_max = max(self.sizes)
-        cols = {f"in{i}": n_in + u for i, (n_in, u) in enumerate(zip(self.inputs, self.sizes, strict=True))}
-        cols.update({f"c{i}": u for i, u in enumerate(self.sizes)})
-        cols.update(hout=self.sizes[-1], z=4 * u_max, t=u_max, g=1, m=1, v=1, d=1)
-        return cols
-
-    def h_out(self, w: dict[str, Tensor], layer: int) -> Tensor:
-        """Where layer ``layer`` writes its new h: the next layer's input columns, or ``hout``."""
-        if layer + 1 < len(self.sizes):
-            return w[f"in{layer + 1}"][:, : self.sizes[layer]]
-        return w["hout"]
-
-    def h_in(self, w: dict[str, Tensor], layer: int) -> Tensor:
-        """Where layer ``layer`` reads its old h (filled from the state before ``run``)."""
-        return w[f"in{layer}"][:, self.inputs[layer] :]
-
-    def run(self, w: dict[str, Tensor], g: Tensor, m: Tensor, v: Tensor, cs: list[Tensor]) -> Tensor:
-        """One step for a chunk, in place.  g, m, v: [L]; cs[l]: [L, u_l]; ``h_in`` buffers hold the old h's.
-
-        Leaves the new moments in m, v, the new cells in cs, the new h's in the ``h_out`` buffers and returns
-        Δ (not yet scaled by lr), a view of ``w["d"]``.
-        """
-        b1, b2 = self.beta1, self.beta2
-        m.mul_(b1).add_(g, alpha=1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        delta = w["d"].view(-1)
-        denom = torch.div(v, 1 - b2, out=delta).add_(self.eps).sqrt_()  # delta is free until the end
-        x = w["in0"]
-        torch.div(m, denom, out=x[:, 0]).div_(1 - b1)
-        torch.div(g, denom, out=x[:, 1])
-        for layer, u in enumerate(self.sizes):
-            z = w["z"][:, : 4 * u]
-            torch.addmm(self.biases[layer], w[f"in{layer}"], self.weights[layer], out=z)
-            z.sigmoid_()
-            i, f, o, cand = z[:, :u], z[:, u : 2 * u], z[:, 2 * u : 3 * u], z[:, 3 * u :]
-            c = cs[layer]
-            c.mul_(f).add_(i).addcmul_(i, cand, value=-2.0)  # c = f*c + i*tanh(c~), tanh(c~) = 1 - 2*cand
-            t = torch.mul(c, -2.0, out=w["t"][:, :u]).sigmoid_()
-            torch.addcmul(o, o, t, value=-2.0, out=self.h_out(w, layer))  # h = o*tanh(c) = o - 2*o*t
-        torch.addmm(self.out_b, w["hout"], self.out_w, out=w["d"])
-        return delta.sigmoid_().mul_(-2.0 * self.scale).add_(self.scale)  # scale * tanh(y)
-
-
 # --- the optimizer ----------------------------------------------------------------------------------------
 
 
@@ -211,8 +103,9 @@ class AmalgamOptimizer(Optimizer):
         foreach: accepted for API compatibility (the student path is always batched).
         differentiable: must be False (the student runs frozen under ``no_grad``).
         revision: Hub revision used when ``student`` is a repo id.
-        chunk_size: coordinates per fused LSTM call (bounds the temporary memory of a step); ``None`` picks
-            :data:`CPU_CHUNK` on CPU and :data:`ACCELERATOR_CHUNK` elsewhere.
+        chunk_size: coordinates per fused LSTM call of RNNProp's kernel (bounds the temporary memory of a step);
+            ``None`` picks ``CPU_CHUNK`` on CPU and ``ACCELERATOR_CHUNK`` elsewhere
+            (``amalgam_plugin.students.rnnprop_kernel``).
     """
 
     def __init__(
@@ -253,7 +146,7 @@ class AmalgamOptimizer(Optimizer):
         self.chunk_size = chunk_size
         self._fallback = fallback
         self._student_id = _student_id(self.student)
-        self._devices: dict[torch.device, Any] = {}  # device -> float32 student copy or _RNNPropKernel
+        self._devices: dict[torch.device, RuntimeKernel] = {}  # the student's kernel per device
         cfg = self.student.config
         defaults = dict(
             lr=lr,
@@ -317,9 +210,7 @@ class AmalgamOptimizer(Optimizer):
         return out or groups
 
     def _floats_per_coordinate(self) -> int:
-        if isinstance(self.student, RNNProp):
-            return 2 + 2 * sum(self.student.config.hidden_sizes)
-        flat = _flatten(self.student.init_state(1, torch.zeros(1)))
+        flat = flatten_state(self.student.init_state(1, torch.zeros(1)))
         return sum(v.numel() for v in flat.values() if isinstance(v, Tensor))
 
     def _warn_if_state_large(self) -> None:
@@ -436,17 +327,15 @@ class AmalgamOptimizer(Optimizer):
             if work is not p:
                 p.copy_(work)
 
-    def _on_device(self, device: torch.device) -> Any:
-        """The student (or its fused kernel) on ``device``, float32, built once per device."""
+    def _kernel(self, device: torch.device) -> RuntimeKernel:
+        """The student's runtime kernel on ``device`` (float32), built once per device from the registry."""
         if device not in self._devices:
-            if isinstance(self.student, RNNProp):
-                self._devices[device] = _RNNPropKernel(self.student, device)
-            else:
-                self._devices[device] = copy.deepcopy(self.student).to(device=device, dtype=torch.float32)
+            make = STUDENTS.lookup(self.student.config.student_type).kernel
+            self._devices[device] = make(self.student, device, self.chunk_size)
         return self._devices[device]
 
     def _init_state(self, p: Tensor) -> dict:
-        flat = _flatten(self.student.init_state(p.numel(), p.new_zeros((), dtype=torch.float32)))
+        flat = flatten_state(self.student.init_state(p.numel(), p.new_zeros((), dtype=torch.float32)))
         # A Python int: read every step to pick warm-up or learned, and an int costs no tensor op or sync.
         return {"step": 0, **flat}
 
@@ -464,154 +353,42 @@ class AmalgamOptimizer(Optimizer):
             state["step"] = int(state["step"]) + 1
         if decay != 0.0:
             torch._foreach_mul_(params, 1.0 - decay)
-        if warm and isinstance(self.student, RNNProp):
-            self._rnnprop_warmup(warm, sign, lr * float(cfg.warmup_lr))
-        else:
-            for p in warm:
-                self._warmup_update(p, sign, lr * float(cfg.warmup_lr))
-        if not learned:
-            return
-        if isinstance(self.student, RNNProp):
-            by_key: dict[tuple, list[Tensor]] = {}
-            for p in learned:
-                by_key.setdefault((p.device, p.dtype), []).append(p)
-            for (device, _), ps in by_key.items():
-                self._rnnprop_batched(ps, self._on_device(device), sign, lr)
-        else:
-            for p in learned:
-                self._generic_update(p, sign, lr)
-
-    def _flat_grad(self, p: Tensor, sign: float) -> Tensor:
-        g = p.grad.reshape(-1).to(torch.float32)
-        return -g if sign < 0 else g
-
-    def _rnnprop_warmup(self, params: list[Tensor], sign: float, step_size: float) -> None:
-        """RNNProp's warm-up for many tensors at once: moments by foreach ops, SGD on the parameters."""
-        cfg = self.student.config
-        grads = [self._flat_grad(p, sign) for p in params]
-        ms, vs = [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
-        torch._foreach_mul_(ms, cfg.beta1)
-        torch._foreach_add_(ms, grads, alpha=1 - cfg.beta1)
-        torch._foreach_mul_(vs, cfg.beta2)
-        torch._foreach_addcmul_(vs, grads, grads, value=1 - cfg.beta2)
-        if step_size != 0.0:
-            for p, g in zip(params, grads, strict=True):
-                _apply_flat(p, g, -step_size)
-
-    def _warmup_update(self, p: Tensor, sign: float, step_size: float) -> None:
-        """SGD at warmup_lr; the student's moments advance, its LSTM state does not."""
-        state = self.state[p]
-        g = self._flat_grad(p, sign)
-        template = self.student.init_state(1, g)
-        nested = _unflatten(state, template)
-        _write_state(state, self.student.update_moments(g, nested))
-        if step_size != 0.0:
-            _apply_flat(p, g, -step_size)
-
-    def _generic_update(self, p: Tensor, sign: float, lr: float) -> None:
-        """Any student: one ``forward`` per parameter on its flat gradient and the tensor's rank."""
-        student = self._on_device(p.device)
-        state = self.state[p]
-        g = self._flat_grad(p, sign)
-        nested = _unflatten(state, self.student.init_state(1, g))
-        delta, new = student(g, nested, rank=p.dim())
-        _write_state(state, new)
-        if lr != 0.0:
-            _apply_flat(p, delta, -lr)
-
-    def _rnnprop_batched(self, params: list[Tensor], kernel: _RNNPropKernel, sign: float, lr: float) -> None:
-        """Pack the parameters' coordinates into chunks and run the fused kernel once per chunk."""
-        device = params[0].device
-        chunk = self.chunk_size or (CPU_CHUNK if device.type == "cpu" else ACCELERATOR_CHUNK)
-        rows = min(sum(p.numel() for p in params), chunk)
-        columns = kernel.workspace_columns()
-        buf = torch.empty(rows * sum(columns.values()), device=device, dtype=torch.float32)
-        workspace, at = {}, 0
-        for name, cols in columns.items():  # one allocation, carved into [rows, cols] buffers
-            workspace[name] = buf[at : at + rows * cols].view(rows, cols)
-            at += rows * cols
-        # Non-contiguous parameters are updated through a contiguous copy written back at the end.
-        flats = [p.view(-1) if p.is_contiguous() else p.detach().contiguous().view(-1) for p in params]
-        grads = [self._flat_grad(p, sign) for p in params]
-        states = [self.state[p] for p in params]
-
-        segments: list[tuple[int, int, int]] = []  # (param index, start, stop) packed into the current chunk
-        filled = 0
-        for i, n in enumerate(p.numel() for p in params):
-            start = 0
-            while start < n:
-                take = min(n - start, rows - filled)
-                segments.append((i, start, start + take))
-                filled, start = filled + take, start + take
-                if filled == rows:
-                    self._rnnprop_chunk(segments, states, flats, grads, workspace, kernel, lr)
-                    segments, filled = [], 0
-        if segments:
-            self._rnnprop_chunk(segments, states, flats, grads, workspace, kernel, lr)
-        for p, flat in zip(params, flats, strict=True):
-            if not p.is_contiguous():
-                p.copy_(flat.view_as(p))
-
-    @staticmethod
-    def _rnnprop_chunk(segments: list[tuple[int, int, int]], states: list[dict], flats: list[Tensor],
-                       grads: list[Tensor], workspace: dict[str, Tensor], kernel: _RNNPropKernel,
-                       lr: float) -> None:
-        """Gather the chunk's state into the workspace, run the kernel, scatter back, move the parameters."""
-        lens = [b - a for _, a, b in segments]
-        length = sum(lens)
-        full = length == next(iter(workspace.values())).shape[0]
-        w = workspace if full else {k: v[:length] for k, v in workspace.items()}
-        n_layers = len(kernel.sizes)
-
-        def state_views(key: str) -> list[Tensor]:  # whole small tensors need no slicing
-            return [t if (a == 0 and b == len(t)) else t[a:b] for t, a, b in
-                    ((states[i][key], a, b) for i, a, b in segments)]
-
-        def gather(dst: Tensor, key: str) -> None:
-            torch._foreach_copy_(list(dst.split(lens)), state_views(key))
-
-        def scatter(key: str, src: Tensor) -> None:
-            torch._foreach_copy_(state_views(key), list(src.split(lens)))
-
-        g = w["g"].view(-1)
-        torch._foreach_copy_(list(g.split(lens)), [grads[i][a:b] for i, a, b in segments])
-        if len(segments) == 1:  # one tensor: update m, v, c in place through views of its state
-            (i, a, b), keys = segments[0], ("m", "v", *(f"c{layer}" for layer in range(n_layers)))
-            m, v, *cs = (states[i][key][a:b] for key in keys)
-        else:
-            m, v = w["m"].view(-1), w["v"].view(-1)
-            cs = [w[f"c{layer}"] for layer in range(n_layers)]
-            for dst, key in ((m, "m"), (v, "v"), *((c, f"c{layer}") for layer, c in enumerate(cs))):
-                gather(dst, key)
-        for layer in range(n_layers):
-            gather(kernel.h_in(w, layer), f"h{layer}")
-
-        delta = kernel.run(w, g, m, v, cs)
-
-        for layer in range(n_layers):
-            scatter(f"h{layer}", kernel.h_out(w, layer))
-        if len(segments) > 1:
-            for src, key in ((m, "m"), (v, "v"), *((c, f"c{layer}") for layer, c in enumerate(cs))):
-                scatter(key, src)
-        if lr != 0.0:
-            torch._foreach_add_([flats[i][a:b] for i, a, b in segments], list(delta.split(lens)), alpha=-lr)
+        for same in _by_device_and_dtype(warm):
+            # the warm-up: plain SGD at the student's warmup_lr (times lr); the student's state advances, its
+            # recurrent state stays frozen
+            flats, grads = [_flat_view(p) for p in same], [_flat_grad(p, sign) for p in same]
+            self._kernel(same[0].device).warmup(grads, [self.state[p] for p in same])
+            if lr != 0.0:
+                torch._foreach_add_(flats, grads, alpha=-lr * float(cfg.warmup_lr))
+            _write_back(same, flats)
+        for same in _by_device_and_dtype(learned):
+            flats, grads = [_flat_view(p) for p in same], [_flat_grad(p, sign) for p in same]
+            self._kernel(same[0].device).step(flats, grads, [self.state[p] for p in same], lr,
+                                              [p.dim() for p in same])
+            _write_back(same, flats)
 
 
-def _write_state(state: dict, new_nested: Any) -> None:
-    """Store a student's new (nested) state into a parameter's flat state, in place where a tensor exists."""
-    for k, v in _flatten(new_nested).items():
-        if isinstance(state.get(k), Tensor) and isinstance(v, Tensor):
-            state[k].copy_(v)
-        else:
-            state[k] = v
+def _by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:
+    groups: dict[tuple, list[Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return list(groups.values())
 
 
-def _apply_flat(p: Tensor, delta: Tensor, alpha: float) -> None:
-    """p += alpha * delta, delta flat float32 in the parameter's logical order; computed in float32."""
-    if p.is_contiguous():
-        p.view(-1).add_(delta, alpha=alpha)
-    else:
-        p.copy_((p.float().reshape(-1) + alpha * delta).view_as(p))
+def _flat_view(p: Tensor) -> Tensor:
+    """A flat view of ``p`` in its logical order; a contiguous copy for non-contiguous ones (see _write_back)."""
+    return p.view(-1) if p.is_contiguous() else p.detach().contiguous().view(-1)
+
+
+def _write_back(params: list[Tensor], flats: list[Tensor]) -> None:
+    for p, flat in zip(params, flats, strict=True):
+        if not p.is_contiguous():
+            p.copy_(flat.view_as(p))
+
+
+def _flat_grad(p: Tensor, sign: float) -> Tensor:
+    g = p.grad.reshape(-1).to(torch.float32)
+    return -g if sign < 0 else g
 
 
 def _restore_value(key: str, value: Any, p: Tensor) -> Any:

@@ -68,7 +68,7 @@ def test_rnnprop_has_the_papers_shape_and_rule():
     delta, new = student(grad, state)
     assert torch.allclose(new["m"], 0.1 * grad) and torch.allclose(new["v"], 0.001 * grad * grad)
     assert float(delta.detach().abs().max()) <= 0.1
-    frozen = student.update_moments(grad, state)
+    frozen = student.warmup_step(grad, state)
     assert torch.equal(frozen["h0"], state["h0"]) and torch.equal(frozen["m"], new["m"])
 
 

@@ -147,6 +147,45 @@ def test_repo_id_with_default_cache_monkeypatched(tmp_path, offline, monkeypatch
     assert same_weights(student, make_rnnprop(seed=3))
 
 
+def test_mixin_round_trip_goes_through_the_one_hub_format(tmp_path, offline):
+    """The huggingface_hub mixin every student inherits writes and reads exactly amalgam_plugin.hub's format."""
+    student = make_rnnprop(seed=4, warmup_steps=7)
+    student.save_pretrained(tmp_path / "mixin")
+    config = json.loads((tmp_path / "mixin" / "config.json").read_text())
+    assert config["student_type"] == "rnnprop" and config["warmup_steps"] == 7 and config["format_version"] == 1
+    assert (tmp_path / "mixin" / "README.md").read_text().startswith("---\n")  # our model card, not the mixin's
+    assert same_weights(hub.load_folder(tmp_path / "mixin"), student)
+
+    loaded = RNNProp.from_pretrained(tmp_path / "mixin")
+    assert same_weights(loaded, student) and loaded.config.warmup_steps == 7 and not loaded.training
+    paper = RNNProp.from_pretrained("paper-choice-large")
+    assert paper.config.hidden_sizes == [20, 20] and hub.student_identity(paper)["source"] == "bundled"
+
+    seed_cache(tmp_path / "cache", "acme/mixin", {"e" * 40: student}, main="e" * 40)
+    assert same_weights(RNNProp.from_pretrained("acme/mixin", cache_dir=tmp_path / "cache"), student)
+
+    with pytest.raises(ValueError, match="holds a 'rnnprop' student, not a 'choice' one"):
+        ChoiceNet.from_pretrained(tmp_path / "mixin")
+    (tmp_path / "mixin" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        RNNProp.from_pretrained(tmp_path / "mixin")
+
+
+def test_mixin_push_to_hub_uploads_the_hub_format(tmp_path):
+    uploaded = {}
+
+    def upload_folder(self, *, folder_path, **kwargs):
+        uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+        return mock.Mock(commit_url="https://huggingface.co/acme/x/commit/0")
+
+    repo_url = mock.Mock(repo_id="acme/x")
+    with mock.patch.object(HfApi, "create_repo", return_value=repo_url), \
+            mock.patch.object(HfApi, "upload_folder", upload_folder):
+        make_rnnprop(seed=5).push_to_hub("acme/x", token="not-a-token")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(uploaded)
+    assert json.loads(uploaded["config.json"])["student_type"] == "rnnprop"
+
+
 # --- push ---------------------------------------------------------------------------------------------------
 
 

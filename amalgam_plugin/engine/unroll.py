@@ -58,7 +58,7 @@ def frozen_choice_teacher(net: nn.Module, ranks: Tensor) -> Teacher:
             return net(g, s, ranks)
 
     return Teacher("choice", lambda p: net.init_state(p.numel(), p), update, {}, differentiable=True,
-                   warmup=net.update_moments)
+                   warmup=net.warmup_step)
 
 
 @dataclass
@@ -104,7 +104,7 @@ def new_trajectory(
         for _ in range(warmup_steps):
             g_theta = flat_grad(problem, layout, scale * params, next(batches))
             g_p = g_theta * scale
-            state = student.update_moments(g_p, state)
+            state = student.warmup_step(g_p, state)
             teacher_states = [t.warmup_step(g_theta, s) if r else s
                               for t, s, r in zip(teachers, teacher_states, replays, strict=True)]
             params = params - warmup_lr * g_p

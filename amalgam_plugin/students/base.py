@@ -1,8 +1,16 @@
-"""What every student shares: Keras-layout layers (so the paper's weights load by name) and the Hub mixin."""
+"""What every student shares: the student protocol, the config fields of the runtime protocol, Keras-layout
+layers (so the paper's weights load by name) and the Hub mixin, which delegates to ``amalgam_plugin.hub``.
+
+A student is an ``nn.Module`` applied coordinate-wise to flat ``[n]`` tensors (:class:`Student`); its fast
+runtime kernel, if it has one, sits beside it and is found through the registry in ``students/__init__.py``.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -10,6 +18,38 @@ from torch import Tensor, nn
 
 FORMAT_VERSION = 1
 PAPER_URL = "https://arxiv.org/abs/2203.06474"
+
+State = dict[str, Any]
+
+
+@dataclass
+class StudentConfig:
+    """The fields every student's config carries beside its architecture: the evaluation protocol it was
+    trained for (warm-up, weight-decay unit) and where it came from. Saved as ``config.json``."""
+
+    warmup_steps: int = 100
+    warmup_lr: float = 0.05
+    decay_ref_lr: float = 1e-3
+    student_type: str = ""
+    format_version: int = FORMAT_VERSION
+    provenance: dict = field(default_factory=dict)
+
+
+class Student(Protocol):
+    """A learned optimizer applied coordinate-wise: every scalar of every tensor is one row of the batch."""
+
+    student_type: ClassVar[str]
+    config: StudentConfig
+
+    def init_state(self, n: int, like: Tensor) -> State:
+        """The state of ``n`` fresh coordinates (tensors shaped like ``like``'s dtype and device)."""
+
+    def warmup_step(self, grad: Tensor, state: State) -> State:
+        """The state update of a warm-up step (plain SGD moves the parameters; recurrent state stays frozen)."""
+
+    def forward(self, grad: Tensor, state: State, rank: int | Tensor) -> tuple[Tensor, State]:
+        """``(Δ, new_state)`` for flat ``grad``; the parameter moves by ``-Δ``. ``rank``: the tensor's rank
+        (an int, or one per coordinate), for students with per-tensor features."""
 
 
 class HubStudent(
@@ -20,7 +60,36 @@ class HubStudent(
     paper_url=PAPER_URL,
     repo_url="https://github.com/VITA-Group/OptimizerAmalgamation",
 ):
-    """Marker base: students save and load through huggingface_hub (config.json + model.safetensors)."""
+    """huggingface_hub's mixin, with both directions delegated to ``amalgam_plugin.hub`` so that there is one
+    Hub format: ``save_pretrained`` / ``push_to_hub`` write what ``hub.save_student`` writes, and
+    ``from_pretrained`` is ``hub.load_student`` (strict, validated) restricted to this class."""
+
+    def _save_pretrained(self, save_directory: os.PathLike) -> None:
+        from ..hub import save_student
+
+        save_student(self, save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ):
+        """A frozen student from a folder, a bundled name or a Hub repo id (``amalgam_plugin.hub.load_student``);
+        a ``ValueError`` when it holds another student type than ``cls``."""
+        from ..hub import load_student
+
+        student = load_student(pretrained_model_name_or_path, revision, cache_dir, local_files_only)
+        if not isinstance(student, cls):
+            raise ValueError(
+                f"{os.fspath(pretrained_model_name_or_path)!r} holds a {student.config.student_type!r} student, "
+                f"not a {cls.student_type!r} one; load it with {type(student).__name__}.from_pretrained or "
+                "amalgam_plugin.hub.load_student"
+            )
+        return student
 
 
 def glorot_uniform_(weight: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -1,5 +1,6 @@
-"""The choice network (METHOD §7.1; l2o: policies/abstract_choice.py), the intermediate teacher of
-optimal-choice amalgamation: a soft choice, per scalar and per step, among a pool of analytical updates."""
+"""The choice network (docs/method.md#choice-network; the authors' l2o: policies/abstract_choice.py), the
+intermediate teacher of optimal-choice amalgamation: a soft choice, per scalar and per step, among a pool of
+analytical updates."""
 
 from __future__ import annotations
 
@@ -9,27 +10,23 @@ import torch
 from torch import Tensor, nn
 
 from ..teachers import POOLS, TEACHERS, Teacher
-from .base import FORMAT_VERSION, Dense, HubStudent, lstm_stack, run_lstm_stack, zero_lstm_state
+from .base import Dense, HubStudent, StudentConfig, lstm_stack, run_lstm_stack, zero_lstm_state
 
 
 @dataclass
-class ChoiceConfig:
-    """``pool`` lists ``[name, hparams]`` pairs of named (differentiable) teachers; default: §4.3's large pool."""
+class ChoiceConfig(StudentConfig):
+    """``pool`` lists ``[name, hparams]`` pairs of named (differentiable) teachers; default: the large choice
+    pool (docs/method.md#choice-pools)."""
 
     pool: list = field(default_factory=lambda: [[n, dict(kw)] for n, kw in POOLS["choice-large"]])
     hidden_sizes: list[int] = field(default_factory=lambda: [20, 20])
     time_scale: float = 2000.0
-    warmup_steps: int = 100
-    warmup_lr: float = 0.05
-    decay_ref_lr: float = 1e-3
     student_type: str = "choice"
-    format_version: int = FORMAT_VERSION
-    provenance: dict = field(default_factory=dict)
 
 
 def rank_features(rank: int | Tensor, n: int, like: Tensor) -> Tensor:
     """One-hot rank == 1, 2, 3, for one tensor (an int) or per coordinate (a tensor [n]). Rank-4 conv kernels
-    get all zeros: a quirk the paper's weights depend on (§15.3)."""
+    get all zeros: a quirk kept on purpose (docs/method.md#deviations)."""
     if isinstance(rank, Tensor):
         return torch.stack([(rank == r) for r in (1, 2, 3)], dim=-1).to(like.dtype)
     return like.new_tensor([float(rank == r) for r in (1, 2, 3)]).expand(n, 3)
@@ -71,7 +68,7 @@ class ChoiceNet(nn.Module, HubStudent):
             pool_states.append(s)
         return torch.stack(deltas, dim=-1), {**state, "pool": pool_states, "t": state["t"] + 1}
 
-    def update_moments(self, grad: Tensor, state: dict) -> dict:
+    def warmup_step(self, grad: Tensor, state: dict) -> dict:
         """Warm-up: pool states and the time counter advance, the LSTM state stays frozen."""
         return self._pool_step(grad, state)[1]
 
@@ -79,7 +76,7 @@ class ChoiceNet(nn.Module, HubStudent):
         """Softmax weights over the pool, the pool's updates [n, K], and the new state."""
         updates, new_state = self._pool_step(grad, state)
         n = grad.shape[0]
-        time = grad.new_full((n, 1), state["t"] / self.config.time_scale)  # not clipped (§15.3)
+        time = grad.new_full((n, 1), state["t"] / self.config.time_scale)  # not clipped, as the authors' code
         x = torch.cat([updates, time, rank_features(rank, n, grad)], dim=-1)
         h, lstm_state = run_lstm_stack(self.recurrent, x, state)
         e = torch.exp(self.choice(h))

@@ -1,4 +1,4 @@
-"""RNNProp, the student of the paper (METHOD §5; l2o: policies/rnnprop_2016.py)."""
+"""RNNProp, the student of the paper (docs/method.md#rnnprop; the authors' l2o: policies/rnnprop_2016.py)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import FORMAT_VERSION, Dense, HubStudent, fast_tanh, lstm_stack, run_lstm_stack, zero_lstm_state
+from .base import Dense, HubStudent, StudentConfig, fast_tanh, lstm_stack, run_lstm_stack, zero_lstm_state
 
 
 @dataclass
-class RNNPropConfig:
-    """Architecture plus the evaluation protocol the student was trained for (warm-up, weight-decay unit)."""
+class RNNPropConfig(StudentConfig):
+    """RNNProp's architecture (plus :class:`StudentConfig`'s runtime protocol)."""
 
     hidden_sizes: list[int] = field(default_factory=lambda: [20, 20])
     beta1: float = 0.9
     beta2: float = 0.999
     epsilon: float = 1e-10
     output_scale: float = 0.1
-    warmup_steps: int = 100
-    warmup_lr: float = 0.05
-    decay_ref_lr: float = 1e-3
     student_type: str = "rnnprop"
-    format_version: int = FORMAT_VERSION
-    provenance: dict = field(default_factory=dict)
 
 
 class RNNProp(nn.Module, HubStudent):
@@ -53,7 +48,7 @@ class RNNProp(nn.Module, HubStudent):
         zeros = like.new_zeros(n)
         return {"m": zeros, "v": zeros.clone(), **zero_lstm_state(list(self.config.hidden_sizes), n, like)}
 
-    def update_moments(self, grad: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    def warmup_step(self, grad: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Step 1 of the rule alone: what runs during the warm-up, with the LSTM state frozen."""
         cfg = self.config
         m = cfg.beta1 * state["m"] + (1 - cfg.beta1) * grad
@@ -71,7 +66,7 @@ class RNNProp(nn.Module, HubStudent):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """grad: flat ``[n]``. Returns Δ (the parameter moves by −Δ) and the new state. ``rank`` is part of the
         student protocol and unused here: RNNProp has no per-tensor features."""
-        state = self.update_moments(grad, state)
+        state = self.warmup_step(grad, state)
         x = self.features(grad, state["m"], state["v"])
         h, lstm_state = run_lstm_stack(self.recurrent, x, state)
         delta = self.config.output_scale * fast_tanh(self.delta(h)).squeeze(-1)
