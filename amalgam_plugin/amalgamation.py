@@ -1,22 +1,33 @@
-"""Losses of optimizer amalgamation (METHOD §3), as pure functions of trajectories."""
+"""Losses of optimizer amalgamation (docs/method.md#meta-loss to #imitation-weight), as pure functions of
+trajectories."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-LOG_EPS = 1e-10
-MECHANISMS = ("mean", "minmax", "choice")
+from .registry import Registry
 
-# Imitation weight α per curriculum stage (§3.6); stages past the end keep the last value.
-IMITATION_SCHEDULES: dict[str, tuple[float, ...]] = {
-    "il_more": (0.2, 0.1, 0.05, 0.02),
-    "il_adjusted": (0.2, 0.04, 0.02, 0.01),
-    "il_staged": (1.0, 0.0, 0.0, 0.0),
-    "none": (0.0,),  # α = 0: the plain RNNProp learned-optimizer baseline
-}
+LOG_EPS = 1e-10
+
+# How a mechanism reduces the imitation distances of one inner step, [steps, teachers] -> [steps].
+MECHANISMS: Registry[Callable[[Tensor], Tensor]] = Registry("mechanism", {
+    "mean": (lambda d: d.mean(dim=1), "mean of the imitation losses over the teachers"),
+    "minmax": (lambda d: d.max(dim=1).values, "max of the imitation losses over the teachers, per inner step"),
+    "choice": (lambda d: d.max(dim=1).values,
+               "a choice network trained on the pool, then distilled as the single teacher"),
+})
+
+# Imitation weight α per curriculum stage (docs/method.md#imitation-weight); stages past the end keep the last.
+IMITATION_SCHEDULES: Registry[tuple[float, ...]] = Registry("imitation schedule", {
+    "il_more": ((0.2, 0.1, 0.05, 0.02), "the authors' schedule for all three mechanisms"),
+    "il_adjusted": ((0.2, 0.04, 0.02, 0.01), "a faster decay"),
+    "il_staged": ((1.0, 0.0, 0.0, 0.0), "imitation in the first stage only"),
+    "none": ((0.0,), "α = 0: the plain RNNProp learned-optimizer baseline"),
+})
 
 
 def log_improvement(objective: Tensor, reference: Tensor) -> Tensor:
@@ -37,20 +48,12 @@ def imitation_distance(student: Tensor, teacher: Tensor) -> Tensor:
 
 def reduce_imitation(distances: Tensor, mechanism: str) -> Tensor:
     """distances [steps, teachers] -> scalar: mean over teachers (mean) or max per step (minmax, choice with
-    its single teacher), then mean over steps (§3.3-3.5)."""
-    if mechanism == "mean":
-        per_step = distances.mean(dim=1)
-    elif mechanism in ("minmax", "choice"):
-        per_step = distances.max(dim=1).values
-    else:
-        raise ValueError(f"unknown mechanism {mechanism!r}; valid: {', '.join(MECHANISMS)}")
-    return per_step.mean()
+    its single teacher), then mean over steps (docs/method.md#mechanisms)."""
+    return MECHANISMS.lookup(mechanism)(distances).mean()
 
 
 def imitation_weight(schedule: str, stage: int) -> float:
-    if schedule not in IMITATION_SCHEDULES:
-        raise ValueError(f"unknown imitation schedule {schedule!r}; valid: {', '.join(IMITATION_SCHEDULES)}")
-    values = IMITATION_SCHEDULES[schedule]
+    values = IMITATION_SCHEDULES.lookup(schedule)
     return values[min(stage, len(values) - 1)]
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from .amalgamation import IMITATION_SCHEDULES, MECHANISMS
 from .problems import PROBLEMS
+from .registry import Registry
+from .students import STUDENTS
 from .teachers import POOLS, TEACHERS
 
 EXAMPLES = """examples:
@@ -25,19 +29,40 @@ def _amalgamate(args: argparse.Namespace) -> int:
     from .engine import amalgamate, check_request
 
     try:
-        check_request(args.pool, args.mechanism, args.preset, args.problem, args.imitation)
+        check_request(args.pool, args.mechanism, args.preset, args.problem, args.imitation, args.student)
     except ValueError as err:
         raise SystemExit(f"amalgam amalgamate: {err}") from None
     out = amalgamate(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem,
                      out=args.out, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
                      imitation=args.imitation, evaluate=not args.no_eval, data_root=args.data_root,
-                     threads=args.threads)
+                     threads=args.threads, student=args.student, full_eval=args.full_eval, workers=args.workers)
     if out is None:
         print(f"stopped at a checkpoint (--max-minutes {args.max_minutes}); continue with the same command "
               "plus --resume", file=sys.stderr)
         return 3
-    print(out)
+    print(summary_text(json.loads((Path(out) / "training" / "summary.json").read_text())))
     return 0
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+def summary_text(summary: dict) -> str:
+    """What ``amalgam amalgamate`` prints at the end: where the student is, how it did, how long it took."""
+    lines = [f"student: {summary['folder']}/ (model card README.md, config.json, model.safetensors)"]
+    if "difference" in summary:
+        d = summary["difference"]
+        verdict = ("better than" if d["low"] > 0 else "worse than" if d["high"] < 0 else "not distinguishable from")
+        lines.append(
+            f"held-out, {summary['seeds']} paired seeds, best log loss (lower is better): student "
+            f"{summary['student_best_log_heldout']:.3f}, best baseline {summary['best_baseline']} "
+            f"{summary['best_baseline_log_heldout']:.3f}; baseline - student = {d['mean']:+.3f} "
+            f"[{d['low']:+.3f}, {d['high']:+.3f}] (95% CI): {verdict} the best baseline")
+    total = summary["meta_training_seconds"] + summary["evaluation_seconds"]
+    lines.append(f"time: {_minutes(total)} (meta-training {_minutes(summary['meta_training_seconds'])}, "
+                 f"evaluation {_minutes(summary['evaluation_seconds'])}; {summary['threads']} torch thread(s))")
+    return "\n".join(lines)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -61,8 +86,27 @@ def _run(args: argparse.Namespace) -> int:
     return run_script(args.script, args.script_args) or 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump (``--help`` shows the usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _choice(parser: argparse.ArgumentParser, flag: str, registry: Registry, default: str, what: str = "") -> None:
+    """An option whose choices, help and error ("unknown X; valid Xs: ...") come from a registry."""
+
+    def known(name: str) -> str:
+        try:
+            registry.lookup(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return name
+
+    parser.add_argument(flag, default=default, type=known, metavar=flag.lstrip("-").upper(),
+                        help=f"{what or registry.kind}: {registry.help()} (default {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="amalgam", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Optimizer Amalgamation (ICLR 2022) for PyTorch: amalgamate teacher optimizers into a "
                     "learned student optimizer, share it on the Hub, and use it in training code.")
@@ -70,26 +114,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser("amalgamate", help="meta-train a student from a pool of teacher optimizers",
-                       description="Meta-train an RNNProp student from a pool of teachers and write it to OUT in "
-                                   "Hub layout (config.json, model.safetensors, README.md model card). "
-                                   "Checkpoints after every period in OUT/training/.")
+                       description="Meta-train a student from a pool of teachers and write it to OUT in Hub layout "
+                                   "(config.json, model.safetensors, README.md model card). Checkpoints after "
+                                   "every period in OUT/training/.")
     a.add_argument("--pool", default="large",
-                   help=f"preset pool ({', '.join(POOLS)}) or teachers joined by '+', e.g. 'adam:lr=0.01+sgd' "
-                        f"(teachers: {', '.join(TEACHERS)}, or a dotted torch.optim.Optimizer class)")
-    a.add_argument("--mechanism", default="choice", help=f"one of {', '.join(MECHANISMS)} (default choice)")
-    a.add_argument("--preset", default="quick", help="quick (~15 min on 2 CPU cores), cpu (~2 h), paper (full "
-                                                     "recipe, for a GPU or a long run)")
-    a.add_argument("--problem", default="train", help=f"training problem: {', '.join(PROBLEMS)}")
+                   help=f"a preset pool, {POOLS.help()}; or teachers joined by '+', each name:key=value,..., "
+                        f"e.g. 'adam:lr=0.01+sgd' (teachers: {TEACHERS.valid()}, or a dotted "
+                        "torch.optim.Optimizer class). Default: large")
+    _choice(a, "--mechanism", MECHANISMS, "choice")
+    from .engine import DEFAULT_THREADS, PRESETS  # the engine imports torch: only when the parser is built
+
+    _choice(a, "--preset", PRESETS, "quick")
+    _choice(a, "--problem", PROBLEMS, "train", "training problem")
+    _choice(a, "--student", Registry("student type", {n: (e, STUDENTS.descriptions[n])
+                                                      for n, e in STUDENTS.items() if e.trainable}), "rnnprop")
+    _choice(a, "--imitation", IMITATION_SCHEDULES, "il_more", "imitation-weight schedule")
     a.add_argument("--out", default="amalgam-student", help="output folder (default ./amalgam-student)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true", help="continue from OUT/training's checkpoints")
     a.add_argument("--max-minutes", type=float, default=None,
                    help="stop cleanly at the last checkpoint that fits in this many minutes")
-    a.add_argument("--imitation", default="il_more",
-                   help=f"imitation-weight schedule: {', '.join(IMITATION_SCHEDULES)} ('none': α = 0 baseline)")
     a.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation of the model card")
+    a.add_argument("--full-eval", action="store_true",
+                   help="the card's full evaluation: 10 paired seeds, both forms of every teacher, nothing reused")
+    a.add_argument("--workers", type=int, default=None,
+                   help="evaluation worker processes, one torch thread each (default: one per CPU core)")
     a.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")
-    a.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help=f"torch threads of meta-training (default {DEFAULT_THREADS})")
     a.set_defaults(func=_amalgamate)
 
     lst = sub.add_parser("list", help="print the bundled students, one 'NAME<TAB>description' per line")

@@ -21,24 +21,32 @@ Baseline builders: :func:`pool_baselines` (each pool member in the paper's form 
 held-out metric like the paper's oracle).  Students run through ``amalgam_plugin.optim.AmalgamOptimizer``
 (:func:`student_factory`), with their configured warm-up.
 
-Library code here never changes torch's thread count; scripts decide that.
+Independent runs can execute in worker processes (``workers=`` of :func:`evaluate`, :func:`tune_adam` and
+:func:`evaluate_with_baselines`): each worker is a ``fork`` of the caller running one thread, and a run's
+numbers in a worker equal the in-process ones when the caller also runs one thread.
+
+Library code here never changes the calling process's torch thread count; scripts decide that.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -154,6 +162,76 @@ def run(
 # --- statistics ---------------------------------------------------------------------------------------------
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes' ``betacf``)."""
+    tiny, eps = 1e-300, 3e-16  # eps just above the float spacing at 1, which d * c can settle on
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def _betai(a: float, b: float, x: float, y: float) -> float:
+    """Regularized incomplete beta function I_x(a, b), given ``x`` and ``y = 1 - x`` (both computed without
+    cancellation by the caller)."""
+    if x <= 0.0:
+        return 0.0
+    if y <= 0.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, y) / b
+
+
+def _t_probability_beyond(t: float, df: float, central: bool) -> float:
+    """For Student's t with ``df`` degrees of freedom and ``t >= 0``: P(T > t), or P(0 < T < t) when
+    ``central`` (each the better-conditioned side for its range of quantiles)."""
+    x, y = df / (df + t * t), t * t / (df + t * t)
+    return 0.5 * (_betai(0.5, df / 2.0, y, x) if central else _betai(df / 2.0, 0.5, x, y))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p``-quantile of Student's t with ``df`` degrees of freedom (what ``scipy.stats.t.ppf`` returns),
+    by bisection on the regularized incomplete beta function down to adjacent floats: within 1e-10 of the
+    exact value for ``df`` up to 1e5 and ``p`` in [1e-6, 1 - 1e-6]. ``p`` of 0 or 1 gives -inf or inf; ``p``
+    outside [0, 1] or ``df <= 0`` gives NaN."""
+    if not (0.0 <= p <= 1.0) or not df > 0:
+        return float("nan")
+    if p == 0.5:
+        return 0.0
+    if p in (0.0, 1.0):
+        return math.copysign(math.inf, p - 0.5)
+    tail = 1.0 - p if p > 0.5 else p  # P(T > |quantile|)
+    central = tail > 0.25  # then solve P(0 < T < t) = 0.5 - tail instead (exact subtraction there)
+    target = abs(p - 0.5) if central else tail
+
+    def below(t: float) -> bool:  # is t below the quantile's magnitude?
+        value = _t_probability_beyond(t, df, central)
+        return value < target if central else value > target
+
+    lo, hi = 0.0, 1.0
+    while below(hi):
+        lo, hi = hi, 2.0 * hi
+        if math.isinf(hi):
+            return math.copysign(math.inf, p - 0.5)
+    while lo < (mid := 0.5 * (lo + hi)) < hi:
+        lo, hi = (mid, hi) if below(mid) else (lo, mid)
+    t = 0.5 * (lo + hi)
+    return t if p > 0.5 else -t
+
+
 @dataclass(frozen=True)
 class PairedDifference:
     """Mean of ``a - b`` over paired seeds with its two-sided t confidence interval."""
@@ -183,7 +261,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     if n < 2:
         return PairedDifference(mean, float("nan"), float("nan"), n, float("nan"), confidence)
     sd = float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     return PairedDifference(mean, mean - half, mean + half, n, sd, confidence)
 
 
@@ -384,6 +462,184 @@ def _save_cache(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _cache_key(name: str, seed: int, steps: int, eval_every: int, problem: str) -> str:
+    return f"{name}|seed={seed}|steps={steps}|every={eval_every}|problem={problem}"
+
+
+# --- runs in worker processes -------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Job:
+    """One independent run (one optimizer on one seed) of a parallel evaluation."""
+
+    problem: Problem
+    factory: OptimizerFactory
+    seed: int
+    steps: int
+    eval_every: int
+    name: str
+
+    @property
+    def key(self) -> str:
+        return _cache_key(self.name, self.seed, self.steps, self.eval_every, self.problem.name)
+
+
+def _jobs(
+    problem: Problem, optimizers: Mapping[str, OptimizerFactory], seeds: Sequence[int], steps: int, eval_every: int
+) -> list[_Job]:
+    # seed-major, as the in-process loop: an interrupted evaluation leaves mostly whole seeds
+    return [_Job(problem, optimizers[n], s, steps, eval_every, n) for s in seeds for n in optimizers]
+
+
+# Job tables of the parallel evaluations in progress, by token. Factories are often closures and problems hold
+# tensors, so nothing of a job is pickled: the workers are forks of the caller that inherit these tables, and
+# receive only (token, index).
+_JOB_TABLES: dict[int, list[_Job]] = {}
+_TABLE_TOKENS = itertools.count()
+
+
+def _fork_context() -> multiprocessing.context.BaseContext | None:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context("fork")
+
+
+def _parallel(workers: int | None) -> bool:
+    """Whether ``workers`` asks for worker processes (``None`` or 1: the in-process loop)."""
+    if workers is None:
+        return False
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be None or a positive integer, not {workers!r}")
+    if workers == 1:
+        return False
+    if _fork_context() is None:
+        logger.warning("workers=%d needs the 'fork' start method, unavailable here: running in-process", workers)
+        return False
+    return True
+
+
+def _worker_init() -> None:
+    # the child only: one thread per run (the parent's thread count is untouched), and Ctrl+C is the parent's
+    # business (it stops the workers), so a worker never dies half-way through the queue's protocol
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_run(token: int, index: int) -> dict:
+    job = _JOB_TABLES[token][index]
+    return run(job.problem, job.factory, job.seed, job.steps, job.eval_every, name=job.name).to_dict()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes now (running runs are abandoned); the pool's shutdown then reaps
+    them."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+
+
+def _run_parallel(
+    jobs: list[_Job],
+    first: Sequence[int],
+    workers: int,
+    stored: dict,
+    cache_path: Path | None,
+    total: int,
+    desc: str,
+    progress: bool,
+    more: Callable[[], Sequence[int]] | None = None,
+) -> None:
+    """Run ``jobs[i]`` for ``i`` in ``first`` whose cache key is not in ``stored`` in up to ``workers`` forked
+    worker processes (one thread each), writing each result into ``stored`` (and the JSON cache) as it
+    arrives. ``more()``, asked after every finished run, may request further indices of ``jobs`` (the table
+    is complete before the workers fork). The progress bar counts ``total`` runs, the cached ones as done.
+    A run's exception is raised here with its own type and message; on any exception, Ctrl+C included, the
+    remaining runs are cancelled and the workers terminated."""
+    context = _fork_context()
+    assert context is not None
+    token = next(_TABLE_TOKENS)
+    _JOB_TABLES[token] = jobs
+    requested = {jobs[i].key for i in first}
+    cached = len(requested & set(stored))
+    pending: dict[Future, int] = {}
+    bar = tqdm(total=total, initial=cached, desc=desc, disable=not progress)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
+
+            def submit(i: int) -> None:
+                pending[pool.submit(_worker_run, token, i)] = i
+
+            def request(indices: Iterable[int]) -> None:
+                for i in indices:
+                    key = jobs[i].key
+                    if key not in requested:
+                        requested.add(key)
+                        if key in stored:
+                            bar.update(1)
+                        else:
+                            submit(i)
+
+            try:
+                submitted = set()
+                for i in first:
+                    if jobs[i].key not in stored and jobs[i].key not in submitted:
+                        submitted.add(jobs[i].key)
+                        submit(i)
+                if more is not None:
+                    request(more())
+                while pending:
+                    # a timeout, so that a Ctrl+C delivered to another thread is noticed here too
+                    done, _ = wait_futures(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+                    errors = []
+                    for future in done:
+                        job = jobs[pending.pop(future)]
+                        try:
+                            stored[job.key] = future.result()
+                        except Exception as err:  # raised below, once the other finished runs are saved
+                            errors.append(err)
+                            continue
+                        if cache_path is not None:
+                            _save_cache(cache_path, stored)
+                        bar.set_postfix_str(f"{job.name} seed {job.seed}")
+                        bar.update(1)
+                    if errors:
+                        raise errors[0]
+                    if more is not None:
+                        request(more())
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                _stop_workers(pool)
+                raise
+    finally:
+        bar.close()
+        del _JOB_TABLES[token]
+
+
+def _collect(
+    problem_name: str,
+    names: Iterable[str],
+    seeds: Sequence[int],
+    steps: int,
+    eval_every: int,
+    stored: Mapping[str, Any],
+    reference: str | None = None,
+    notes: Mapping[str, str] | None = None,
+) -> Evaluation:
+    """The :class:`Evaluation` of finished runs (all in ``stored``), in the in-process loop's order."""
+    evaluation = Evaluation(problem_name, list(seeds), steps, eval_every, reference=reference, notes=dict(notes or {}))
+    evaluation.runs = {
+        n: [RunResult.from_dict(stored[_cache_key(n, s, steps, eval_every, problem_name)]) for s in seeds]
+        for n in names
+    }
+    return evaluation
+
+
 def evaluate(
     problem: Problem,
     optimizers: Mapping[str, OptimizerFactory],
@@ -394,12 +650,19 @@ def evaluate(
     notes: Mapping[str, str] | None = None,
     cache: str | os.PathLike | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Evaluation:
     """Run every optimizer on every seed (paired) and collect an :class:`Evaluation`.
 
     ``cache``: a JSON file of finished runs keyed by optimizer name, seed, steps and ``eval_every``, so an
     interrupted evaluation resumes where it stopped (the key does not cover the optimizer's settings: use a
     fresh file when a factory changes under the same name).
+
+    ``workers``: ``None`` or 1 runs in this process, one run after another. ``workers >= 2`` runs the runs
+    not in the cache in that many worker processes (forks of this one, so factories may be closures), each
+    with one torch thread; this process's thread count is left as it is. A worker's run equals the in-process
+    run of the same seed exactly when this process also runs one thread (``torch.set_num_threads(1)``);
+    otherwise they may differ in the last bits. Where ``fork`` is unavailable (Windows) it runs in-process.
     """
     if not optimizers:
         raise ValueError("no optimizers to evaluate")
@@ -407,12 +670,20 @@ def evaluate(
         raise ValueError(f"reference {reference!r} is not among the optimizers: {', '.join(optimizers)}")
     cache_path = Path(cache) if cache is not None else None
     stored = _load_cache(cache_path)
+    if _parallel(workers):
+        jobs = _jobs(problem, optimizers, seeds, steps, eval_every)
+        keys = {job.key for job in jobs}
+        missing = len(keys - set(stored))
+        if missing:
+            desc = f"evaluate on {problem.name}"
+            _run_parallel(jobs, range(len(jobs)), min(workers, missing), stored, cache_path, len(keys), desc, progress)
+        return _collect(problem.name, optimizers, seeds, steps, eval_every, stored, reference, notes)
     evaluation = Evaluation(problem.name, list(seeds), steps, eval_every, reference=reference, notes=dict(notes or {}))
     evaluation.runs = {n: [] for n in optimizers}
     jobs = [(n, s) for s in seeds for n in optimizers]  # seed-major: an interrupted run leaves whole seeds
     bar = tqdm(jobs, desc=f"evaluate on {problem.name}", disable=not progress)
     for name, seed in bar:
-        key = f"{name}|seed={seed}|steps={steps}|every={eval_every}|problem={problem.name}"
+        key = _cache_key(name, seed, steps, eval_every, problem.name)
         bar.set_postfix_str(f"{name} seed {seed}")
         if key in stored:
             result = RunResult.from_dict(stored[key])
@@ -491,27 +762,23 @@ class TunedChoice:
         return torch_adam(self.lr)
 
 
-def tune_adam(
-    problem: Problem,
-    seeds: Sequence[int],
-    steps: int = 1000,
-    eval_every: int = 25,
-    lrs: Sequence[float] = ADAM_TUNING_LRS,
-    select_on: str = "selection",
-    cache: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> TunedChoice:
-    """torch Adam tuned over ``lrs`` by the mean best log loss over ``seeds``.
-
-    ``select_on="selection"`` (default): the choice is made on ``selection_problem(problem)``, whose
-    validation set is 1,000 *training* digits, so the held-out digits stay unseen. ``select_on="heldout"``:
-    the choice is made on the held-out loss itself (§15.2's oracle tuning, which favours the baseline).
-    """
+def _tuning_target(problem: Problem, select_on: str) -> Problem:
     if select_on not in ("selection", "heldout"):
         raise ValueError(f"unknown select_on {select_on!r}; valid: selection, heldout")
-    target = selection_problem(problem) if select_on == "selection" else problem
-    candidates = {f"torch adam lr={lr:g}": torch_adam(lr) for lr in lrs}
-    tuning = evaluate(target, candidates, seeds, steps, eval_every, cache=cache, progress=progress)
+    return selection_problem(problem) if select_on == "selection" else problem
+
+
+def _adam_candidates(lrs: Sequence[float]) -> dict[str, OptimizerFactory]:
+    return {f"torch adam lr={lr:g}": torch_adam(lr) for lr in lrs}
+
+
+def _tuned_name(lr: float) -> str:
+    return f"torch adam tuned (lr={lr:g})"
+
+
+def _tuned_choice(
+    tuning: Evaluation, lrs: Sequence[float], select_on: str, seeds: Sequence[int], steps: int
+) -> TunedChoice:
     scores = {lr: tuning.mean(f"torch adam lr={lr:g}") for lr in lrs}
     best = min(lrs, key=lambda lr: (math.isnan(scores[lr]), scores[lr]))
     where = (
@@ -526,7 +793,32 @@ def tune_adam(
         + f"; chosen lr={best:g}"
     )
     logger.info("tuned torch Adam: %s", how)
-    return TunedChoice(f"torch adam tuned (lr={best:g})", best, scores, how)
+    return TunedChoice(_tuned_name(best), best, scores, how)
+
+
+def tune_adam(
+    problem: Problem,
+    seeds: Sequence[int],
+    steps: int = 1000,
+    eval_every: int = 25,
+    lrs: Sequence[float] = ADAM_TUNING_LRS,
+    select_on: str = "selection",
+    cache: str | os.PathLike | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> TunedChoice:
+    """torch Adam tuned over ``lrs`` by the mean best log loss over ``seeds``.
+
+    ``select_on="selection"`` (default): the choice is made on ``selection_problem(problem)``, whose
+    validation set is 1,000 *training* digits, so the held-out digits stay unseen. ``select_on="heldout"``:
+    the choice is made on the held-out loss itself (§15.2's oracle tuning, which favours the baseline).
+    ``workers``: as in :func:`evaluate`.
+    """
+    target = _tuning_target(problem, select_on)
+    tuning = evaluate(
+        target, _adam_candidates(lrs), seeds, steps, eval_every, cache=cache, progress=progress, workers=workers
+    )
+    return _tuned_choice(tuning, lrs, select_on, seeds, steps)
 
 
 def student_factory(student: Any, **kwargs: Any) -> OptimizerFactory:
@@ -535,6 +827,66 @@ def student_factory(student: Any, **kwargs: Any) -> OptimizerFactory:
     from .optim import AmalgamOptimizer
 
     return lambda params: AmalgamOptimizer(params, student=student, **kwargs)
+
+
+def _baseline_notes(tuned: TunedChoice, baselines: Iterable[str]) -> dict[str, str]:
+    notes = {tuned.name: "torch.optim.Adam; " + tuned.how}
+    for name in baselines:
+        notes[name] = (
+            "paper form (METHOD §4.2), TeacherOptimizer"
+            if name.endswith("(paper)")
+            else ("torch textbook form (METHOD §4.4; Momentum = SGD(lr, momentum=0.9))")
+        )
+    return notes
+
+
+def _tune_and_evaluate_in_workers(
+    problem: Problem,
+    main: Mapping[str, OptimizerFactory],
+    seeds: Sequence[int],
+    tune_seeds: Sequence[int],
+    steps: int,
+    eval_every: int,
+    tune_on: str,
+    cache: str | os.PathLike | None,
+    progress: bool,
+    workers: int,
+) -> tuple[TunedChoice, dict]:
+    """:func:`tune_adam` and the runs of ``main`` in one pool: the tuning runs are queued first, and the
+    tuned Adam's runs join the queue as soon as the tuning runs are done, so no worker idles between the two
+    stages. Returns the choice and every finished run by cache key."""
+    target = _tuning_target(problem, tune_on)
+    lrs = ADAM_TUNING_LRS
+    tuning = _adam_candidates(lrs)
+    table = _jobs(target, tuning, tune_seeds, steps, eval_every)
+    tuning_keys = {job.key for job in table}
+    table += _jobs(problem, main, seeds, steps, eval_every)
+    first = range(len(table))
+    tuned_runs: dict[float, range] = {}
+    for lr in lrs:  # every possible tuned Adam's runs are in the table before the workers fork
+        start = len(table)
+        table += _jobs(problem, {_tuned_name(lr): torch_adam(lr)}, seeds, steps, eval_every)
+        tuned_runs[lr] = range(start, len(table))
+    cache_path = Path(cache) if cache is not None else None
+    stored = _load_cache(cache_path)
+    choice: list[TunedChoice] = []
+
+    def choose() -> Sequence[int]:
+        if choice or not tuning_keys <= stored.keys():
+            return ()
+        runs = _collect(target.name, tuning, tune_seeds, steps, eval_every, stored)
+        choice.append(_tuned_choice(runs, lrs, tune_on, tune_seeds, steps))
+        return tuned_runs[choice[0].lr]
+
+    first_keys = {table[i].key for i in first}
+    n_tuned = len({table[i].key for i in tuned_runs[lrs[0]]})
+    missing = len(first_keys - stored.keys()) + n_tuned
+    if missing:
+        desc = f"tune Adam and evaluate on {problem.name}"
+        total = len(first_keys) + n_tuned
+        _run_parallel(table, first, min(workers, missing), stored, cache_path, total, desc, progress, choose)
+    choose()
+    return choice[0], stored
 
 
 def evaluate_with_baselines(
@@ -550,29 +902,36 @@ def evaluate_with_baselines(
     reference: str | None = None,
     cache: str | os.PathLike | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Evaluation:
     """§15.2 in one call: ``candidates`` (e.g. ``{"student": student_factory(module)}``) against every pool
     member in the paper's and torch's forms (:func:`pool_baselines`), the oracle (the best member on the
     held-out metric, :meth:`Evaluation.add_oracle`) and torch Adam tuned by :func:`tune_adam` (on the training
     digits by default, with ``tune_seeds`` or else ``seeds``). ``reference`` defaults to the first candidate.
-    Every choice is written into ``Evaluation.notes``, which the model card prints under the table."""
+    Every choice is written into ``Evaluation.notes``, which the model card prints under the table.
+
+    ``workers``: as in :func:`evaluate`; with ``workers >= 2`` the tuning runs and the evaluation runs share
+    one pool of worker processes."""
     baselines = pool_baselines(pool, forms)
     clash = sorted(set(candidates) & set(baselines))
     if clash:
         raise ValueError(f"candidate names clash with baseline names: {', '.join(clash)}")
-    tuned = tune_adam(
-        problem, list(tune_seeds or seeds), steps, eval_every, select_on=tune_on, cache=cache, progress=progress
-    )
-    optimizers = {**candidates, **baselines, tuned.name: tuned.factory}
-    notes = {tuned.name: "torch.optim.Adam; " + tuned.how}
-    for name in baselines:
-        notes[name] = (
-            "paper form (METHOD §4.2), TeacherOptimizer"
-            if name.endswith("(paper)")
-            else ("torch textbook form (METHOD §4.4; Momentum = SGD(lr, momentum=0.9))")
+    tune_list = list(tune_seeds or seeds)
+    reference = reference or next(iter(candidates), None)
+    if _parallel(workers):
+        assert workers is not None
+        tuned, stored = _tune_and_evaluate_in_workers(
+            problem, {**candidates, **baselines}, seeds, tune_list, steps, eval_every, tune_on, cache, progress, workers
         )
-    evaluation = evaluate(
-        problem, optimizers, seeds, steps, eval_every, reference or next(iter(candidates), None), notes, cache, progress
-    )
+        optimizers = {**candidates, **baselines, tuned.name: tuned.factory}
+        if reference is not None and reference not in optimizers:
+            raise ValueError(f"reference {reference!r} is not among the optimizers: {', '.join(optimizers)}")
+        notes = _baseline_notes(tuned, baselines)
+        evaluation = _collect(problem.name, optimizers, seeds, steps, eval_every, stored, reference, notes)
+    else:
+        tuned = tune_adam(problem, tune_list, steps, eval_every, select_on=tune_on, cache=cache, progress=progress)
+        optimizers = {**candidates, **baselines, tuned.name: tuned.factory}
+        notes = _baseline_notes(tuned, baselines)
+        evaluation = evaluate(problem, optimizers, seeds, steps, eval_every, reference, notes, cache, progress)
     evaluation.add_oracle(list(baselines))
     return evaluation

@@ -2,8 +2,9 @@
 
 **Folder format** (the Hugging Face Hub layout, also used for bundled students):
 
-* ``config.json``: ``asdict(student.config)`` with ``student_type`` (a key of the student registry ``amalgam_plugin.students.STUDENTS``) and
-  ``format_version`` (an integer, at most :data:`FORMAT_VERSION` to be loadable);
+* ``config.json``: ``asdict(student.config)`` with ``student_type`` (a key of the student registry
+  ``amalgam_plugin.students.STUDENTS``) and ``format_version`` (an integer, at most :data:`FORMAT_VERSION` to be
+  loadable);
 * ``model.safetensors``: the weights, keyed like ``student.state_dict()`` (safetensors only; pickle files such
   as ``pytorch_model.bin`` are refused, never loaded);
 * ``README.md``: the model card (YAML metadata + sections, see :func:`render_card`);

@@ -33,7 +33,7 @@ class Registry(dict[str, V], Generic[V]):
     def lookup(self, name: str) -> V:
         """The entry called ``name``, or a ValueError naming the valid choices."""
         if name not in self:
-            raise ValueError(f"unknown {self.kind} {name!r}; valid: {self.valid()}")
+            raise ValueError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {self.valid()}")
         return self[name]
 
     def help(self) -> str:

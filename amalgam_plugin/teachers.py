@@ -1,7 +1,7 @@
-"""Teacher optimizers as pure, differentiable per-coordinate rules (METHOD §4).
+"""Teacher optimizers as pure, differentiable per-coordinate rules (docs/method.md#teachers).
 
 A teacher is ``init(param) -> state`` and ``update(grad, state) -> (delta, new_state)``; the parameter moves
-by ``-delta``.  The *paper* forms copy the authors' l2o code (§4.2: constant bias correction, epsilon inside the
+by ``-delta``.  The *paper* forms copy the authors' l2o code (constant bias correction, epsilon inside the
 square root, EMA momentum, smooth AddSign/PowerSign); the *textbook* forms match ``torch.optim``.  Any
 ``torch.optim.Optimizer`` class can also be a teacher: it runs for real on its own copy of the parameters.
 """
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .registry import Registry
 
 State = dict[str, Any]
 
@@ -179,40 +181,41 @@ def torch_teacher(optimizer_cls: type[torch.optim.Optimizer], name: str | None =
 
 # --- names and pools ---------------------------------------------------------------------------------------
 
-TEACHERS: dict[str, Callable[..., Teacher]] = {
-    "adam": adam,
-    "rmsprop": rmsprop,
-    "sgd": sgd,
-    "momentum": momentum,
-    "addsign": addsign,
-    "powersign": powersign,
-    "adam-textbook": adam_textbook,
-    "rmsprop-textbook": rmsprop_textbook,
-    "sgd-textbook": sgd_textbook,
-    "momentum-textbook": momentum_textbook,
-}
+TEACHERS: Registry[Callable[..., Teacher]] = Registry("teacher", {
+    "adam": (adam, "paper form: constant bias correction, ε inside the root"),
+    "rmsprop": (rmsprop, "paper form: no bias correction, no momentum"),
+    "sgd": (sgd, "plain gradient descent"),
+    "momentum": (momentum, "paper form: EMA momentum, 10x smaller than torch's at equal lr"),
+    "addsign": (addsign, "paper form: smooth AddSign"),
+    "powersign": (powersign, "paper form: smooth PowerSign"),
+    "adam-textbook": (adam_textbook, "torch.optim.Adam"),
+    "rmsprop-textbook": (rmsprop_textbook, "torch.optim.RMSprop"),
+    "sgd-textbook": (sgd_textbook, "torch.optim.SGD"),
+    "momentum-textbook": (momentum_textbook, "torch.optim.SGD(momentum=beta)"),
+})
 
-# Pools with the paper's hyper-parameters: teachers (§4.1) and the choice networks' own pools (§4.3).
-POOLS: dict[str, list[tuple[str, dict]]] = {
-    "small": [("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005))],
-    "large": [
+# Pools with the paper's hyper-parameters (docs/method.md#teachers, #choice-pools).
+POOLS: Registry[list[tuple[str, dict]]] = Registry("pool", {
+    "small": ([("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005))], "Adam 0.005, RMSProp 0.005"),
+    "large": ([
         ("adam", dict(lr=0.005)),
         ("rmsprop", dict(lr=0.005)),
         ("sgd", dict(lr=0.2)),
         ("momentum", dict(lr=0.5)),
         ("addsign", dict(lr=0.1)),
         ("powersign", dict(lr=0.1)),
-    ],
-    "choice-small": [("rmsprop", dict(lr=0.005, eps=1e-7)), ("adam", dict(lr=0.02))],
-    "choice-large": [
+    ], "small + SGD 0.2, Momentum 0.5, AddSign 0.1, PowerSign 0.1"),
+    "choice-small": ([("rmsprop", dict(lr=0.005, eps=1e-7)), ("adam", dict(lr=0.02))],
+                     "the small choice network's own pool"),
+    "choice-large": ([
         ("sgd", dict(lr=2.0)),
         ("momentum", dict(lr=2.0)),
         ("rmsprop", dict(lr=0.005, eps=1e-7)),
         ("adam", dict(lr=0.02)),
         ("powersign", dict(lr=1.0)),
         ("addsign", dict(lr=1.0)),
-    ],
-}
+    ], "the large choice network's own pool"),
+})
 
 
 def parse_value(text: str) -> Any:
@@ -254,7 +257,7 @@ def make_teacher(spec: str) -> Teacher:
     if "." in name:
         return torch_teacher(_import_optimizer(name), name=name, **kwargs)
     if name not in TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}; valid teachers: {', '.join(TEACHERS)} "
+        raise ValueError(f"unknown teacher {name!r}; valid teachers: {TEACHERS.valid()}, "
                          "or a dotted torch.optim.Optimizer class such as torch.optim.AdamW")
     try:
         return TEACHERS[name](**kwargs)
@@ -274,7 +277,7 @@ def make_pool(spec: str | Sequence[str | Teacher]) -> list[Teacher]:
         try:
             return [make_teacher(s) for s in parts]
         except ValueError as err:
-            raise ValueError(f"unknown pool {spec!r} ({err}); preset pools: {', '.join(POOLS)}") from err
+            raise ValueError(f"unknown pool {spec!r} ({err}); preset pools: {POOLS.valid()}") from err
     return [t if isinstance(t, Teacher) else make_teacher(t) for t in spec]
 
 

@@ -1,7 +1,9 @@
 """Amalgamate a student with a preset, then evaluate it by METHOD §15.2 on the held-out digits against:
 the α = 0 RNNProp baseline meta-trained on the same student recipe, every pool member in the paper's form and in
 torch's textbook form, torch Adam tuned on the training digits, and the paper's pre-trained choice-large
-student (the median of its 8 replicates, ranked on the training digits by benchmarks/select_paper_students.py).
+student: by default the bundled ``paper-choice-large`` (the replicate of the 8 chosen on the training digits by
+benchmarks/select_paper_students.py); with ``--paper-students DIR`` (the authors' release converted to .npz, see
+benchmarks/select_paper_students.py) the median of its 8 replicates, ranked on the training digits.
 
 Prints each optimizer's mean best log held-out loss, the paired differences to the new student with 95%
 intervals, and the meta-training wall time. Resumable: rerun the same command (meta-training resumes from its
@@ -9,6 +11,7 @@ checkpoints, finished evaluation runs are cached).
 
     python benchmarks/amalgamate.py --preset quick            # ~15 min meta-training x 2, then the evaluation
     python benchmarks/amalgamate.py --preset cpu --max-minutes 170
+    python benchmarks/amalgamate.py --preset quick --paper-students DIR    # against the median paper replicate
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from amalgam_plugin.hub import load_student, student_from_npz
 from amalgam_plugin.problems import make_problem
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER_STUDENTS = REPO.parent / "shared" / "reference" / "paper_students"
 SELECTION = REPO / "benchmarks" / "results" / "paper_selection.json"
+BUNDLED_PAPER = "paper-choice-large"
 
 
 def median_paper_replicate(variant: str = "choice-large") -> tuple[str, float]:
@@ -48,6 +51,29 @@ def median_paper_replicate(variant: str = "choice-large") -> tuple[str, float]:
     return name, float(np.mean(scores[name]))
 
 
+def paper_comparison(paper_students: str | None) -> tuple[str, str, str]:
+    """(row label, student source, one line on how it was chosen) of the paper's choice-large student: the
+    median replicate of ``paper_students/choice-large-{1..8}.npz``, or else the bundled one."""
+    if paper_students is not None:
+        from select_paper_students import require_paper_students
+
+        folder = require_paper_students(paper_students, [f"choice-large-{rep}" for rep in range(1, 9)])
+        name, score = median_paper_replicate()
+        how = f"{name} from {folder}, the median of 8 by mean best log loss {score:.3f} on training digits"
+        return f"paper {name} (median of 8)", str(folder / f"{name}.npz"), how
+    provenance = load_student(BUNDLED_PAPER).config.provenance
+    selection = provenance.get("selection", {})
+    stem = selection.get("chosen") or provenance.get("source_file", "?").removesuffix(".npz")
+    score = selection.get("scores", {}).get(stem, {}).get("mean_best_log_val", float("nan"))
+    how = (f"bundled {BUNDLED_PAPER} = {stem}, the best of 8 by mean best log loss {score:.3f} on training digits "
+           "(--paper-students DIR compares against the median replicate instead)")
+    return f"paper {stem} (bundled)", BUNDLED_PAPER, how
+
+
+def paper_student(source: str):
+    return student_from_npz(source) if source.endswith(".npz") else load_student(source)
+
+
 def _train(args, imitation: str, out: Path, deadline: float) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,10 +84,10 @@ def _train(args, imitation: str, out: Path, deadline: float) -> None:
 
 def meta_training_seconds(out: Path) -> float:
     """Meta-training time recorded in the checkpoints (sums the phases; survives resumption)."""
-    from amalgam_plugin.engine.curriculum import load_checkpoint
+    from amalgam_plugin.engine.curriculum import read_progress
 
     paths = [out / "training" / phase / "checkpoint.safetensors" for phase in ("choice", "student")]
-    return sum(load_checkpoint(p)[0].seconds for p in paths if p.exists())
+    return sum(read_progress(p).seconds for p in paths if p.exists())
 
 
 def run_side_by_side(target, arg_lists: list[tuple], what: str) -> None:
@@ -81,19 +107,20 @@ def train_both(args, workdir: Path, deadline: float) -> None:
                               (args, "none", workdir / "alpha0", deadline)], "meta-training")
 
 
-def optimizers(args, student_dir: Path, baseline_dir: Path, paper_name: str, tuned) -> dict:
+def optimizers(args, student_dir: Path, baseline_dir: Path, paper: tuple[str, str], tuned) -> dict:
+    label, source = paper
     return {
         "new student": ev.student_factory(load_student(str(student_dir))),
         "alpha=0 RNNProp": ev.student_factory(load_student(str(baseline_dir))),
-        f"paper {paper_name}": ev.student_factory(student_from_npz(PAPER_STUDENTS / f"{paper_name}.npz")),
+        label: ev.student_factory(paper_student(source)),
         **ev.pool_baselines(args.pool, forms=("paper", "torch")),
         tuned.name: tuned.factory,
     }
 
 
-def _worker(args, names: list[str], cache: str, student_dir, baseline_dir, paper_name, tuned) -> None:
+def _worker(args, names: list[str], cache: str, student_dir, baseline_dir, paper, tuned) -> None:
     torch.set_num_threads(1)
-    all_factories = optimizers(args, student_dir, baseline_dir, paper_name, tuned)
+    all_factories = optimizers(args, student_dir, baseline_dir, paper, tuned)
     ev.evaluate(make_problem(args.problem), {n: all_factories[n] for n in names}, list(range(args.seeds)),
                 args.steps, cache=cache, progress=False)
 
@@ -128,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per meta-training process")
     parser.add_argument("--max-minutes", type=float, default=600, help="meta-training budget of this call")
     parser.add_argument("--out", default=None, help="work folder (default benchmarks/runs/PRESET)")
+    parser.add_argument("--paper-students", default=None, metavar="DIR",
+                        help="folder with the authors' choice-large-1.npz .. choice-large-8.npz: compare against the "
+                             "median replicate (default: the bundled paper-choice-large)")
     parser.add_argument("--bundle", default=None, help="also save the new student, with this evaluation in its "
                                                        "card, to this folder (e.g. hub_models/NAME)")
     args = parser.parse_args(argv)
+    paper_label, paper_source, paper_how = paper_comparison(args.paper_students)  # checks DIR before training
     workdir = Path(args.out or REPO / "benchmarks" / "runs" / args.preset)
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.max_minutes
@@ -143,10 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
     problem = make_problem(args.problem)
-    paper_name, paper_score = median_paper_replicate()
     seeds = list(range(args.seeds))
     tuned = ev.tune_adam(problem, seeds[:3], args.steps, cache=workdir / "tuning.json", progress=False)
-    context = (student_dir, baseline_dir, paper_name, tuned)
+    context = (student_dir, baseline_dir, (paper_label, paper_source), tuned)
     factories = optimizers(args, *context)
     evaluate_in_parallel(args, factories, workdir, *context)
     evaluation = ev.evaluate(problem, factories, seeds, args.steps, reference="new student",
@@ -157,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
           f"on {args.problem}, meta-training seed {args.seed}")
     print(f"meta-training wall time: new student {student_seconds / 60:.1f} min, "
           f"alpha=0 baseline {baseline_seconds / 60:.1f} min (side by side, {args.threads} thread(s) each)")
-    print(f"paper student: {paper_name} (median of 8 by mean best log loss {paper_score:.3f} on training digits)")
+    print(f"paper student: {paper_how}")
     print(f"evaluation: {len(seeds)} paired seeds x {args.steps} steps on the {len(problem.data.heldout()[0])} "
           "held-out digits; difference = optimizer - new student (negative: better than the new student)\n")
     print(evaluation.table(fmt="plain"))

@@ -1,22 +1,25 @@
 # ruff: noqa: E501  (long prose strings: model-card text and the MIT notice)
 """Pick one replicate of each of the paper's four pre-trained students and bundle it in ``hub_models/``.
 
-Selection (training digits only, never the held-out ones): every replicate in
-``shared/reference/paper_students/`` (4 variants x 8) runs the §15.2 protocol on
+Input (``--paper-students DIR``, required): the authors' 32 pre-trained students (4 variants x 8 replicates)
+converted to ``.npz`` files named ``choice-large-1.npz`` .. ``mean-8.npz`` with the Keras variable names as keys
+(``recurrent.{0,1}.{kernel,recurrent_kernel,bias}``, ``delta.{kernel,bias}``). They come from the authors' MIT
+release, GitHub VITA-Group/OptimizerAmalgamation release v1.0.0 (TensorFlow checkpoints; the conversion needs
+TensorFlow, see docs/method.md#paper-students); they are not part of this repository.
+
+Selection (training digits only, never the held-out ones): every replicate runs the §15.2 protocol on
 ``selection_problem(make_problem("train"))`` -- the Train CNN, the validation set being 1,000 digits carved
-from the *training* digits -- with a few paired seeds; the replicate with the lowest mean best log validation
-loss wins. The first ``warmup`` steps (plain SGD at 0.05, LSTM frozen, only the moments m, v advance) do not
-depend on the student's weights, so they are computed once per seed and shared by all 32 replicates; the rest
-of each run steps the student module directly with the same rule ``AmalgamOptimizer`` runs (the tests check
-both against an independent float64 implementation of the README's rule).
+from the *training* digits -- through ``AmalgamOptimizer`` (``evaluate.run``, with the student's configured
+warm-up: 100 steps of plain SGD at 0.05, LSTM frozen) with a few paired seeds; the replicate with the lowest mean
+best log validation loss wins.
 
 Resumable: each finished (replicate, seed) run is cached in ``--cache`` (JSON); ``--max-minutes`` stops
 starting new runs after that many minutes (rerun to continue). Runs go seed-major, so an interrupted selection
 has the same seeds for every replicate.
 
-    python benchmarks/select_paper_students.py --seeds 3 --steps 250 --max-minutes 20          # select
-    python benchmarks/select_paper_students.py --write                                          # bundle
-    python benchmarks/select_paper_students.py --write --heldout-seeds 3 --heldout-steps 1000   # + card table
+    python benchmarks/select_paper_students.py --paper-students DIR --seeds 3 --steps 250 --max-minutes 20  # select
+    python benchmarks/select_paper_students.py --paper-students DIR --write                                  # bundle
+    python benchmarks/select_paper_students.py --paper-students DIR --write --heldout-seeds 3 --heldout-steps 1000
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -34,13 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amalgam_plugin.evaluate import seed_generators
+from amalgam_plugin.evaluate import run, student_factory
 from amalgam_plugin.hub import student_from_npz
 from amalgam_plugin.problems import make_problem, selection_problem
-from amalgam_plugin.students import RNNProp, RNNPropConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO.parent / "shared" / "reference" / "paper_students"
 VARIANTS = {
     # folder name: (npz prefix, pool, mechanism, one-line description)
     "paper-choice-large": (
@@ -72,77 +72,58 @@ VARIANTS = {
 log = logging.getLogger("select_paper_students")
 
 
-def npz_student(path: Path) -> RNNProp:
-    return student_from_npz(path).eval().requires_grad_(False)
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class Warmup:
-    """The shared first ``steps`` steps of one seed: SGD(lr) with the moments advancing, LSTM state frozen."""
-
-    def __init__(self, problem, seed: int, steps: int, lr: float, eval_every: int, config: RNNPropConfig):
-        init_gen, batch_gen = seed_generators(seed)
-        self.params = [p.detach().clone().requires_grad_(True) for p in problem.init_params(init_gen)]
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.eval_steps, self.heldout, self.train = [0], [problem.heldout_loss(self.params)], []
-        batches = problem.train_batches(batch_gen)
-        for step in range(1, steps + 1):
-            loss = problem.loss(self.params, next(batches))
-            grads = torch.autograd.grad(loss, self.params)
-            self.train.append(float(loss.detach()))
-            with torch.no_grad():
-                for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
-                    m.mul_(config.beta1).add_((1 - config.beta1) * g)
-                    v.mul_(config.beta2).add_((1 - config.beta2) * g * g)
-                    p.sub_(lr * g)
-            if step % eval_every == 0:
-                self.eval_steps.append(step)
-                self.heldout.append(problem.heldout_loss(self.params))
-        self.steps = steps
+NPZ_KEYS = {f"recurrent.{i}.{k}" for i in (0, 1) for k in ("kernel", "recurrent_kernel", "bias")} | {
+    "delta.kernel",
+    "delta.bias",
+}
+ALL_STEMS = [f"{prefix}-{rep}" for prefix, *_ in VARIANTS.values() for rep in range(1, 9)]
 
 
-def continue_run(problem, warm: Warmup, student: RNNProp, seed: int, steps: int, eval_every: int) -> dict:
-    """Steps ``warm.steps + 1 .. steps`` with the learned rule; returns the curve and metrics."""
-    _, batch_gen = seed_generators(seed)
-    batches = problem.train_batches(batch_gen)
-    for _ in range(warm.steps):
-        next(batches)
-    params = [p.detach().clone().requires_grad_(True) for p in warm.params]
-    states = []
-    for p, m, v in zip(params, warm.m, warm.v, strict=True):
-        state = student.init_state(p.numel(), p.detach())
-        states.append({**state, "m": m.flatten().clone(), "v": v.flatten().clone()})
-    eval_steps, heldout, train = list(warm.eval_steps), list(warm.heldout), list(warm.train)
-    diverged_at = None
-    for step in range(warm.steps + 1, steps + 1):
-        loss = problem.loss(params, next(batches))
-        train.append(float(loss.detach()))
-        if not math.isfinite(train[-1]):
-            diverged_at = step
-            break
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                delta, states[i] = student(g.flatten(), states[i])
-                p.sub_(delta.view_as(p))
-        if step % eval_every == 0 or step == steps:
-            eval_steps.append(step)
-            heldout.append(problem.heldout_loss(params))
-            if not math.isfinite(heldout[-1]):
-                diverged_at = step
-                break
-    finite = [h for h in heldout if math.isfinite(h)]
+def require_paper_students(folder: str | os.PathLike, stems: list[str] = ALL_STEMS) -> Path:
+    """``folder`` when it holds ``{stem}.npz`` with the Keras keys for every stem; otherwise one line on stderr
+    saying what is expected and where to get it, and exit status 2."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        problem = "no such folder"
+    else:
+        bad = []
+        for stem in stems:
+            try:
+                with np.load(folder / f"{stem}.npz") as arrays:
+                    ok = set(arrays.files) == NPZ_KEYS
+            except Exception:  # noqa: BLE001 (missing, unreadable or not an npz: reported the same way)
+                ok = False
+            if not ok:
+                bad.append(f"{stem}.npz")
+        if not bad:
+            return folder
+        shown = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+        problem = f"{len(bad)} of the {len(stems)} files needed are missing or hold other keys ({shown})"
+    print(
+        f"--paper-students {str(folder)!r}: {problem}. Expected a folder of the authors' pre-trained students "
+        f"as .npz files ({stems[0]}.npz .. {stems[-1]}.npz; keys recurrent.{{0,1}}.{{kernel,recurrent_kernel,"
+        "bias}, delta.{kernel,bias}), converted from their MIT release: GitHub VITA-Group/OptimizerAmalgamation "
+        "release v1.0.0 (TensorFlow checkpoints; converting them to .npz with the Keras variable names needs "
+        "TensorFlow; see docs/method.md#paper-students).",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
+def selection_run(problem, path: Path, seed: int, steps: int, eval_every: int) -> dict:
+    """One replicate, one seed, through ``AmalgamOptimizer`` with the student's configured warm-up."""
+    result = run(problem, student_factory(student_from_npz(path)), seed, steps, eval_every, name=path.stem)
     return {
-        "eval_steps": eval_steps,
-        "val_loss": heldout,
-        "best_log_val": math.log(min(finite)),
-        "final_log_val": math.log(heldout[-1]) if diverged_at is None else float("nan"),
-        "train_last100": float(np.mean(train[-100:])) if diverged_at is None else float("nan"),
-        "diverged_at": diverged_at,
+        "eval_steps": result.eval_steps,
+        "val_loss": result.heldout,
+        "best_log_val": result.best_log_heldout,
+        "final_log_val": result.final_log_heldout,
+        "train_last100": result.train_last100,
+        "diverged_at": result.diverged_at,
     }
 
 
@@ -152,7 +133,7 @@ def select(args) -> dict:
     protocol = f"train-selection|steps={args.steps}|every={args.eval_every}|warmup=100@0.05"
     runs = cache.setdefault(protocol, {})
     problem = selection_problem(make_problem("train"))
-    files = sorted(SOURCE.glob(args.only))
+    files = sorted(Path(args.paper_students).glob(args.only))
     deadline = time.monotonic() + 60 * args.max_minutes
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     total = len(files) * len(seeds)
@@ -165,13 +146,12 @@ def select(args) -> dict:
             continue
         if time.monotonic() > deadline:
             break
-        warm = Warmup(problem, seed, 100, 0.05, args.eval_every, RNNPropConfig())
         for f in todo:
             if time.monotonic() > deadline:
                 log.warning("--max-minutes reached: %d/%d runs done; rerun to continue", done, total)
                 break
             t0 = time.monotonic()
-            result = continue_run(problem, warm, npz_student(f), seed, args.steps, args.eval_every)
+            result = selection_run(problem, f, seed, args.steps, args.eval_every)
             runs[f"{f.stem}|{seed}"] = result
             done += 1
             tmp = cache_path.with_suffix(".tmp")
@@ -345,8 +325,8 @@ def write_folders(args, selection: dict, by_variant: dict) -> None:
     for folder, (prefix, pool, mechanism, description) in VARIANTS.items():
         info = by_variant[folder]
         stem = info["chosen"]
-        source = SOURCE / f"{stem}.npz"
-        student = npz_student(source)
+        source = Path(args.paper_students) / f"{stem}.npz"
+        student = student_from_npz(source)
         replicate = int(stem.rsplit("-", 1)[1])
         student.config.provenance = {
             "description": f"{description}; replicate {replicate} of 8, chosen on the training digits",
@@ -427,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--paper-students",
+        required=True,
+        metavar="DIR",
+        help="folder of the authors' 32 students as .npz (choice-large-1.npz .. mean-8.npz; see above)",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="number of paired seeds (default 3)")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument(
@@ -458,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(REPO / "hub_models"))
     args = parser.parse_args(argv)
+    require_paper_students(args.paper_students)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     Path(args.cache).parent.mkdir(parents=True, exist_ok=True)

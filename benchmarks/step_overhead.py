@@ -25,28 +25,20 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from amalgam_plugin.optim import CPU_CHUNK, AmalgamOptimizer
+from amalgam_plugin.hub import load_student
+from amalgam_plugin.optim import AmalgamOptimizer
 from amalgam_plugin.students import RNNProp
+from amalgam_plugin.students.rnnprop_kernel import CPU_CHUNK, RNNPropKernel
 
-ROOT = Path(__file__).resolve().parents[1]
 MB = 1024**2
 
 
 def paper_student() -> RNNProp:
-    """The paper's choice-large replicate 1 when the reference arrays are present, else a seeded RNNProp."""
-    student = RNNProp()
-    for base in (ROOT / "shared", ROOT.parent / "shared"):
-        path = base / "reference" / "paper_students" / "choice-large-1.npz"
-        if path.exists():
-            arrays = np.load(path)
-            student.load_state_dict({k: torch.from_numpy(arrays[k]) for k in arrays.files})
-            return student
-    student.reset_parameters(torch.Generator().manual_seed(0))
-    return student
+    """The bundled student with the paper's choice-large weights (the timing does not depend on the values)."""
+    return load_student("paper-choice-large")
 
 
 def mlp(width: int, depth: int) -> nn.Module:
@@ -219,9 +211,7 @@ def main() -> None:
 
 
 def _columns(student: RNNProp) -> list[int]:
-    from amalgam_plugin.optim import _RNNPropKernel
-
-    return list(_RNNPropKernel(student, torch.device("cpu")).workspace_columns().values())
+    return list(RNNPropKernel(student, torch.device("cpu")).fused.workspace_columns().values())
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_mean_and_minmax_reductions():
     assert float(reduce_imitation(distances, "mean")) == pytest.approx(np.mean([-1.0, 2.0, -3.0]))
     assert float(reduce_imitation(distances, "minmax")) == pytest.approx(np.mean([0.0, 3.0, -1.0]))
     assert float(reduce_imitation(distances[:, :1], "choice")) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="valid: mean, minmax, choice"):
+    with pytest.raises(ValueError, match="valid mechanisms: mean, minmax, choice"):
         reduce_imitation(distances, "median")
 
 

@@ -99,7 +99,7 @@ def test_nan_meta_loss_never_reaches_the_student(tmp_path, monkeypatch):
         result.meta_loss = result.meta_loss * float("nan")
         return result
 
-    monkeypatch.setattr("amalgam_plugin.engine.curriculum.unroll", poisoned)
+    monkeypatch.setattr("amalgam_plugin.engine.estimator.unroll", poisoned)
     curriculum.run()
     assert curriculum.progress.skipped_meta_steps == curriculum.progress.meta_steps > 0
     for key, value in student.state_dict().items():

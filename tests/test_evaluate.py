@@ -1,9 +1,16 @@
 """§15.2 evaluation: paired statistics on hand-made numbers, divergence handling, a tiny real evaluation (MLP,
-2 seeds, 50 steps) with students through AmalgamOptimizer, tuned Adam chosen on the training digits only."""
+2 seeds, 50 steps) with students through AmalgamOptimizer, tuned Adam chosen on the training digits only, runs
+in worker processes (equal numbers, cache, errors, Ctrl+C)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import multiprocessing
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -36,6 +43,23 @@ def test_paired_difference_by_hand():
     assert str(d) == f"+2.000 [{2 - half:+.3f}, {2 + half:+.3f}]"
     d90 = ev.paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0], confidence=0.9)
     assert d90.high - d90.mean == pytest.approx(2.3533634348018264 * sd / 2)
+
+
+@pytest.mark.parametrize(
+    "df, expected",
+    [(1, 12.706204736), (2, 4.302652730), (3, 3.182446305), (9, 2.262157163), (29, 2.045229642), (1000, 1.962339081)],
+)
+def test_t_quantile_against_table_values(df, expected):
+    assert ev.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-6)
+    assert ev.t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-6)  # symmetric
+
+
+def test_t_quantile_edges():
+    assert ev.t_quantile(0.95, 1) == pytest.approx(6.313751515, abs=1e-6)
+    assert ev.t_quantile(0.995, 4) == pytest.approx(4.604094871, abs=1e-6)
+    assert ev.t_quantile(0.5, 7) == 0.0 and ev.t_quantile(1.0, 3) == math.inf and ev.t_quantile(0.0, 3) == -math.inf
+    assert math.isnan(ev.t_quantile(1.5, 3)) and math.isnan(ev.t_quantile(0.9, 0))
+    assert ev.t_quantile(0.975, 10**6) == pytest.approx(1.959966357, abs=1e-6)  # tends to the normal quantile
 
 
 def test_paired_difference_edge_cases():
@@ -180,7 +204,8 @@ def test_pool_baselines_forms():
         ev.pool_baselines("small", forms=["keras"])
 
 
-def test_tune_adam_reads_only_training_digits(mlp, monkeypatch):
+@pytest.mark.parametrize("workers", [None, 2])
+def test_tune_adam_reads_only_training_digits(mlp, monkeypatch, workers):
     original = DigitSplit.heldout
 
     def guarded(self):
@@ -189,7 +214,7 @@ def test_tune_adam_reads_only_training_digits(mlp, monkeypatch):
         return original(self)
 
     monkeypatch.setattr(DigitSplit, "heldout", guarded)
-    choice = ev.tune_adam(mlp, seeds=[0], steps=10, eval_every=5, lrs=[1e-3, 1e-2], progress=False)
+    choice = ev.tune_adam(mlp, seeds=[0], steps=10, eval_every=5, lrs=[1e-3, 1e-2], progress=False, workers=workers)
     assert choice.lr in (1e-3, 1e-2) and set(choice.scores) == {1e-3, 1e-2}
     assert choice.scores[choice.lr] == min(choice.scores.values())
     assert "selection_problem" in choice.how and f"chosen lr={choice.lr:g}" in choice.how
@@ -211,3 +236,119 @@ def test_evaluate_with_baselines_names_every_choice(mlp):
     assert "oracle" in e.table() and "- oracle: = " in e.notes_text()
     with pytest.raises(ValueError, match="clash"):
         ev.evaluate_with_baselines(mlp, {"adam 0.005 (paper)": sgd}, "small", seeds=[0], steps=2, progress=False)
+
+
+# --- runs in worker processes -------------------------------------------------------------------------------
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def _numbers(e: ev.Evaluation) -> dict:
+    return {
+        n: [(r.name, r.seed, r.eval_steps, r.heldout, r.train_losses, r.diverged) for r in runs]
+        for n, runs in e.runs.items()
+    }
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_workers_give_the_in_process_numbers(mlp, one_thread):
+    optimizers = {"sgd": lambda params: torch.optim.SGD(params, lr=0.1), "adam": _adam}  # a lambda: not picklable
+    kw = dict(seeds=[0, 1], steps=30, eval_every=10, reference="adam", notes={"sgd": "lr 0.1"}, progress=False)
+    sequential = ev.evaluate(mlp, optimizers, **kw)
+    parallel = ev.evaluate(mlp, optimizers, workers=2, **kw)
+    assert _numbers(parallel) == _numbers(sequential)
+    assert [r.seed for r in parallel.runs["sgd"]] == [0, 1] and parallel.runs["sgd"][0].eval_steps == [0, 10, 20, 30]
+    assert (parallel.reference, parallel.notes, parallel.seeds) == ("adam", {"sgd": "lr 0.1"}, [0, 1])
+    assert parallel.table() == sequential.table()
+    assert torch.get_num_threads() == 1 and not multiprocessing.active_children()
+
+
+def _refuse(params):
+    raise AssertionError("a cached run was run again")
+
+
+def test_workers_write_the_cache_and_resume_from_it(mlp, tmp_path):
+    threads = torch.get_num_threads()
+    cache = tmp_path / "runs.json"
+    first = ev.evaluate(
+        mlp, {"sgd": _sgd, "adam": _adam}, seeds=[0, 1], steps=20, eval_every=10, cache=cache, workers=2, progress=False
+    )
+    assert torch.get_num_threads() == threads  # the caller's thread count is left alone
+    assert sorted(json.loads(cache.read_text())) == sorted(
+        f"{n}|seed={s}|steps=20|every=10|problem=mlp" for n in ("sgd", "adam") for s in (0, 1)
+    )
+    again = ev.evaluate(
+        mlp, {"sgd": _refuse, "adam": _refuse}, seeds=[0, 1], steps=20, eval_every=10, cache=cache, workers=2
+    )
+    assert _numbers(again) == _numbers(first) and again.names == ["sgd", "adam"]
+    # one more seed: only its two runs are new, the cached ones are reused
+    more = ev.evaluate(
+        mlp, {"sgd": _sgd, "adam": _adam}, seeds=[0, 1, 2], steps=20, eval_every=10, cache=cache, workers=2
+    )
+    assert _numbers(more)["sgd"][:2] == _numbers(first)["sgd"] and len(json.loads(cache.read_text())) == 6
+
+
+def _broken(params):
+    raise RuntimeError("factory broke on purpose (42)")
+
+
+def test_a_worker_exception_surfaces_in_the_caller(mlp, tmp_path):
+    optimizers = {"sgd": _sgd, "broken": _broken}
+    with pytest.raises(RuntimeError, match=r"factory broke on purpose \(42\)"):
+        ev.evaluate(mlp, optimizers, seeds=[0, 1, 2], steps=5, cache=tmp_path / "c.json", workers=2, progress=False)
+    assert not multiprocessing.active_children()
+    with pytest.raises(ValueError, match="workers must be"):
+        ev.evaluate(mlp, optimizers, seeds=[0], steps=5, workers=0)
+
+
+def _slow(params):
+    time.sleep(60)
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def test_ctrl_c_stops_the_workers(mlp):
+    main = threading.main_thread().ident
+    timer = threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT))
+    start = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate(mlp, {"slow": _slow}, seeds=[0, 1, 2], steps=5, workers=2, progress=False)
+    finally:
+        timer.cancel()
+        timer.join()
+    assert time.perf_counter() - start < 20  # the running runs were not waited for
+    assert not multiprocessing.active_children()
+
+
+def test_without_fork_runs_in_process(mlp, monkeypatch, caplog):
+    monkeypatch.setattr(ev, "_fork_context", lambda: None)
+    with caplog.at_level(logging.WARNING, logger=ev.__name__):
+        e = ev.evaluate(mlp, {"sgd": _sgd}, seeds=[0], steps=5, workers=2, progress=False)
+    assert len(e.runs["sgd"]) == 1 and sum("fork" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_evaluate_with_baselines_in_workers(mlp, one_thread, tmp_path):
+    kw = dict(seeds=[0, 1], steps=10, eval_every=5, forms=["paper"], progress=False)
+    sequential = ev.evaluate_with_baselines(mlp, {"mine": _sgd}, "small", **kw)
+    cache = tmp_path / "runs.json"
+    parallel = ev.evaluate_with_baselines(mlp, {"mine": _sgd}, "small", cache=cache, workers=2, **kw)
+    assert parallel.names == sequential.names and parallel.notes == sequential.notes
+    assert _numbers(parallel) == _numbers(sequential) and parallel.table() == sequential.table()
+    # tuning (4 lrs x 2 seeds) + mine and 2 baselines + the tuned Adam (2 seeds each), and nothing else
+    assert len(json.loads(cache.read_text())) == 8 + 8
+    again = ev.evaluate_with_baselines(mlp, {"mine": _refuse}, "small", cache=cache, workers=2, **kw)
+    assert again.table() == parallel.table()

@@ -1,6 +1,8 @@
-"""The paper's pre-trained students load into RNNProp and reproduce the update rule written in
-shared/reference/paper_students/README.md, checked against an independent numpy float64 implementation of that
-rule (warm-up included: 100 SGD steps at 0.05 with the moments advancing and the LSTM state frozen)."""
+"""The paper's pre-trained students bundled in hub_models/ (one replicate of each variant, converted from the
+authors' release) load into RNNProp and reproduce the paper's update rule, checked against an independent numpy
+float64 implementation of that rule (warm-up included: 100 SGD steps at 0.05 with the moments advancing and the
+LSTM state frozen). The reference reads the raw arrays from the safetensors files itself, not through the
+package."""
 
 from __future__ import annotations
 
@@ -9,21 +11,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PAPER_STUDENTS
+from safetensors.numpy import load_file
 
-from amalgam_plugin.students import RNNProp, RNNPropConfig
+from amalgam_plugin import hub
+from amalgam_plugin.students import RNNProp
 
-FILES = ["choice-large-1.npz", "choice-small-4.npz", "min-max-6.npz", "mean-8.npz"]  # one of each variant
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ["paper-choice-large", "paper-choice-small", "paper-minmax", "paper-mean"]  # one of each variant
+KEYS = {f"recurrent.{i}.{k}" for i in range(2) for k in ("kernel", "recurrent_kernel", "bias")} | {
+    "delta.kernel",
+    "delta.bias",
+}
 
 
-# --- the README's rule, written independently in numpy float64 ----------------------------------------------
+# --- the paper's rule, written independently in numpy float64 -----------------------------------------------
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def readme_updates(w: dict[str, np.ndarray], grads: np.ndarray, warmup: int = 100) -> np.ndarray:
+def reference_updates(w: dict[str, np.ndarray], grads: np.ndarray, warmup: int = 100) -> np.ndarray:
     """Δ for each step (row) of ``grads`` [T, n]: the parameter moves by -Δ."""
     n = grads.shape[1]
     m, v = np.zeros(n), np.zeros(n)
@@ -59,25 +67,29 @@ def gradient_sequence(steps: int, n: int, seed: int) -> np.ndarray:
     return g
 
 
-def load_npz(name: str) -> tuple[dict[str, np.ndarray], RNNProp]:
-    arrays = dict(np.load(PAPER_STUDENTS / name))
-    student = RNNProp(RNNPropConfig())
-    student.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
-    return {k: v.astype(np.float64) for k, v in arrays.items()}, student.eval().requires_grad_(False)
+def raw_weights(name: str) -> dict[str, np.ndarray]:
+    """The bundled student's arrays, read straight from its safetensors file (float32, as stored)."""
+    return load_file(str(ROOT / "hub_models" / name / "model.safetensors"))
 
 
-@pytest.mark.parametrize("name", FILES)
-def test_student_module_matches_readme_rule_in_float64(name):
-    weights, student = load_npz(name)
+def load(name: str) -> tuple[dict[str, np.ndarray], RNNProp]:
+    """(float64 copies of the raw arrays for the numpy reference, the student loaded by the package)."""
+    weights = {k: v.astype(np.float64) for k, v in raw_weights(name).items()}
+    return weights, hub.load_student(name)
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_student_module_matches_the_rule_in_float64(name):
+    weights, student = load(name)
     student = student.double()
     grads = gradient_sequence(40, 64, seed=1)
-    expected = readme_updates(weights, grads, warmup=10)
+    expected = reference_updates(weights, grads, warmup=10)
     state = student.init_state(64, torch.zeros(64, dtype=torch.float64))
     got = []
     with torch.no_grad():
         for t, g in enumerate(torch.from_numpy(grads), start=1):
             if t <= 10:
-                state = student.update_moments(g, state)
+                state = student.warmup_step(g, state)
                 got.append(0.05 * g)
             else:
                 delta, state = student(g, state)
@@ -86,16 +98,17 @@ def test_student_module_matches_readme_rule_in_float64(name):
     assert np.abs(expected[10:]).max() > 1e-3  # the learned branch produced real updates
 
 
-@pytest.mark.parametrize("name", FILES[:3])
-def test_amalgam_optimizer_with_paper_weights_follows_readme_rule(name):
+@pytest.mark.parametrize("name", PAPER[:3])
+def test_amalgam_optimizer_with_paper_weights_follows_the_rule(name):
     """Through AmalgamOptimizer (float32), the student's configured 100-step warm-up included."""
     from amalgam_plugin import optim
-    weights, student = load_npz(name)
+
+    weights, student = load(name)
     shapes = [(3, 5), (7,), (2, 2, 3)]
     sizes = [int(np.prod(s)) for s in shapes]
     steps = 125
     grads = gradient_sequence(steps, sum(sizes), seed=2)
-    expected = readme_updates(weights, grads, warmup=100)
+    expected = reference_updates(weights, grads, warmup=100)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     opt = optim.AmalgamOptimizer(params, student=student)
     assert student.config.warmup_steps == 100 and student.config.warmup_lr == 0.05
@@ -113,33 +126,41 @@ def test_amalgam_optimizer_with_paper_weights_follows_readme_rule(name):
     assert np.abs(learned - 0.05 * grads[100:]).max() > 1e-3  # past the warm-up the learned rule ran
 
 
-def test_every_paper_file_loads_strictly():
-    names = sorted(p.name for p in PAPER_STUDENTS.glob("*.npz"))
-    assert len(names) == 32
-    for name in names:
-        _, student = load_npz(name)
+def test_every_bundled_paper_student_loads_strictly_with_its_stored_weights():
+    bundled = sorted(name for name, _ in hub.list_bundled() if name.startswith("paper-"))
+    assert bundled == sorted(PAPER)
+    for name in bundled:
+        raw = raw_weights(name)
+        assert set(raw) == KEYS
+        student = hub.load_student(name)  # strict=True after explicit key and shape checks
+        assert isinstance(student, RNNProp)
         assert sum(p.numel() for p in student.parameters()) == 5141
+        state = student.state_dict()
+        assert set(state) == KEYS
+        for key, array in raw.items():
+            assert state[key].dtype == torch.float32
+            np.testing.assert_array_equal(state[key].numpy(), array, err_msg=f"{name}: {key}")
+        RNNProp().load_state_dict({k: torch.from_numpy(v) for k, v in raw.items()}, strict=True)
 
 
-def test_selection_shortcut_equals_a_full_run_through_amalgam_optimizer():
-    """benchmarks/select_paper_students.py shares the warm-up among replicates and then steps the student
-    module; its curve must be the one evaluate.run gives through AmalgamOptimizer."""
-    import sys
+def test_student_from_npz_loads_the_papers_layout(tmp_path):
+    """An .npz with the Keras variable names (the layout of the authors' release converted to numpy) loads;
+    a file with other names is refused."""
+    raw = raw_weights("paper-choice-large")
+    path = tmp_path / "choice-large-4.npz"
+    np.savez(path, **raw)
+    student = hub.student_from_npz(path)
+    assert isinstance(student, RNNProp) and not student.training
+    assert not any(p.requires_grad for p in student.parameters())
+    state = student.state_dict()
+    assert set(state) == KEYS
+    for key, array in raw.items():
+        assert state[key].dtype == torch.float32
+        np.testing.assert_array_equal(state[key].numpy(), array)
+    assert hub.content_hash(student) == hub.content_hash(hub.load_student("paper-choice-large"))
 
-    from amalgam_plugin.evaluate import run, student_factory
-    from amalgam_plugin.problems import make_problem
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import select_paper_students as selection
-    finally:
-        sys.path.pop(0)
-    _, student = load_npz("mean-8.npz")
-    student.config.warmup_steps = 10
-    problem = make_problem("mlp")
-    warm = selection.Warmup(problem, seed=3, steps=10, lr=0.05, eval_every=5, config=student.config)
-    shortcut = selection.continue_run(problem, warm, student, seed=3, steps=30, eval_every=5)
-    full = run(problem, student_factory(student), seed=3, steps=30, eval_every=5)
-    assert shortcut["eval_steps"] == full.eval_steps
-    np.testing.assert_allclose(shortcut["val_loss"], full.heldout, rtol=1e-4)
-    assert shortcut["best_log_val"] == pytest.approx(full.best_log_heldout, rel=1e-4)
+    wrong = dict(raw)
+    wrong["delta.weight"] = wrong.pop("delta.kernel")
+    np.savez(tmp_path / "wrong.npz", **wrong)
+    with pytest.raises(ValueError, match="does not hold RNNProp weights"):
+        hub.student_from_npz(tmp_path / "wrong.npz")

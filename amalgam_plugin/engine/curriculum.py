@@ -1,6 +1,8 @@
-"""Meta-training with the curriculum of METHOD §9.3 (and the fixed schedule of §7.3), checkpointed after
-every period so that ``--resume`` continues with exactly the numbers of an uninterrupted run.
+"""Meta-training driven by the curriculum (docs/method.md#curriculum): the control flow over stages, periods,
+repeats and best-checkpoint reloads, the log and the progress bar. The math of a meta-step is the estimator's
+(``estimator.py``), its application the learner's (``learner.py``).
 
+Checkpointed after every period so that ``--resume`` continues with exactly the numbers of an uninterrupted run.
 Exact resumption comes from two rules: every random draw comes from a generator seeded by the run seed and the
 position in the curriculum (phase, stage, period, attempt, trajectory), and a checkpoint holds everything else
 (student and meta-optimizer tensors in one safetensors file, the bookkeeping as JSON in its metadata).
@@ -12,20 +14,19 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..amalgamation import adaptive_clip_, imitation_weight
+from ..amalgamation import imitation_weight
 from ..problems import Problem
 from ..teachers import Teacher
-from .unroll import new_trajectory, unroll
+from .estimator import TruncatedEstimator
+from .learner import Learner, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -90,45 +91,9 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
-def _tensors(student: nn.Module, opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
-    out = {f"{prefix}weights.{k}": v.detach().clone() for k, v in student.state_dict().items()}
-    names = dict((id(p), n) for n, p in student.named_parameters())
-    for p, st in opt.state.items():
-        for key, value in st.items():
-            out[f"{prefix}adam.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone()
-    return out
-
-
-def _restore(student: nn.Module, opt: torch.optim.Optimizer, tensors: dict, prefix: str) -> None:
-    weights = {k[len(prefix) + 8 :]: v for k, v in tensors.items() if k.startswith(prefix + "weights.")}
-    student.load_state_dict(weights, strict=True)
-    opt.state.clear()
-    for name, p in student.named_parameters():
-        st = {}
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            t = tensors.get(f"{prefix}adam.{name}.{key}")
-            if t is not None:
-                st[key] = t.clone()
-        if st:
-            opt.state[p] = st
-
-
-def save_checkpoint(path: Path, progress: Progress, tensors: dict[str, torch.Tensor]) -> None:
-    """Atomic: write beside, then rename over the old checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"progress": json.dumps(asdict(progress))})
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> tuple[Progress, dict[str, torch.Tensor]]:
-    with safe_open(str(path), framework="pt") as f:
-        progress = Progress(**json.loads(f.metadata()["progress"]))
-    return progress, load_file(str(path))
-
-
-def _finite_grads(student: nn.Module) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in student.parameters())
+def read_progress(path: Path) -> Progress:
+    """The bookkeeping of a checkpoint file."""
+    return Progress(**load_checkpoint(path)[0])
 
 
 class Curriculum:
@@ -141,16 +106,14 @@ class Curriculum:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.workdir / "checkpoint.safetensors"
         self.log_path = self.workdir / "log.jsonl"
-        self.opt = torch.optim.Adam(student.parameters(), lr=config.meta_lr, eps=1e-7)  # Keras Adam's ε
+        self.estimator = TruncatedEstimator(student, problem, teachers, config.unroll_length, config.mechanism,
+                                            config.second_order, config.warmup_lr, config.random_scale)
+        self.learner = Learner(student, config.meta_lr, config.clip)
         self.progress = Progress()
         self.saved: dict[str, torch.Tensor] = {}  # best-of-stage and start-of-period tensors
 
-    # -- one trajectory ---------------------------------------------------------------------------------
-
-    def _trajectory(self, generator: torch.Generator, stage: int, teachers: list[Teacher]):
-        warmup = self.cfg.at(self.cfg.warmup_unrolls, stage) * self.cfg.unroll_length
-        return new_trajectory(self.problem, self.student, teachers, generator, warmup, self.cfg.warmup_lr,
-                              self.cfg.random_scale)
+    def _warmup_steps(self, stage: int) -> int:
+        return self.cfg.at(self.cfg.warmup_unrolls, stage) * self.cfg.unroll_length
 
     def train_period(self) -> float:
         """Meta-train for one period; returns the mean training meta loss."""
@@ -159,49 +122,39 @@ class Curriculum:
         losses = []
         for t in range(cfg.trajectories_per_period):
             gen = torch.Generator().manual_seed(seed_for(self.seed, self.phase, pr.stage, pr.period, pr.attempt, t))
-            traj = self._trajectory(gen, pr.stage, self.teachers if alpha > 0 else [])
+            traj = self.estimator.trajectory(gen, self._warmup_steps(pr.stage), with_teachers=alpha > 0)
             for u in range(cfg.at(cfg.depths, pr.stage)):
                 started = time.perf_counter()
-                result = unroll(self.student, traj, self.problem, cfg.unroll_length, cfg.mechanism,
-                                cfg.second_order, track_teachers=alpha > 0)
-                loss = result.meta_loss + alpha * result.imitation
-                self.opt.zero_grad(set_to_none=True)
-                applied = bool(torch.isfinite(loss))
-                if applied:
-                    loss.backward()
-                    applied = _finite_grads(self.student)
-                if applied:
-                    adaptive_clip_(self.student.parameters(), cfg.clip)
-                    self.opt.step()
-                    losses.append(result.meta_loss.item())
+                est = self.estimator.estimate(traj, alpha)
+                if est.finite:
+                    self.learner.apply()
+                    losses.append(est.meta_loss)
                 else:
                     pr.skipped_meta_steps += 1
                 pr.meta_steps += 1
-                pr.skipped_inner_steps += result.skipped
+                pr.skipped_inner_steps += est.skipped
                 self._log(dict(event="meta_step", phase=self.phase, stage=pr.stage, period=pr.period,
-                               attempt=pr.attempt, trajectory=t, unroll=u, meta_loss=result.meta_loss.item(),
-                               imitation=result.imitation.item(), alpha=alpha, loss=loss.item(), applied=applied,
-                               inner_steps=result.steps, skipped_inner=result.skipped,
+                               attempt=pr.attempt, trajectory=t, unroll=u, meta_loss=est.meta_loss,
+                               imitation=est.imitation, alpha=alpha, loss=est.loss, applied=est.finite,
+                               inner_steps=est.steps, skipped_inner=est.skipped,
                                seconds=round(time.perf_counter() - started, 3)))
                 self.bar.update(1)
-                if result.steps < cfg.unroll_length:  # the objective blew up: end this trajectory
+                if est.steps < cfg.unroll_length:  # the objective blew up: end this trajectory
                     break
         return sum(losses) / len(losses) if losses else math.inf
 
-    @torch.no_grad()
     def validate(self) -> float:
         """Mean meta loss (α = 0) on fixed-seed trajectories of the next stage's depth, training digits only."""
         cfg, stage = self.cfg, self.progress.stage
-        total, count = 0.0, 0
+        total = 0.0
         for t in range(cfg.validation_trajectories):
             gen = torch.Generator().manual_seed(seed_for(cfg.validation_seed, t))
-            traj = self._trajectory(gen, stage, [])
-            for _ in range(cfg.at(cfg.validation_depths, stage)):
-                result = unroll(self.student, traj, self.problem, cfg.unroll_length, track_teachers=False)
-                if not math.isfinite(float(result.meta_loss)) or result.steps < cfg.unroll_length:
-                    return math.inf
-                total, count = total + float(result.meta_loss), count + 1
-        return total / max(count, 1)
+            traj = self.estimator.trajectory(gen, self._warmup_steps(stage), with_teachers=False)
+            value = self.estimator.evaluate(traj, cfg.at(cfg.validation_depths, stage))
+            if not math.isfinite(value):
+                return math.inf
+            total += value
+        return total / max(cfg.validation_trajectories, 1)
 
     # -- the curriculum's control flow ------------------------------------------------------------------
 
@@ -227,32 +180,33 @@ class Curriculum:
     def run(self, resume: bool = False, deadline: float | None = None) -> bool:
         """Run to the end (True) or until the next period would pass ``deadline`` (False, resumable)."""
         if resume and self.ckpt_path.exists():
-            self.progress, tensors = load_checkpoint(self.ckpt_path)
-            _restore(self.student, self.opt, tensors, "current.")
+            progress, tensors = load_checkpoint(self.ckpt_path)
+            self.progress = Progress(**progress)
+            self.learner.restore(tensors, "current.")
             self.saved = {k: v for k, v in tensors.items() if not k.startswith("current.")}
             logger.info("resumed %s at stage %d period %d", self.phase, self.progress.stage, self.progress.period)
             lines = self.log_path.read_text().splitlines(keepends=True) if self.log_path.exists() else []
             self.log_path.write_text("".join(lines[: self.progress.log_lines]))
         elif self.log_path.exists():  # a fresh start (or nothing to resume from): a fresh log
             self.log_path.unlink()
-        pr, cfg = self.progress, self.cfg
-        estimate = sum(cfg.trajectories_per_period * cfg.at(cfg.depths, s) * max(cfg.min_periods, 1)
-                       for s in range(cfg.stages))
-        self.bar = tqdm(total=estimate, initial=min(pr.meta_steps, estimate), desc=f"amalgam {self.phase}",
-                        unit="meta-step", dynamic_ncols=True)
+        pr = self.progress
+        self.bar = tqdm(total=pr.meta_steps + self.remaining_meta_steps(), initial=pr.meta_steps,
+                        desc=f"amalgam {self.phase}", unit="meta-step", dynamic_ncols=True)
         last_period_seconds = 0.0
         try:
             while not pr.done:
                 if deadline is not None and time.time() + last_period_seconds > deadline:
                     return False
                 started = time.perf_counter()
-                self.saved.update(_tensors(self.student, self.opt, "start."))
+                self.saved.update(self.learner.snapshot("start."))
                 train_loss = self.train_period()
                 validation = self.validate()
                 self._end_period(train_loss, validation)
                 last_period_seconds = time.perf_counter() - started
                 pr.seconds += last_period_seconds
                 self._checkpoint()
+                self.bar.total = pr.meta_steps + self.remaining_meta_steps()
+                self.bar.refresh()
         finally:
             self.bar.close()
         self._restore_final()
@@ -266,7 +220,7 @@ class Curriculum:
             record["repeated"] = True
             self._log(record)
             pr.history.append(record)
-            _restore(self.student, self.opt, self.saved, "start.")
+            self.learner.restore(self.saved, "start.")
             pr.repeats += 1
             pr.attempt += 1
             return
@@ -274,26 +228,40 @@ class Curriculum:
         pr.history.append(record)
         if validation < pr.best_validation or pr.best_period < 0:
             pr.best_validation, pr.best_period = validation, pr.period
-            self.saved.update(_tensors(self.student, self.opt, "best."))
+            self.saved.update(self.learner.snapshot("best."))
         pr.previous_validation, pr.repeats, pr.attempt = validation, 0, 0
         if not self._stage_over():
             pr.period += 1
             return
         if cfg.select == "best":  # stage transitions and the final model reload the stage's best period
-            _restore(self.student, self.opt, self.saved, "best.")
+            self.learner.restore(self.saved, "best.")
         if pr.stage == cfg.stages - 1:
             pr.done = True
-            self.saved.update(_tensors(self.student, self.opt, "final."))
+            self.saved.update(self.learner.snapshot("final."))
             return
         pr.previous_stage_best = pr.best_validation
         pr.stage, pr.period, pr.best_validation, pr.best_period = pr.stage + 1, 0, math.inf, -1
 
     def _restore_final(self) -> None:
-        _restore(self.student, self.opt, self.saved, "final.")
+        self.learner.restore(self.saved, "final.")
 
     def _checkpoint(self) -> None:
         keep = {k: v for k, v in self.saved.items() if not k.startswith("start.")}
-        save_checkpoint(self.ckpt_path, self.progress, {**keep, **_tensors(self.student, self.opt, "current.")})
+        save_checkpoint(self.ckpt_path, asdict(self.progress), {**keep, **self.learner.snapshot("current.")})
+
+    def remaining_meta_steps(self) -> int:
+        """Meta-steps still to run if every stage stops as early as it may (no repeats): the progress bar's total
+        grows by a period's worth whenever a stage takes another chance, and never runs past it."""
+        cfg, pr = self.cfg, self.progress
+        if pr.done:
+            return 0
+
+        def periods(at_least: int) -> int:
+            return min(at_least, cfg.max_periods) if cfg.max_periods else at_least
+
+        per_period = [cfg.trajectories_per_period * cfg.at(cfg.depths, s) for s in range(cfg.stages)]
+        now = max(periods(max(cfg.min_periods, 1)) - pr.period, 1) * per_period[pr.stage]
+        return now + sum(periods(max(cfg.min_periods, 1)) * per_period[s] for s in range(pr.stage + 1, cfg.stages))
 
     def _log(self, record: dict) -> None:
         with self.log_path.open("a") as f:

@@ -1,19 +1,20 @@
-"""Recipes: ``paper`` (METHOD §7.3 and §9, for a GPU or a long run), ``cpu`` (at most ~2 hours on 2 CPU
-cores, resumable) and ``quick`` (at most ~15 minutes on 2 CPU cores, evaluation included)."""
+"""Recipes (docs/method.md#presets): ``paper`` (the full recipe, for a GPU or a long run), ``cpu`` (at most
+~2 hours on 2 CPU cores, resumable) and ``quick`` (at most ~15 minutes on 2 CPU cores, evaluation included)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..registry import Registry
 from .curriculum import CurriculumConfig
 
-# §7.3: the choice network's fixed schedule ("cl_fixed"), meta loss only, the last period is kept.
+# The choice network's fixed schedule (docs/method.md#curriculum) ("cl_fixed"), meta loss only, the last period is kept.
 PAPER_CHOICE = CurriculumConfig(
     unroll_length=100, depths=[1, 2, 5, 5, 5], validation_depths=[10], trajectories_per_period=10,
     validation_trajectories=1, warmup_unrolls=[0, 1], min_periods=1, max_periods=1, num_chances=0,
     repeat_threshold=0.9, select="last", imitation_schedule="none",
 )
-# §9.3: the student's curriculum.
+# The student's curriculum (docs/method.md#curriculum).
 PAPER_STUDENT = CurriculumConfig()
 
 
@@ -29,8 +30,8 @@ class Preset:
     notes: list[str] = field(default_factory=list)
 
 
-PRESETS: dict[str, Preset] = {
-    "paper": Preset("paper", "the full recipe of METHOD §7.3 and §9 (a GPU or a long run)", PAPER_CHOICE,
+PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.description) for name, preset in {
+    "paper": Preset("paper", "the paper's full recipe (a GPU or a long run)", PAPER_CHOICE,
                     PAPER_STUDENT),
     "cpu": Preset(
         "cpu",
@@ -69,10 +70,8 @@ PRESETS: dict[str, Preset] = {
         eval_seeds=2, eval_steps=50, eval_textbook=False,
         notes=["smoke preset: a pipeline check, not a useful student"],
     ),
-}
+}.items()})
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return PRESETS.lookup(name)

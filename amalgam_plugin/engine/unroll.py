@@ -1,4 +1,4 @@
-"""One optimizee trajectory and one truncated unroll (METHOD §2, §9.4).
+"""One optimizee trajectory and one truncated unroll (docs/method.md#inner-step, #warmup).
 
 Everything is flat: the optimizee's tensors are concatenated into one vector of n scalars, so the student (a
 coordinate-wise network) runs once per inner step over all n coordinates, and teachers (elementwise rules) act
@@ -51,7 +51,7 @@ def flat_grad(problem: Problem, layout: Layout, theta: Tensor, batch: Batch) -> 
 
 
 def frozen_choice_teacher(net: nn.Module, ranks: Tensor) -> Teacher:
-    """A trained choice network as the single (frozen) teacher of choice distillation (§3.5)."""
+    """A trained choice network as the single (frozen) teacher of choice distillation (docs/method.md#mechanisms)."""
 
     def update(g: Tensor, s: dict) -> tuple[Tensor, dict]:
         with torch.no_grad():
@@ -86,8 +86,9 @@ def new_trajectory(
     warmup_lr: float = 0.05,
     random_scale: bool = True,
 ) -> Trajectory:
-    """Fresh initialisation and scale shared by student and teachers, then the SGD warm-up (§9.4): all move
-    together in p-space, every policy's state advances on the same gradients, the LSTM state stays frozen."""
+    """Fresh initialisation and scale shared by student and teachers, then the SGD warm-up
+    (docs/method.md#warmup): all move together in p-space, every policy's state advances on the same gradients,
+    the LSTM state stays frozen."""
     tensors = problem.init_params(generator)
     layout = Layout([t.shape for t in tensors])
     theta = torch.cat([t.flatten() for t in tensors])
@@ -149,8 +150,8 @@ def unroll(
 ) -> UnrollResult:
     """Advance the student (and its teachers) by one truncation, building the graph for the meta-gradient.
 
-    NaN guard (§15.3): an inner step whose update is not finite is skipped (parameters and state kept, the step
-    counted), instead of l2o's behaviour of zeroing the parameters.
+    NaN guard (docs/method.md#deviations): an inner step whose update is not finite is skipped (parameters and
+    state kept, the step counted), instead of l2o's behaviour of zeroing the parameters.
     """
     p_start = traj.params.detach()
     theta_start = traj.scale * p_start  # the meta loss's reference point

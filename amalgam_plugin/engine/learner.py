@@ -1,0 +1,62 @@
+"""The learner of meta-training: applies the estimator's meta-gradients (AdaptiveGC clipping, the
+meta-optimizer; docs/method.md#meta-optimizer) and snapshots the student and the meta-optimizer for checkpoints.
+
+A multi-process trainer all-reduces the meta-gradients in :meth:`Learner.apply` before clipping. Checkpoints are
+safetensors files (tensors) with the bookkeeping as JSON in their metadata, written atomically; the
+meta-optimizer is saved and restored through its own ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from ..amalgamation import adaptive_clip_
+
+
+class Learner:
+    def __init__(self, student: nn.Module, meta_lr: float, clip: float):
+        self.student, self.clip = student, clip
+        self.opt = torch.optim.Adam(student.parameters(), lr=meta_lr, eps=1e-7)  # Keras Adam's ε
+
+    def apply(self) -> None:
+        """One meta-update from the student's (finite) ``.grad``."""
+        adaptive_clip_(self.student.parameters(), self.clip)
+        self.opt.step()
+
+    def snapshot(self, prefix: str) -> dict[str, Tensor]:
+        """The student's weights and the meta-optimizer's state as named tensors (``prefix`` + name)."""
+        out = {f"{prefix}weights.{k}": v.detach().clone() for k, v in self.student.state_dict().items()}
+        for index, state in self.opt.state_dict()["state"].items():
+            for key, value in state.items():
+                out[f"{prefix}meta_opt.{index}.{key}"] = torch.as_tensor(value).detach().clone()
+        return out
+
+    def restore(self, tensors: dict[str, Tensor], prefix: str) -> None:
+        weights = {k[len(prefix) + 8 :]: v for k, v in tensors.items() if k.startswith(prefix + "weights.")}
+        self.student.load_state_dict(weights, strict=True)
+        state: dict[int, dict[str, Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith(prefix + "meta_opt."):
+                index, key = name[len(prefix) + 9 :].split(".", 1)
+                state.setdefault(int(index), {})[key] = value.clone()
+        self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
+
+
+def save_checkpoint(path: Path, progress: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Atomic: write beside, then rename over the old checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"progress": json.dumps(progress)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        progress = json.loads(f.metadata()["progress"])
+    return progress, load_file(str(path))
