@@ -36,13 +36,14 @@ def log_improvement(objective: Tensor, reference: Tensor) -> Tensor:
 
 
 def meta_loss(objectives: Tensor, references: Tensor) -> Tensor:
-    """Mean log improvement over a truncation (§3.1): objectives at the pre-update parameters of each step,
-    references at the truncation's starting parameters on the same minibatch."""
+    """Mean log improvement over a truncation (docs/method.md#meta-loss): objectives at the pre-update
+    parameters of each step, references at the truncation's starting parameters on the same minibatch."""
     return log_improvement(objectives, references).mean()
 
 
 def imitation_distance(student: Tensor, teacher: Tensor) -> Tensor:
-    """D = log(½ Σ (p_student − p_teacher)² + 1e-10) − log n, in the scaled coordinates (§3.2)."""
+    """D = log(½ Σ (p_student − p_teacher)² + 1e-10) − log n, in the scaled coordinates
+    (docs/method.md#imitation-distance)."""
     return torch.log(0.5 * (student - teacher).pow(2).sum() + LOG_EPS) - math.log(student.numel())
 
 
@@ -58,7 +59,8 @@ def imitation_weight(schedule: str, stage: int) -> float:
 
 
 def adaptive_clip_(parameters, clip: float = 0.1, eps: float = 1e-3) -> None:
-    """AdaptiveGC (Brock et al. 2021), unit = whole tensor: cap ‖G‖ at clip · max(‖w‖, eps) (§9.2)."""
+    """AdaptiveGC (Brock et al. 2021), unit = whole tensor: cap ‖G‖ at clip · max(‖w‖, eps)
+    (docs/method.md#meta-optimizer)."""
     for w in parameters:
         if w.grad is None:
             continue

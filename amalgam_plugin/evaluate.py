@@ -1,4 +1,4 @@
-"""Evaluation of optimizers on a problem (METHOD §15.2, metrics of §11.3).
+"""Evaluation of optimizers on a problem (docs/method.md#evaluation).
 
 One *run* trains a problem's model from a seeded initialisation for ``steps`` steps with one optimizer and
 records the held-out loss (all held-out examples) at step 0 and every ``eval_every`` steps.  A seed fixes the
@@ -71,7 +71,7 @@ def _log(x: float) -> float:
 
 @dataclass
 class RunResult:
-    """One training run: held-out curve, training losses and the §15.2 metrics."""
+    """One training run: held-out curve, training losses and the docs/method.md#evaluation metrics."""
 
     name: str
     seed: int
@@ -341,8 +341,8 @@ class Evaluation:
         return rows
 
     def table(self, fmt: str = "markdown", reference: str | None = None) -> str:
-        """The §15.2 table: means over seeds and the paired difference of best log held-out loss against the
-        reference (negative = better than the reference) with its 95% t-interval."""
+        """The evaluation table (docs/method.md#evaluation): means over seeds and the paired difference of best
+        log held-out loss against the reference (negative = better than the reference) with its 95% t-interval."""
         if fmt not in ("markdown", "plain"):
             raise ValueError(f"unknown table format {fmt!r}; valid: markdown, plain")
         ref = reference or self.reference or self.names[0]
@@ -704,8 +704,8 @@ def _label(teacher: Teacher, form: str) -> str:
 
 
 def textbook_factory(teacher: Teacher) -> OptimizerFactory | None:
-    """torch's textbook counterpart of a paper-form teacher at the same learning rate (METHOD §4.4's Keras
-    baselines): Adam(lr), RMSprop(lr, alpha=rho), SGD(lr), and for Momentum SGD(lr, momentum=0.9) (the Keras
+    """torch's textbook counterpart of a paper-form teacher at the same learning rate
+    (docs/method.md#textbook-forms: the Keras baselines): Adam(lr), RMSprop(lr, alpha=rho), SGD(lr), and for Momentum SGD(lr, momentum=0.9) (the Keras
     "momentum" baseline, an effective step 10x that of the EMA form). AddSign/PowerSign have none:
     ``None``."""
     hp, lr = teacher.hparams, teacher.hparams.get("lr")
@@ -729,7 +729,7 @@ def teacher_factory(teacher: Teacher) -> OptimizerFactory:
 def pool_baselines(
     pool: str | Sequence[str | Teacher], forms: Sequence[str] = ("paper", "torch")
 ) -> dict[str, OptimizerFactory]:
-    """§15.2's pool baselines: each member in the paper's form (``"adam 0.005 (paper)"``) and, where one
+    """The pool baselines (docs/method.md#baselines): each member in the paper's form (``"adam 0.005 (paper)"``) and, where one
     exists, torch's textbook form (``"adam 0.005 (torch)"``)."""
     for form in forms:
         if form not in ("paper", "torch"):
@@ -811,7 +811,8 @@ def tune_adam(
 
     ``select_on="selection"`` (default): the choice is made on ``selection_problem(problem)``, whose
     validation set is 1,000 *training* digits, so the held-out digits stay unseen. ``select_on="heldout"``:
-    the choice is made on the held-out loss itself (§15.2's oracle tuning, which favours the baseline).
+    the choice is made on the held-out loss itself (oracle tuning, which favours the baseline;
+    docs/method.md#baselines).
     ``workers``: as in :func:`evaluate`.
     """
     target = _tuning_target(problem, select_on)
@@ -833,9 +834,9 @@ def _baseline_notes(tuned: TunedChoice, baselines: Iterable[str]) -> dict[str, s
     notes = {tuned.name: "torch.optim.Adam; " + tuned.how}
     for name in baselines:
         notes[name] = (
-            "paper form (METHOD §4.2), TeacherOptimizer"
+            "paper form (docs/method.md#teachers), TeacherOptimizer"
             if name.endswith("(paper)")
-            else ("torch textbook form (METHOD §4.4; Momentum = SGD(lr, momentum=0.9))")
+            else ("torch textbook form (docs/method.md#textbook-forms; Momentum = SGD(lr, momentum=0.9))")
         )
     return notes
 
@@ -904,7 +905,7 @@ def evaluate_with_baselines(
     progress: bool = True,
     workers: int | None = None,
 ) -> Evaluation:
-    """§15.2 in one call: ``candidates`` (e.g. ``{"student": student_factory(module)}``) against every pool
+    """The evaluation protocol in one call: ``candidates`` (e.g. ``{"student": student_factory(module)}``) against every pool
     member in the paper's and torch's forms (:func:`pool_baselines`), the oracle (the best member on the
     held-out metric, :meth:`Evaluation.add_oracle`) and torch Adam tuned by :func:`tune_adam` (on the training
     digits by default, with ``tune_seeds`` or else ``seeds``). ``reference`` defaults to the first candidate.

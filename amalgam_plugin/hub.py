@@ -426,7 +426,9 @@ def render_card(
         f"A learned optimizer trained by [Optimizer Amalgamation]({PAPER_URL}) (Huang et al., ICLR 2022): a "
         "student optimizer distilled from a pool of analytical teacher optimizers. Saved by amalgam-plugin "
         "in the Hub format "
-        f"(`{CONFIG_NAME}` with `student_type` and `format_version`, `{WEIGHTS_NAME}`).\n"
+        f"(`{CONFIG_NAME}` with `student_type` and `format_version`, `{WEIGHTS_NAME}`). References of the form "
+        "`docs/method.md#section` point to the method document of the amalgam-plugin repository, which states "
+        "every formula, value and deviation from the paper.\n"
     )
     out.append(f"## Intended use\n\n{card.get('intended_use') or DEFAULT_INTENDED_USE}\n")
     out.append(f"## Limits\n\n{card.get('limitations') or DEFAULT_LIMITATIONS}\n")

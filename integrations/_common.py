@@ -31,7 +31,7 @@ def student_lr(framework: str, framework_lr: float | None, lr_multiplier: float 
     """The group ``lr`` an integration gives AmalgamOptimizer: ``1.0 * lr_multiplier``, whatever the
     framework says.
 
-    A framework's learning-rate value is tuned for AdamW and means nothing to a learned student (DESIGN,
+    A framework's learning-rate value is tuned for AdamW and means nothing to a learned student (docs/method.md#runtime,
     "Through an ecosystem"); its schedule still scales the group ``lr``. Logs one line saying so.
     """
     lr = 1.0 * float(lr_multiplier)

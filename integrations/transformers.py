@@ -92,7 +92,7 @@ def check_internals(names: Any, handlers: Any) -> None:
 
 
 def _add_enum_member(names: type) -> Any:
-    """Add the ``AMALGAM = "amalgam"`` member to the closed enum (INTEGRATION_NOTES §1, option A)."""
+    """Add the ``AMALGAM = "amalgam"`` member to the closed enum: transformers accepts no other names for optim."""
     existing = names._value2member_map_.get(OPTIM_NAME)
     if existing is not None:
         return existing

@@ -1,4 +1,5 @@
-"""Losses (METHOD §3) on hand-made trajectories, and the students' own formulas (§5, §7.1)."""
+"""Losses (docs/method.md#meta-loss) on hand-made trajectories, and the students' own formulas
+(docs/method.md#rnnprop, #choice-network)."""
 
 import math
 

@@ -200,6 +200,44 @@ def test_amalgamate_writes_a_hub_folder_that_loads_and_trains(tmp_path):
     assert not torch.equal(weight.detach(), before)
 
 
+def test_amalgamate_restores_threads_and_reuses_recorded_baseline_runs(tmp_path, monkeypatch):
+    """The card's reduced evaluation takes the baselines' runs from the record (they do not depend on the student);
+    the caller's thread count survives."""
+    from amalgam_plugin import engine
+    from amalgam_plugin.evaluate import evaluate_with_baselines
+
+    problem, seeds = make_problem("mlp"), [0, 1]
+    record = tmp_path / "record.json"
+    recorded = evaluate_with_baselines(problem, {}, "small", seeds, 50, forms=("paper",), tune_seeds=seeds,
+                                       cache=tmp_path / "runs.json", workers=2)
+    record.write_text(json.dumps({"recorded_with": {"command": "recorded by this test", "torch": "x"},
+                                  "runs": json.loads((tmp_path / "runs.json").read_text())}))
+    monkeypatch.setattr(engine, "KNOWN_RUNS", record)
+    threads = torch.get_num_threads()
+    out = amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=tmp_path / "s", threads=2,
+                     workers=2)
+    assert torch.get_num_threads() == threads
+    assert json.loads((out / "training" / "run_config.json").read_text())["threads"] == 2
+    card = (out / "README.md").read_text()
+    assert "reused from amalgam-plugin's record (`recorded by this test`" in card
+    cache = json.loads((out / "training" / "eval_cache.json").read_text())
+    for key, run in json.loads(record.read_text())["runs"].items():
+        assert cache[key] == run
+    summary = json.loads((out / "training" / "summary.json").read_text())
+    assert summary["best_baseline"] in recorded.names and summary["seeds"] == 2
+    assert summary["difference"]["low"] <= summary["difference"]["mean"] <= summary["difference"]["high"]
+
+
+def test_cli_prints_a_summary(tmp_path):
+    result = amalgam_cli("amalgamate", "--pool", "small", "--mechanism", "mean", "--preset", "smoke", "--problem",
+                         "mlp", "--out", str(tmp_path / "s"), "--workers", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith(f"student: {tmp_path / 's'}/")
+    assert "held-out, 2 paired seeds" in lines[1] and "best baseline" in lines[1] and "95% CI" in lines[1]
+    assert lines[2].startswith("time: ") and "1 torch thread(s)" in lines[2]
+
+
 def amalgam_cli(*args):
     return subprocess.run([sys.executable, "-m", "amalgam_plugin.cli", *args], capture_output=True, text=True,
                           timeout=120)
@@ -276,7 +314,7 @@ def test_amalgamate_your_pool_example_runs(tmp_path):
 
 
 def test_curriculum_control_flow_repeats_chances_and_best_checkpoints(tmp_path):
-    """§9.3 on scripted losses: repeats (first period of a stage against the previous stage's best), chances,
+    """The curriculum on scripted losses: repeats (first period of a stage against the previous stage's best), chances,
     reload of the best period at each stage end, and the last stage's best as the final model."""
     cfg = CurriculumConfig(depths=[1, 1], min_periods=2, num_chances=1, max_repeat=1, repeat_threshold=0.5)
     student = RNNProp()

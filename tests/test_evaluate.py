@@ -1,4 +1,4 @@
-"""§15.2 evaluation: paired statistics on hand-made numbers, divergence handling, a tiny real evaluation (MLP,
+"""The evaluation protocol: paired statistics on hand-made numbers, divergence handling, a tiny real evaluation (MLP,
 2 seeds, 50 steps) with students through AmalgamOptimizer, tuned Adam chosen on the training digits only, runs
 in worker processes (equal numbers, cache, errors, Ctrl+C)."""
 

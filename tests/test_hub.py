@@ -453,6 +453,7 @@ def test_wheel_ships_bundled_students_and_integrations(tmp_path):
         for file in ["config.json", "model.safetensors", "README.md", "heldout_loss.png"]:
             assert f"amalgam_plugin/hub_models/{folder}/{file}" in names
     assert "amalgam_plugin/integrations/__init__.py" in names
+    assert "amalgam_plugin/engine/baseline_runs.json" in names  # the recorded baseline runs the card reuses
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (

@@ -1,9 +1,11 @@
-"""AmalgamOptimizer behaves like a torch optimizer and follows DESIGN's runtime rules (real student, data)."""
+"""AmalgamOptimizer behaves like a torch optimizer and follows the runtime rules of docs/method.md#runtime (real
+student, data)."""
 
 from __future__ import annotations
 
 import copy
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -77,6 +79,28 @@ def test_batched_step_equals_student_forward(paper_student, chunk_size):
     step_through(opt, params, grads)
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-6)
+
+
+def test_registry_kernel_and_generic_kernel_agree(paper_student, monkeypatch):
+    """The optimizer takes the student's kernel from the registry: RNNProp's fused kernel and the generic
+    ModuleKernel (what a new student type gets) give the same parameters, warm-up included."""
+    from amalgam_plugin import students
+    from amalgam_plugin.students.kernel import ModuleKernel
+    from amalgam_plugin.students.rnnprop_kernel import RNNPropKernel
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(6,), (4, 5), (2, 3, 3)]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
+    finals = {}
+    for kernel in (RNNPropKernel, ModuleKernel):
+        monkeypatch.setitem(students.STUDENTS, "rnnprop", replace(students.STUDENTS["rnnprop"], kernel=kernel))
+        params = [torch.zeros(s, requires_grad=True) for s in shapes]
+        opt = AmalgamOptimizer(params, student=paper_student, warmup_steps=2)
+        step_through(opt, params, grads)
+        assert all(isinstance(k, kernel) for k in opt._devices.values())
+        finals[kernel] = [p.detach().clone() for p in params]
+    for a, b in zip(finals[RNNPropKernel], finals[ModuleKernel], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_non_contiguous_parameter_uses_logical_order(paper_student):

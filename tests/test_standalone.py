@@ -14,12 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-SCANNED = ("amalgam_plugin", "integrations", "tests", "benchmarks", "examples", "hub_models")
+SCANNED = ("amalgam_plugin", "integrations", "tests", "benchmarks", "examples", "hub_models", "docs", "README.md")
 SKIPPED_DIRS = {".git", "__pycache__", "build", "dist", ".venv", ".pytest_cache", ".ruff_cache", "runs"}
 # paths beside the repository, and the names of design notes that live outside it (this file, which spells
 # them out to look for them, is not scanned)
-OUTSIDE = re.compile(r"""\.\./shared|["']shared["']|shared/reference|METHOD\.md|DESIGN\.md""")
+OUTSIDE = re.compile(r"""\.\./shared|["']shared["']|shared/reference|METHOD\.md|DESIGN\.md|METHOD §|\bDESIGN\b|"""
+                     r"""INTEGRATION_NOTES""")
 
 
 def repository_files() -> list[str]:
@@ -147,3 +150,29 @@ def test_a_copy_with_nothing_beside_it_runs_a_bundled_student(tmp_path):
     assert report["reads"] == [], "read beside the copy or in the original repository's folder:\n" + "\n".join(
         report["reads"]
     )
+
+
+def test_every_third_party_import_is_declared_in_pyproject():
+    """Each distribution the code, tests, benchmarks and examples import is a dependency (or a test extra) in
+    pyproject.toml, so a fresh environment made from it runs everything."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    declared = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+    local = {"amalgam_plugin", "conftest", "select_paper_students"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    imported = set()
+    for name in repository_files():
+        if name.endswith(".py"):
+            for node in ast.walk(ast.parse((ROOT / name).read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - local
+    distributions = packages_distributions()
+    missing = {m: distributions.get(m) for m in third_party
+               if not {d.lower().replace("_", "-") for d in distributions.get(m, [m])} & declared}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"

