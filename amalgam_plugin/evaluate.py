@@ -39,7 +39,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -543,74 +543,31 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
             process.terminate()
 
 
-def _run_parallel(
-    jobs: list[_Job],
-    first: Sequence[int],
-    workers: int,
-    stored: dict,
-    cache_path: Path | None,
-    total: int,
-    desc: str,
-    progress: bool,
-    more: Callable[[], Sequence[int]] | None = None,
-) -> None:
-    """Run ``jobs[i]`` for ``i`` in ``first`` whose cache key is not in ``stored`` in up to ``workers`` forked
-    worker processes (one thread each), writing each result into ``stored`` (and the JSON cache) as it
-    arrives. ``more()``, asked after every finished run, may request further indices of ``jobs`` (the table
-    is complete before the workers fork). The progress bar counts ``total`` runs, the cached ones as done.
-    A run's exception is raised here with its own type and message; on any exception, Ctrl+C included, the
-    remaining runs are cancelled and the workers terminated."""
-    context = _fork_context()
-    assert context is not None
+def _run_parallel(jobs: list[_Job], workers: int, stored: dict, cache_path: Path | None, desc: str,
+                  progress: bool) -> None:
+    """Run the ``jobs`` whose cache key is not in ``stored`` in up to ``workers`` forked worker processes (one
+    thread each), writing each result into ``stored`` (and the JSON cache) as it arrives; the progress bar counts
+    every job, the cached ones as done. A run's exception is raised here with its own type and message; on any
+    exception, Ctrl+C included, the remaining runs are cancelled and the workers terminated."""
+    missing = [i for i, job in enumerate(jobs) if job.key not in stored]
     token = next(_TABLE_TOKENS)
     _JOB_TABLES[token] = jobs
-    requested = {jobs[i].key for i in first}
-    cached = len(requested & set(stored))
-    pending: dict[Future, int] = {}
-    bar = tqdm(total=total, initial=cached, desc=desc, disable=not progress)
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(missing), desc=desc, disable=not progress)
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
-
-            def submit(i: int) -> None:
-                pending[pool.submit(_worker_run, token, i)] = i
-
-            def request(indices: Iterable[int]) -> None:
-                for i in indices:
-                    key = jobs[i].key
-                    if key not in requested:
-                        requested.add(key)
-                        if key in stored:
-                            bar.update(1)
-                        else:
-                            submit(i)
-
+        with ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=_fork_context(),
+                                 initializer=_worker_init) as pool:
+            pending = {pool.submit(_worker_run, token, i): i for i in missing}
             try:
-                submitted = set()
-                for i in first:
-                    if jobs[i].key not in stored and jobs[i].key not in submitted:
-                        submitted.add(jobs[i].key)
-                        submit(i)
-                if more is not None:
-                    request(more())
                 while pending:
                     # a timeout, so that a Ctrl+C delivered to another thread is noticed here too
                     done, _ = wait_futures(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
-                    errors = []
                     for future in done:
                         job = jobs[pending.pop(future)]
-                        try:
-                            stored[job.key] = future.result()
-                        except Exception as err:  # raised below, once the other finished runs are saved
-                            errors.append(err)
-                            continue
+                        stored[job.key] = future.result()  # a run's exception surfaces here
                         if cache_path is not None:
                             _save_cache(cache_path, stored)
                         bar.set_postfix_str(f"{job.name} seed {job.seed}")
                         bar.update(1)
-                    if errors:
-                        raise errors[0]
-                    if more is not None:
-                        request(more())
             except BaseException:
                 for future in pending:
                     future.cancel()
@@ -672,11 +629,8 @@ def evaluate(
     stored = _load_cache(cache_path)
     if _parallel(workers):
         jobs = _jobs(problem, optimizers, seeds, steps, eval_every)
-        keys = {job.key for job in jobs}
-        missing = len(keys - set(stored))
-        if missing:
-            desc = f"evaluate on {problem.name}"
-            _run_parallel(jobs, range(len(jobs)), min(workers, missing), stored, cache_path, len(keys), desc, progress)
+        if any(job.key not in stored for job in jobs):
+            _run_parallel(jobs, workers, stored, cache_path, f"evaluate on {problem.name}", progress)
         return _collect(problem.name, optimizers, seeds, steps, eval_every, stored, reference, notes)
     evaluation = Evaluation(problem.name, list(seeds), steps, eval_every, reference=reference, notes=dict(notes or {}))
     evaluation.runs = {n: [] for n in optimizers}
@@ -705,9 +659,9 @@ def _label(teacher: Teacher, form: str) -> str:
 
 def textbook_factory(teacher: Teacher) -> OptimizerFactory | None:
     """torch's textbook counterpart of a paper-form teacher at the same learning rate
-    (docs/method.md#textbook-forms: the Keras baselines): Adam(lr), RMSprop(lr, alpha=rho), SGD(lr), and for Momentum SGD(lr, momentum=0.9) (the Keras
-    "momentum" baseline, an effective step 10x that of the EMA form). AddSign/PowerSign have none:
-    ``None``."""
+    (docs/method.md#textbook-forms: the Keras baselines): Adam(lr), RMSprop(lr, alpha=rho), SGD(lr), and for
+    Momentum SGD(lr, momentum=0.9) (the Keras "momentum" baseline, an effective step 10x that of the EMA form).
+    AddSign/PowerSign have none: ``None``."""
     hp, lr = teacher.hparams, teacher.hparams.get("lr")
     name = teacher.name
     if name == "adam":
@@ -729,8 +683,8 @@ def teacher_factory(teacher: Teacher) -> OptimizerFactory:
 def pool_baselines(
     pool: str | Sequence[str | Teacher], forms: Sequence[str] = ("paper", "torch")
 ) -> dict[str, OptimizerFactory]:
-    """The pool baselines (docs/method.md#baselines): each member in the paper's form (``"adam 0.005 (paper)"``) and, where one
-    exists, torch's textbook form (``"adam 0.005 (torch)"``)."""
+    """The pool baselines (docs/method.md#baselines): each member in the paper's form (``"adam 0.005 (paper)"``)
+    and, where one exists, torch's textbook form (``"adam 0.005 (torch)"``)."""
     for form in forms:
         if form not in ("paper", "torch"):
             raise ValueError(f"unknown baseline form {form!r}; valid: paper, torch")
@@ -762,40 +716,6 @@ class TunedChoice:
         return torch_adam(self.lr)
 
 
-def _tuning_target(problem: Problem, select_on: str) -> Problem:
-    if select_on not in ("selection", "heldout"):
-        raise ValueError(f"unknown select_on {select_on!r}; valid: selection, heldout")
-    return selection_problem(problem) if select_on == "selection" else problem
-
-
-def _adam_candidates(lrs: Sequence[float]) -> dict[str, OptimizerFactory]:
-    return {f"torch adam lr={lr:g}": torch_adam(lr) for lr in lrs}
-
-
-def _tuned_name(lr: float) -> str:
-    return f"torch adam tuned (lr={lr:g})"
-
-
-def _tuned_choice(
-    tuning: Evaluation, lrs: Sequence[float], select_on: str, seeds: Sequence[int], steps: int
-) -> TunedChoice:
-    scores = {lr: tuning.mean(f"torch adam lr={lr:g}") for lr in lrs}
-    best = min(lrs, key=lambda lr: (math.isnan(scores[lr]), scores[lr]))
-    where = (
-        "1,000 validation digits carved from the training digits (selection_problem)"
-        if select_on == "selection"
-        else "the held-out digits (oracle tuning, favours the baseline)"
-    )
-    how = (
-        f"lr chosen from {{{', '.join(f'{lr:g}' for lr in lrs)}}} by mean best log loss on {where}, "
-        f"seeds {list(seeds)}, {steps} steps; scores: "
-        + ", ".join(f"{lr:g}: {scores[lr]:.3f}" for lr in lrs)
-        + f"; chosen lr={best:g}"
-    )
-    logger.info("tuned torch Adam: %s", how)
-    return TunedChoice(_tuned_name(best), best, scores, how)
-
-
 def tune_adam(
     problem: Problem,
     seeds: Sequence[int],
@@ -815,11 +735,26 @@ def tune_adam(
     docs/method.md#baselines).
     ``workers``: as in :func:`evaluate`.
     """
-    target = _tuning_target(problem, select_on)
-    tuning = evaluate(
-        target, _adam_candidates(lrs), seeds, steps, eval_every, cache=cache, progress=progress, workers=workers
+    if select_on not in ("selection", "heldout"):
+        raise ValueError(f"unknown select_on {select_on!r}; valid: selection, heldout")
+    target = selection_problem(problem) if select_on == "selection" else problem
+    candidates = {f"torch adam lr={lr:g}": torch_adam(lr) for lr in lrs}
+    tuning = evaluate(target, candidates, seeds, steps, eval_every, cache=cache, progress=progress, workers=workers)
+    scores = {lr: tuning.mean(f"torch adam lr={lr:g}") for lr in lrs}
+    best = min(lrs, key=lambda lr: (math.isnan(scores[lr]), scores[lr]))
+    where = (
+        "1,000 validation digits carved from the training digits (selection_problem)"
+        if select_on == "selection"
+        else "the held-out digits (oracle tuning, favours the baseline)"
     )
-    return _tuned_choice(tuning, lrs, select_on, seeds, steps)
+    how = (
+        f"lr chosen from {{{', '.join(f'{lr:g}' for lr in lrs)}}} by mean best log loss on {where}, "
+        f"seeds {list(seeds)}, {steps} steps; scores: "
+        + ", ".join(f"{lr:g}: {scores[lr]:.3f}" for lr in lrs)
+        + f"; chosen lr={best:g}"
+    )
+    logger.info("tuned torch Adam: %s", how)
+    return TunedChoice(f"torch adam tuned (lr={best:g})", best, scores, how)
 
 
 def student_factory(student: Any, **kwargs: Any) -> OptimizerFactory:
@@ -841,55 +776,6 @@ def _baseline_notes(tuned: TunedChoice, baselines: Iterable[str]) -> dict[str, s
     return notes
 
 
-def _tune_and_evaluate_in_workers(
-    problem: Problem,
-    main: Mapping[str, OptimizerFactory],
-    seeds: Sequence[int],
-    tune_seeds: Sequence[int],
-    steps: int,
-    eval_every: int,
-    tune_on: str,
-    cache: str | os.PathLike | None,
-    progress: bool,
-    workers: int,
-) -> tuple[TunedChoice, dict]:
-    """:func:`tune_adam` and the runs of ``main`` in one pool: the tuning runs are queued first, and the
-    tuned Adam's runs join the queue as soon as the tuning runs are done, so no worker idles between the two
-    stages. Returns the choice and every finished run by cache key."""
-    target = _tuning_target(problem, tune_on)
-    lrs = ADAM_TUNING_LRS
-    tuning = _adam_candidates(lrs)
-    table = _jobs(target, tuning, tune_seeds, steps, eval_every)
-    tuning_keys = {job.key for job in table}
-    table += _jobs(problem, main, seeds, steps, eval_every)
-    first = range(len(table))
-    tuned_runs: dict[float, range] = {}
-    for lr in lrs:  # every possible tuned Adam's runs are in the table before the workers fork
-        start = len(table)
-        table += _jobs(problem, {_tuned_name(lr): torch_adam(lr)}, seeds, steps, eval_every)
-        tuned_runs[lr] = range(start, len(table))
-    cache_path = Path(cache) if cache is not None else None
-    stored = _load_cache(cache_path)
-    choice: list[TunedChoice] = []
-
-    def choose() -> Sequence[int]:
-        if choice or not tuning_keys <= stored.keys():
-            return ()
-        runs = _collect(target.name, tuning, tune_seeds, steps, eval_every, stored)
-        choice.append(_tuned_choice(runs, lrs, tune_on, tune_seeds, steps))
-        return tuned_runs[choice[0].lr]
-
-    first_keys = {table[i].key for i in first}
-    n_tuned = len({table[i].key for i in tuned_runs[lrs[0]]})
-    missing = len(first_keys - stored.keys()) + n_tuned
-    if missing:
-        desc = f"tune Adam and evaluate on {problem.name}"
-        total = len(first_keys) + n_tuned
-        _run_parallel(table, first, min(workers, missing), stored, cache_path, total, desc, progress, choose)
-    choose()
-    return choice[0], stored
-
-
 def evaluate_with_baselines(
     problem: Problem,
     candidates: Mapping[str, OptimizerFactory],
@@ -905,34 +791,20 @@ def evaluate_with_baselines(
     progress: bool = True,
     workers: int | None = None,
 ) -> Evaluation:
-    """The evaluation protocol in one call: ``candidates`` (e.g. ``{"student": student_factory(module)}``) against every pool
-    member in the paper's and torch's forms (:func:`pool_baselines`), the oracle (the best member on the
-    held-out metric, :meth:`Evaluation.add_oracle`) and torch Adam tuned by :func:`tune_adam` (on the training
-    digits by default, with ``tune_seeds`` or else ``seeds``). ``reference`` defaults to the first candidate.
-    Every choice is written into ``Evaluation.notes``, which the model card prints under the table.
-
-    ``workers``: as in :func:`evaluate`; with ``workers >= 2`` the tuning runs and the evaluation runs share
-    one pool of worker processes."""
+    """The evaluation protocol in one call: ``candidates`` (e.g. ``{"student": student_factory(module)}``) against
+    every pool member in the paper's and torch's forms (:func:`pool_baselines`), the oracle (the best member on
+    the held-out metric, :meth:`Evaluation.add_oracle`) and torch Adam tuned by :func:`tune_adam` (on the
+    training digits by default, with ``tune_seeds`` or else ``seeds``). ``reference`` defaults to the first
+    candidate. Every choice is written into ``Evaluation.notes``, which the model card prints under the table.
+    ``workers``: as in :func:`evaluate` (the tuning runs first, then the evaluation runs)."""
     baselines = pool_baselines(pool, forms)
     clash = sorted(set(candidates) & set(baselines))
     if clash:
         raise ValueError(f"candidate names clash with baseline names: {', '.join(clash)}")
-    tune_list = list(tune_seeds or seeds)
-    reference = reference or next(iter(candidates), None)
-    if _parallel(workers):
-        assert workers is not None
-        tuned, stored = _tune_and_evaluate_in_workers(
-            problem, {**candidates, **baselines}, seeds, tune_list, steps, eval_every, tune_on, cache, progress, workers
-        )
-        optimizers = {**candidates, **baselines, tuned.name: tuned.factory}
-        if reference is not None and reference not in optimizers:
-            raise ValueError(f"reference {reference!r} is not among the optimizers: {', '.join(optimizers)}")
-        notes = _baseline_notes(tuned, baselines)
-        evaluation = _collect(problem.name, optimizers, seeds, steps, eval_every, stored, reference, notes)
-    else:
-        tuned = tune_adam(problem, tune_list, steps, eval_every, select_on=tune_on, cache=cache, progress=progress)
-        optimizers = {**candidates, **baselines, tuned.name: tuned.factory}
-        notes = _baseline_notes(tuned, baselines)
-        evaluation = evaluate(problem, optimizers, seeds, steps, eval_every, reference, notes, cache, progress)
+    tuned = tune_adam(problem, list(tune_seeds or seeds), steps, eval_every, select_on=tune_on, cache=cache,
+                      progress=progress, workers=workers)
+    optimizers = {**candidates, **baselines, tuned.name: tuned.factory}
+    evaluation = evaluate(problem, optimizers, seeds, steps, eval_every, reference or next(iter(candidates), None),
+                          _baseline_notes(tuned, baselines), cache, progress, workers)
     evaluation.add_oracle(list(baselines))
     return evaluation
