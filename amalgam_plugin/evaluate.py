@@ -556,8 +556,10 @@ def _run_parallel(jobs: list[_Job], workers: int, stored: dict, cache_path: Path
     try:
         with ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=_fork_context(),
                                  initializer=_worker_init) as pool:
-            pending = {pool.submit(_worker_run, token, i): i for i in missing}
+            pending = {}
             try:
+                for i in missing:
+                    pending[pool.submit(_worker_run, token, i)] = i
                 while pending:
                     # a timeout, so that a Ctrl+C delivered to another thread is noticed here too
                     done, _ = wait_futures(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)

@@ -320,16 +320,32 @@ def _slow(params):
 
 
 def test_ctrl_c_stops_the_workers(mlp):
-    main = threading.main_thread().ident
-    timer = threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT))
+    """Ctrl+C while workers run: KeyboardInterrupt in the caller at once, no worker left behind. Ctrl+C is sent
+    every 0.5 s until evaluate gives up, because Python drops an interrupt that lands in a finalizer."""
+    stop = threading.Event()
+
+    def interrupt(signum, frame):
+        if not stop.is_set():
+            raise KeyboardInterrupt
+
+    def press_ctrl_c(main: int) -> None:
+        while not stop.wait(0.5):
+            signal.pthread_kill(main, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    sender = threading.Thread(target=press_ctrl_c, args=(threading.main_thread().ident,))
     start = time.perf_counter()
-    timer.start()
+    sender.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            ev.evaluate(mlp, {"slow": _slow}, seeds=[0, 1, 2], steps=5, workers=2, progress=False)
+            try:
+                ev.evaluate(mlp, {"slow": _slow}, seeds=[0, 1, 2], steps=5, workers=2, progress=False)
+            finally:
+                stop.set()
     finally:
-        timer.cancel()
-        timer.join()
+        stop.set()
+        sender.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - start < 20  # the running runs were not waited for
     assert not multiprocessing.active_children()
 
