@@ -1,5 +1,5 @@
 """Recipes (docs/method.md#presets): ``paper`` (the full recipe, for a GPU or a long run), ``cpu`` (at most
-~2 hours on 2 CPU cores, resumable) and ``quick`` (at most ~15 minutes on 2 CPU cores, evaluation included)."""
+~2 hours on 2 CPU cores, resumable) and ``quick`` (about 6 minutes on 2 CPU cores, evaluation included)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.descriptio
     ),
     "quick": Preset(
         "quick",
-        "at most ~15 minutes on 2 CPU cores, including a reduced evaluation",
+        "about 6 minutes on 2 CPU cores (one torch thread), including a reduced evaluation",
         replace(PAPER_CHOICE, unroll_length=20, depths=[1, 2, 5], trajectories_per_period=8,
                 validation_depths=[5], second_order=False, max_repeat=0, meta_lr=3e-3),
         replace(PAPER_STUDENT, unroll_length=20, depths=[1, 2, 5], validation_depths=[2, 5, 10],
