@@ -202,7 +202,7 @@ def test_amalgamate_writes_a_hub_folder_that_loads_and_trains(tmp_path):
 
 def test_amalgamate_restores_threads_and_reuses_recorded_baseline_runs(tmp_path, monkeypatch):
     """The card's reduced evaluation takes the baselines' runs from the record (they do not depend on the student);
-    the caller's thread count survives."""
+    the caller's thread count and global random state survive."""
     from amalgam_plugin import engine
     from amalgam_plugin.evaluate import evaluate_with_baselines
 
@@ -213,10 +213,10 @@ def test_amalgamate_restores_threads_and_reuses_recorded_baseline_runs(tmp_path,
     record.write_text(json.dumps({"recorded_with": {"command": "recorded by this test", "torch": "x"},
                                   "runs": json.loads((tmp_path / "runs.json").read_text())}))
     monkeypatch.setattr(engine, "KNOWN_RUNS", record)
-    threads = torch.get_num_threads()
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
     out = amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=tmp_path / "s", threads=2,
                      workers=2)
-    assert torch.get_num_threads() == threads
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
     assert json.loads((out / "training" / "run_config.json").read_text())["threads"] == 2
     card = (out / "README.md").read_text()
     assert "reused from amalgam-plugin's record (`recorded by this test`" in card

@@ -61,13 +61,15 @@ def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Pro
 
 
 @contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch threads (None: leave as is), and restore the caller's count afterwards."""
+def caller_state_kept(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch threads (None: leave as is); afterwards the caller's thread count and global
+    random state are as they were (modules built without a generator draw from the global one)."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -175,7 +177,7 @@ def amalgamate(
     baseline and the times.
     """
     recipe = check_request(pool, mechanism, preset, problem, imitation, student)
-    with torch_threads(threads):
+    with caller_state_kept(threads):
         return _amalgamate(pool, mechanism, recipe, problem, Path(out), seed, resume, max_minutes, imitation,
                            evaluate, data_root, student, full_eval, workers)
 
