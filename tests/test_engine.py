@@ -354,3 +354,12 @@ def test_amalgamate_benchmark_runs_end_to_end(tmp_path):
         assert line in result.stdout
     assert "meta-training wall time" in result.stdout
     assert (tmp_path / "bundle" / "README.md").exists()
+
+
+def test_meta_throughput_benchmark_prints_every_setting():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_throughput.py"
+    result = subprocess.run([sys.executable, str(script), "--problem", "mlp", "--unroll", "2", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.split()[-4:-3] in (["first"], ["second"])]
+    assert len(rows) == 6 and all(float(line.split()[-3]) > 0 for line in rows)

@@ -1,0 +1,96 @@
+"""Meta-training throughput, side by side in one process: for choice distillation (its single frozen choice
+teacher), min-max against the large pool and the choice phase (the choice network meta-trained alone), first- and
+second-order, the inner steps per second of one truncation with its meta-gradient, and the ratio of one inner
+step to one plain forward+backward of the optimizee at the same batch size (measured in between, so machine noise
+hits both). Medians over repeats. ``--profile`` prints the top of torch.profiler's table for each setting.
+
+    python benchmarks/meta_throughput.py                  # Train CNN, 20-step truncations, 5 repeats
+    python benchmarks/meta_throughput.py --profile --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from amalgam_plugin.engine.estimator import TruncatedEstimator
+from amalgam_plugin.engine.unroll import Layout, frozen_choice_teacher
+from amalgam_plugin.problems import Problem, make_problem
+from amalgam_plugin.students import ChoiceConfig, ChoiceNet, RNNProp
+from amalgam_plugin.teachers import POOLS, make_pool
+
+
+def settings(problem: Problem) -> dict[str, tuple[torch.nn.Module, list, str]]:
+    """name -> (student, teachers, mechanism), each student and network freshly initialised (seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    chooser = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
+    chooser.reset_parameters(gen)
+    chooser.requires_grad_(False).eval()
+    layout = Layout([t.shape for t in problem.init_params(torch.Generator().manual_seed(0))])
+    student = RNNProp()
+    student.reset_parameters(gen)
+    phase = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
+    phase.reset_parameters(gen)
+    return {
+        "choice distillation (1 teacher)": (student, [frozen_choice_teacher(chooser, layout.ranks())], "choice"),
+        "min-max, large pool (6 teachers)": (student, make_pool("large"), "minmax"),
+        "choice phase (no teacher)": (phase, [], "minmax"),
+    }
+
+
+def plain_pass(problem: Problem, params: list[torch.Tensor], batch) -> float:
+    start = time.perf_counter()
+    problem.loss(params, batch).backward()
+    return time.perf_counter() - start
+
+
+def truncation(estimator: TruncatedEstimator, seed: int, alpha: float) -> float:
+    traj = estimator.trajectory(torch.Generator().manual_seed(seed), 0, with_teachers=alpha > 0)
+    start = time.perf_counter()
+    estimator.estimate(traj, alpha)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problem", default="train")
+    parser.add_argument("--unroll", type=int, default=20, help="inner steps per truncation")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per setting")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    problem = make_problem(args.problem)
+    params = [t.requires_grad_(True) for t in problem.init_params(torch.Generator().manual_seed(0))]
+    batch = next(problem.train_batches(torch.Generator().manual_seed(0)))
+    n = sum(p.numel() for p in params)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); problem {problem.name} ({n:,} "
+          f"parameters, batch {problem.batch_size}); {args.unroll}-step truncations; medians of {args.repeats}")
+    print(f"{'setting':34} {'order':6} {'inner steps/s':>13} {'step / fwd+bwd':>15} {'fwd+bwd ms':>11}")
+    for name, (student, teachers, mechanism) in settings(problem).items():
+        for second_order in (False, True):
+            estimator = TruncatedEstimator(student, problem, teachers, args.unroll, mechanism, second_order,
+                                           warmup_lr=0.05, random_scale=True)
+            alpha = 0.2 if teachers else 0.0
+            truncation(estimator, 999, alpha)  # warm the allocator and caches
+            steps, passes = [], []
+            for r in range(args.repeats):
+                passes.append(plain_pass(problem, params, batch))
+                steps.append(truncation(estimator, r, alpha) / args.unroll)
+                passes.append(plain_pass(problem, params, batch))
+            step, fb = statistics.median(steps), statistics.median(passes)
+            order = "second" if second_order else "first"
+            print(f"{name:34} {order:6} {1 / step:13.1f} {step / fb:15.2f} {1000 * fb:11.2f}", flush=True)
+            if args.profile:
+                traj = estimator.trajectory(torch.Generator().manual_seed(0), 0, with_teachers=alpha > 0)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    estimator.estimate(traj, alpha)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+
+
+if __name__ == "__main__":
+    main()
