@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="amalgam", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Optimizer Amalgamation (ICLR 2022) for PyTorch: amalgamate teacher optimizers into a "
                     "learned student optimizer, share it on the Hub, and use it in training code.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser("amalgamate", help="meta-train a student from a pool of teacher optimizers",
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"e.g. 'adam:lr=0.01+sgd' (teachers: {TEACHERS.valid()}, or a dotted "
                         "torch.optim.Optimizer class). Default: large")
     _choice(a, "--mechanism", MECHANISMS, "choice")
-    from .engine import DEFAULT_THREADS, PRESETS  # the engine imports torch: only when the parser is built
+    from .engine import DEFAULT_THREADS, PRESETS  # the engine (checkpoints, curriculum) loads only when needed
 
     _choice(a, "--preset", PRESETS, "quick")
     _choice(a, "--problem", PROBLEMS, "train", "training problem")
@@ -166,7 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    if args.command == "run":  # the user's script: its errors keep their tracebacks
+        return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # bad input (a folder, a student, a name): one line, no traceback
+        if args.verbose:
+            raise
+        print(f"amalgam {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

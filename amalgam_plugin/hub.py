@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -53,6 +53,8 @@ CARD_NAME = "README.md"
 PLOT_NAME = "heldout_loss.png"
 PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.pkl", "pytorch_model.pt")
 HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, "*.png"]
+MAX_CONFIG_BYTES = 1024**2
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names; weights of any other dtype are refused
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _IDENTITY_ATTR = "_amalgam_identity"
 
@@ -204,9 +206,12 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
         pickles = [n for n in PICKLE_NAMES if (folder / n).exists()]
         extra = f" (it holds {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
         raise FileNotFoundError(f"student folder {str(folder)!r} has no {CONFIG_NAME}{extra}")
+    size = config_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{str(config_path)!r} is {size:,} bytes; a student config is at most {MAX_CONFIG_BYTES:,}")
     try:
         config = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"{str(config_path)!r} is not valid JSON: {err}") from err
     if not isinstance(config, dict):
         raise ValueError(f"{str(config_path)!r} must hold a JSON object, got {type(config).__name__}")
@@ -242,6 +247,28 @@ def _build(config: dict[str, Any], where: str) -> nn.Module:
         raise ValueError(f"{where}: invalid {config['student_type']} config: {err}") from err
 
 
+def _check_header(weights: Path, expected: Mapping[str, torch.Tensor], student_type: str) -> None:
+    """Names, dtypes and shapes from the safetensors header, checked before any tensor data is read."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{str(weights)!r} is not a readable safetensors file (corrupt or truncated?): {err}") from err
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{str(weights)!r} does not match a {student_type} student with this config: "
+            f"missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}"
+        )
+    dtypes = [f"{k}: {dtype}" for k, (dtype, _) in header.items() if dtype not in FLOAT_DTYPES]
+    if dtypes:
+        raise ValueError(f"{str(weights)!r}: weights must be floating point; got " + ", ".join(dtypes))
+    shapes = [f"{k}: expected {tuple(expected[k].shape)}, got {shape}" for k, (_, shape) in header.items()
+              if shape != tuple(expected[k].shape)]
+    if shapes:
+        raise ValueError(f"{str(weights)!r}: shape mismatch with the config in {CONFIG_NAME}: " + "; ".join(shapes))
+
+
 def load_folder(folder: str | os.PathLike) -> nn.Module:
     """Build and load the student in ``folder`` (safetensors only, strict keys and shapes), frozen."""
     folder = Path(folder)
@@ -259,29 +286,13 @@ def load_folder(folder: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"student folder {str(folder)!r} has no {WEIGHTS_NAME}")
     config = read_config(folder)
     student = _build(config, str(folder))
+    _check_header(weights, student.state_dict(), config["student_type"])
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
             f"{str(weights)!r} is not a readable safetensors file (corrupt or truncated?): {err}"
         ) from err
-    expected = student.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{str(weights)!r} does not match a {config['student_type']} student with this config: "
-            f"missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}"
-        )
-    shapes = [
-        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
-        for k, v in tensors.items()
-        if tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    if shapes:
-        raise ValueError(
-            f"{str(weights)!r}: shape mismatch with the config in {CONFIG_NAME}: " + "; ".join(shapes)
-        )
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{str(weights)!r}: non-finite values in {', '.join(bad)}")

@@ -7,6 +7,9 @@ import fnmatch
 import json
 import os
 import pickle
+import subprocess
+import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -313,6 +316,71 @@ def edit_config(folder: Path, **changes) -> None:
     config = json.loads((folder / "config.json").read_text())
     config.update(changes)
     (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"hidden_sizes": [3000, 3000]}, r"hidden_sizes\[0\] must be an integer in \[1, 1024\]"),
+    ({"hidden_sizes": [100000, 100000]}, "hidden_sizes"),
+    ({"hidden_sizes": [-5]}, "hidden_sizes"),
+    ({"hidden_sizes": []}, "hidden_sizes must be a list of 1 to 8"),
+    ({"hidden_sizes": "20"}, "hidden_sizes"),
+    ({"beta1": 1}, "beta1"),
+    ({"output_scale": float("nan")}, "output_scale"),
+    ({"epsilon": -1}, "epsilon"),
+    ({"beta2": "0.999"}, "beta2"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"warmup_steps": 1.5}, "warmup_steps"),
+    ({"warmup_lr": float("inf")}, "warmup_lr"),
+    ({"provenance": []}, "provenance"),
+    ({"student_type": ["rnnprop"]}, "unknown student_type"),
+])
+def test_hostile_config_is_refused_before_anything_is_built(saved, changes, message):
+    """Every field's type and range is checked first: nothing huge is allocated, nothing broken is built."""
+    edit_config(saved, **changes)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        hub.load_student(saved)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"time_scale": 0}, "time_scale"),
+    ({"pool": [["bogus", {}]]}, "unknown teacher 'bogus'"),
+    ({"pool": [[["adam"], {}]]}, "must be a name"),
+    ({"pool": [["adam", {"lr": "0.01"}]]}, r"pool\[0\]\.lr"),
+    ({"pool": []}, "pool must be a list of 1 to 32"),
+])
+def test_hostile_choice_config_is_refused(tmp_path, changes, message):
+    folder = hub.save_student(ChoiceNet(), tmp_path / "c")
+    edit_config(folder, **changes)
+    with pytest.raises(ValueError, match=message):
+        hub.load_student(folder)
+
+
+def test_cli_reports_a_hostile_folder_in_one_line(saved):
+    edit_config(saved, hidden_sizes=[3000, 3000])
+    result = subprocess.run([sys.executable, "-m", "amalgam_plugin.cli", "push", str(saved), "acme/x"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "hidden_sizes[0] must be an integer" in result.stderr
+
+
+def test_deep_or_huge_config_json_is_refused(saved):
+    (saved / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        hub.load_student(saved)
+    (saved / "config.json").write_text(json.dumps({"format_version": 1, "pad": "x" * 2 * 1024**2}))
+    with pytest.raises(ValueError, match="a student config is at most"):
+        hub.load_student(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])
+def test_weights_of_a_non_float_dtype_are_refused(saved, dtype):
+    tensors = load_file(saved / "model.safetensors")
+    tensors["delta.bias"] = tensors["delta.bias"].to(dtype)
+    save_file(tensors, saved / "model.safetensors")
+    with pytest.raises(ValueError, match="must be floating point; got delta.bias"):
+        hub.load_student(saved)
 
 
 def test_missing_folder_and_unknown_name(tmp_path):

@@ -22,10 +22,37 @@ PAPER_URL = "https://arxiv.org/abs/2203.06474"
 State = dict[str, Any]
 
 
+MAX_UNITS = 1024  # per recurrent layer: a downloaded config may not ask for unbounded memory
+MAX_LAYERS = 8
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def check_real(name: str, value: Any, low: float, high: float, low_open: bool = False,
+               high_open: bool = False) -> None:
+    """A finite number in the interval (open at either end when asked)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+
+
+def check_sizes(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_LAYERS:
+        raise ValueError(f"{name} must be a list of 1 to {MAX_LAYERS} layer sizes, got {value!r}")
+    for i, units in enumerate(value):
+        check_int(f"{name}[{i}]", units, 1, MAX_UNITS)
+
+
 @dataclass
 class StudentConfig:
     """The fields every student's config carries beside its architecture: the evaluation protocol it was
-    trained for (warm-up, weight-decay unit) and where it came from. Saved as ``config.json``."""
+    trained for (warm-up, weight-decay unit) and where it came from. Saved as ``config.json``; every field is
+    checked (type and range) when a config is made, so a downloaded one cannot build a broken or huge student."""
 
     warmup_steps: int = 100
     warmup_lr: float = 0.05
@@ -33,6 +60,20 @@ class StudentConfig:
     student_type: str = ""
     format_version: int = FORMAT_VERSION
     provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field out of its type or range."""
+        check_int("warmup_steps", self.warmup_steps, 0, 10**9)
+        check_real("warmup_lr", self.warmup_lr, 0.0, 100.0)
+        check_real("decay_ref_lr", self.decay_ref_lr, 0.0, 1.0)
+        check_int("format_version", self.format_version, 1, FORMAT_VERSION)
+        if not isinstance(self.student_type, str):
+            raise ValueError(f"student_type must be a string, got {self.student_type!r}")
+        if not isinstance(self.provenance, dict):
+            raise ValueError(f"provenance must be a JSON object, got {type(self.provenance).__name__}")
 
 
 class Student(Protocol):

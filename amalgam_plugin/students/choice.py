@@ -10,7 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from ..teachers import POOLS, TEACHERS, Teacher
-from .base import Dense, HubStudent, StudentConfig, lstm_stack, run_lstm_stack, zero_lstm_state
+from .base import Dense, HubStudent, StudentConfig, check_real, check_sizes, lstm_stack, run_lstm_stack, zero_lstm_state
+
+MAX_POOL = 32
 
 
 @dataclass
@@ -22,6 +24,21 @@ class ChoiceConfig(StudentConfig):
     hidden_sizes: list[int] = field(default_factory=lambda: [20, 20])
     time_scale: float = 2000.0
     student_type: str = "choice"
+
+    def validate(self) -> None:
+        super().validate()
+        check_sizes("hidden_sizes", self.hidden_sizes)
+        check_real("time_scale", self.time_scale, 0.0, 1e12, low_open=True)
+        if not isinstance(self.pool, list) or not 1 <= len(self.pool) <= MAX_POOL:
+            raise ValueError(f"pool must be a list of 1 to {MAX_POOL} [teacher, hyper-parameters] pairs")
+        for i, member in enumerate(self.pool):
+            if not (isinstance(member, (list, tuple)) and len(member) == 2 and isinstance(member[1], dict)):
+                raise ValueError(f"pool[{i}] must be a [teacher name, hyper-parameters] pair, got {member!r}")
+            if not isinstance(member[0], str):
+                raise ValueError(f"pool[{i}]'s teacher must be a name, got {member[0]!r}")
+            TEACHERS.lookup(member[0])
+            for key, value in member[1].items():
+                check_real(f"pool[{i}].{key}", value, -1e12, 1e12)
 
 
 def rank_features(rank: int | Tensor, n: int, like: Tensor) -> Tensor:

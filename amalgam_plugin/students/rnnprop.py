@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import Dense, HubStudent, StudentConfig, fast_tanh, lstm_stack, run_lstm_stack, zero_lstm_state
+from .base import (
+    Dense,
+    HubStudent,
+    StudentConfig,
+    check_real,
+    check_sizes,
+    fast_tanh,
+    lstm_stack,
+    run_lstm_stack,
+    zero_lstm_state,
+)
 
 
 @dataclass
@@ -20,6 +30,14 @@ class RNNPropConfig(StudentConfig):
     epsilon: float = 1e-10
     output_scale: float = 0.1
     student_type: str = "rnnprop"
+
+    def validate(self) -> None:
+        super().validate()
+        check_sizes("hidden_sizes", self.hidden_sizes)
+        check_real("beta1", self.beta1, 0.0, 1.0, high_open=True)
+        check_real("beta2", self.beta2, 0.0, 1.0, high_open=True)
+        check_real("epsilon", self.epsilon, 0.0, 1.0, low_open=True)
+        check_real("output_scale", self.output_scale, 0.0, 100.0, low_open=True)
 
 
 class RNNProp(nn.Module, HubStudent):
