@@ -29,13 +29,15 @@ def _amalgamate(args: argparse.Namespace) -> int:
     from .engine import amalgamate, check_request
 
     try:
-        check_request(args.pool, args.mechanism, args.preset, args.problem, args.imitation, args.student)
+        check_request(args.pool, args.mechanism, args.preset, args.problem, args.imitation, args.student, args.out,
+                      args.resume, args.overwrite, args.max_minutes, args.threads)
     except ValueError as err:
         raise SystemExit(f"amalgam amalgamate: {err}") from None
     out = amalgamate(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem,
                      out=args.out, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
                      imitation=args.imitation, evaluate=not args.no_eval, data_root=args.data_root,
-                     threads=args.threads, student=args.student, full_eval=args.full_eval, workers=args.workers)
+                     threads=args.threads, student=args.student, full_eval=args.full_eval, workers=args.workers,
+                     overwrite=args.overwrite)
     if out is None:
         print(f"stopped at a checkpoint (--max-minutes {args.max_minutes}); continue with the same command "
               "plus --resume", file=sys.stderr)
@@ -132,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="amalgam-student", help="output folder (default ./amalgam-student)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true", help="continue from OUT/training's checkpoints")
+    a.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty OUT that holds no earlier run (refused otherwise)")
     a.add_argument("--max-minutes", type=float, default=None,
                    help="stop cleanly at the last checkpoint that fits in this many minutes")
     a.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation of the model card")

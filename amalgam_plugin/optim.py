@@ -126,10 +126,16 @@ class AmalgamOptimizer(Optimizer):
         capturable: bool = False,
         fused: bool | None = None,
     ):
-        if float(lr) < 0:
+        if not float(lr) >= 0:  # NaN fails too
             raise ValueError(f"lr must be >= 0, got {float(lr)}")
-        if weight_decay < 0:
+        if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if 0 < float(lr) < 0.05:
+            warnings.warn(
+                f"AmalgamOptimizer's lr multiplies the student's own update (1.0 = as trained): lr={float(lr):g} "
+                f"makes every update {1 / float(lr):.0f}x smaller; an AdamW-style learning rate is not needed",
+                stacklevel=2,
+            )
         if warmup_steps is not None and warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 or None, got {warmup_steps}")
         if differentiable or capturable or fused:
@@ -180,7 +186,14 @@ class AmalgamOptimizer(Optimizer):
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of tensors or dicts, not a Tensor")
         items = list(params)
-        groups = [dict(g) for g in items] if items and isinstance(items[0], dict) else [{"params": items}]
+        if not items:
+            raise ValueError("optimizer got an empty parameter list")
+        groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
+        for group in groups:  # materialised: a group's params may be a generator
+            ps = group["params"] = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+            if any((p[1] if isinstance(p, tuple) else p).is_complex() for p in ps):
+                raise ValueError("complex parameters are not supported (their imaginary part would be lost); "
+                                 "optimize torch.view_as_real(p) instead")
         if self._fallback is None:
             return groups
         out = []

@@ -363,3 +363,39 @@ def test_meta_throughput_benchmark_prints_every_setting():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.split()[-4:-3] in (["first"], ["second"])]
     assert len(rows) == 6 and all(float(line.split()[-3]) > 0 for line in rows)
+
+
+def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
+    from amalgam_plugin.engine import check_request
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    args = ("small", "mean", "smoke", "mlp", "il_more", "rnnprop")
+    with pytest.raises(ValueError, match="not empty and holds no amalgamate run"):
+        check_request(*args, out=mine)
+    check_request(*args, out=mine, overwrite=True)
+    check_request(*args, out=tmp_path / "new")
+    run = tmp_path / "run"
+    (run / "training").mkdir(parents=True)
+    (run / "training" / "run_config.json").write_text("{}")
+    check_request(*args, out=run)  # an earlier run of ours may be redone
+    monkeypatch.chdir(mine)
+    with pytest.raises(ValueError, match="not empty"):
+        check_request(*args, out="")  # --out '' is the current folder
+    result = amalgam_cli("amalgamate", "--out", str(mine), "--preset", "smoke")
+    assert result.returncode != 0 and "--overwrite" in result.stderr and "Traceback" not in result.stderr
+    assert (mine / "README.md").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_minutes=0), "max_minutes must be > 0"),
+    (dict(max_minutes=-5), "max_minutes must be > 0"),
+    (dict(threads=100000), "threads must be between 1 and"),
+    (dict(threads=0), "threads must be between 1 and"),
+])
+def test_bounds_of_an_amalgamate_call(kwargs, message):
+    from amalgam_plugin.engine import check_request
+
+    with pytest.raises(ValueError, match=message):
+        check_request("small", "mean", "smoke", "mlp", "il_more", **kwargs)

@@ -358,3 +358,21 @@ def test_from_pretrained_folder_records_identity(paper_student, tmp_path):
     same = AmalgamOptimizer([p], student=paper_student)  # the same weights as a module: the same identity
     same.load_state_dict(saved)
     assert torch.equal(same.state[p]["h1"], opt.state[p]["h1"])
+
+
+def test_bad_arguments_are_refused_like_torch(paper_student):
+    p = torch.nn.Parameter(torch.zeros(3))
+    for kwargs in (dict(lr=float("nan")), dict(weight_decay=float("nan")), dict(lr=-1.0)):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            AmalgamOptimizer([p], student=paper_student, **kwargs)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        AmalgamOptimizer([], student=paper_student)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        AmalgamOptimizer(iter(()), student=paper_student)
+    with pytest.raises(ValueError, match="complex parameters"):
+        AmalgamOptimizer([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))], student=paper_student)
+    with pytest.warns(UserWarning, match="1000x smaller"):
+        AmalgamOptimizer([p], student=paper_student, lr=1e-3)
+    model = nn.Linear(3, 2)
+    opt = AmalgamOptimizer([{"params": model.parameters()}], student=paper_student)  # a generator inside a group
+    assert len(opt.param_groups[0]["params"]) == 2

@@ -47,8 +47,16 @@ FULL_EVAL_SEEDS = 10
 
 
 def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Problem, imitation: str,
-                  student: str = "rnnprop") -> Preset:
-    """Every name of an ``amalgamate`` call, checked before any work: a ValueError listing the valid names."""
+                  student: str = "rnnprop", out: str | os.PathLike | None = None, resume: bool = False,
+                  overwrite: bool = False, max_minutes: float | None = None, threads: int | None = None) -> Preset:
+    """Every argument of an ``amalgamate`` call, checked before any work: a ValueError naming the bad value and
+    the valid ones."""
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
+    if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
+        raise ValueError(f"threads must be between 1 and this machine's {os.cpu_count()} CPUs, got {threads}")
+    if out is not None:
+        _check_out(Path(out), resume, overwrite)
     MECHANISMS.lookup(mechanism)
     IMITATION_SCHEDULES.lookup(imitation)
     if isinstance(problem, str):
@@ -58,6 +66,17 @@ def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Pro
         raise ValueError(f"student type {student!r} is not meta-trained by amalgamate; trainable: {trainable}")
     make_pool(pool)
     return preset if isinstance(preset, Preset) else PRESETS.lookup(preset)
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """A user's files are never overwritten unasked: ``out`` must be new, empty or a folder of an earlier run."""
+    if resume or not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"output {str(out)!r} exists and is not a folder")
+    if any(out.iterdir()) and not (out / "training" / "run_config.json").is_file() and not overwrite:
+        raise ValueError(f"output folder {str(out.resolve())!r} is not empty and holds no amalgamate run; choose a "
+                         "new folder, or pass --overwrite (overwrite=True) to write the student into it anyway")
 
 
 @contextmanager
@@ -163,6 +182,7 @@ def amalgamate(
     student: str = "rnnprop",
     full_eval: bool = False,
     workers: int | None = None,
+    overwrite: bool = False,
 ) -> Path | None:
     """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry) and write it to
     ``out`` in Hub layout, with a model card evaluating it on the held-out data.
@@ -174,9 +194,10 @@ def amalgamate(
     runs in ``workers`` processes of one thread each (None: one per CPU core); it is the preset's reduced
     evaluation, reusing the known baseline runs of ``KNOWN_RUNS``, unless ``full_eval`` (10 paired seeds, both
     forms of every teacher, everything re-run). ``OUT/training/summary.json`` holds the result against the best
-    baseline and the times.
+    baseline and the times. A non-empty ``out`` that holds no earlier run is refused unless ``overwrite``.
     """
-    recipe = check_request(pool, mechanism, preset, problem, imitation, student)
+    recipe = check_request(pool, mechanism, preset, problem, imitation, student, out, resume, overwrite, max_minutes,
+                           threads)
     with caller_state_kept(threads):
         return _amalgamate(pool, mechanism, recipe, problem, Path(out), seed, resume, max_minutes, imitation,
                            evaluate, data_root, student, full_eval, workers)
@@ -196,7 +217,7 @@ def _amalgamate(pool, mechanism, recipe, problem, out, seed, resume, max_minutes
         _check_same_run(workdir / "run_config.json", config)
     (workdir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
     started = time.time()
-    deadline = started + 60 * max_minutes if max_minutes else None
+    deadline = started + 60 * max_minutes if max_minutes is not None else None
     student = meta_train(pool, mechanism, recipe, task, workdir, seed, resume, deadline, imitation, student_type)
     if student is None:
         logger.warning("stopped at a checkpoint after %.1f min; rerun with --resume to continue",
