@@ -267,16 +267,39 @@ class AmalgamOptimizer(Optimizer):
         for i, group in enumerate(state_dict["param_groups"]):
             theirs = group.get("student_id")
             if theirs is None:
-                warnings.warn("loading an optimizer state dict that records no student_id", stacklevel=4)
-            elif _sha_of(theirs) != mine:
+                raise ValueError(
+                    f"param group {i} of this state dict records no student_id: it was not saved by an "
+                    "AmalgamOptimizer (e.g. an AdamW checkpoint); start this optimizer fresh instead"
+                )
+            if _sha_of(theirs) != mine:
                 raise ValueError(
                     f"optimizer state of param group {i} was produced by student {theirs!r}, but this "
                     f"optimizer runs {opt._student_id!r}; load the same student to resume (student state "
                     "is not portable between students)"
                 )
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        groups = [g for g in opt.param_groups for _ in g["params"]]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for saved_id, group, p in zip(saved_ids, groups, params, strict=False):  # torch checks the sizes
+            if saved_id in state_dict["state"]:
+                opt._check_saved_state(state_dict["state"][saved_id], group, p)
         opt._stashed = (state_dict["state"], saved_ids)
         return {**state_dict, "state": {}}
+
+    def _check_saved_state(self, saved: dict, group: dict, p: Tensor) -> None:
+        """The saved state of ``p`` has the keys and sizes this optimizer keeps for it (counters unchecked)."""
+        if group["use_fallback"]:
+            expected = {"step": None, "exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+        else:  # the student's state for one coordinate, grown to p's
+            one = flatten_state(self.student.init_state(1, torch.zeros(())))
+            expected = {"step": None, **{k: (p.numel(), *v.shape[1:]) if isinstance(v, Tensor) else None
+                                         for k, v in one.items()}}
+        got = {k: tuple(v.shape) if isinstance(v, Tensor) else None for k, v in saved.items()}
+        if set(got) != set(expected) or any(shape is not None and got[k] != shape for k, shape in expected.items()):
+            raise ValueError(
+                f"saved optimizer state of a parameter of shape {tuple(p.shape)} does not fit it (keys or "
+                f"shapes differ: expected {expected}, got {got}); load the state dict of the same model"
+            )
 
     @staticmethod
     def _restore_state(opt: AmalgamOptimizer) -> None:

@@ -399,3 +399,29 @@ def test_bounds_of_an_amalgamate_call(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         check_request("small", "mean", "smoke", "mlp", "il_more", **kwargs)
+
+
+def test_resume_refuses_a_corrupt_checkpoint_in_one_clear_error(tmp_path):
+    from amalgam_plugin.engine.learner import load_checkpoint, save_checkpoint
+
+    run_curriculum(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    good = ckpt.read_bytes()
+    progress, tensors = load_checkpoint(ckpt)
+    name = next(k for k in tensors if k.startswith("current.weights."))
+    tensors[name] = tensors[name].clone().fill_(float("nan"))  # tensor data corrupted, header intact
+    save_checkpoint(ckpt, progress, tensors)
+    for broken in (None, good[: len(good) // 2], b"garbage"):
+        if broken is not None:
+            ckpt.write_bytes(broken)
+        resumed = Curriculum(RNNProp(), make_problem("mlp"), make_pool("small"), TINY, tmp_path / "run", seed=7)
+        with pytest.raises(ValueError, match="checkpoint .* (is unreadable|holds non-finite values)"):
+            resumed.run(resume=True)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs for two threads")
+def test_resume_with_another_thread_count_is_refused(tmp_path):
+    kwargs = dict(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=tmp_path / "s", evaluate=False)
+    amalgamate(threads=1, **kwargs)
+    with pytest.raises(ValueError, match="changed: threads"):
+        amalgamate(threads=2, resume=True, **kwargs)

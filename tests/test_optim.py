@@ -376,3 +376,23 @@ def test_bad_arguments_are_refused_like_torch(paper_student):
     model = nn.Linear(3, 2)
     opt = AmalgamOptimizer([{"params": model.parameters()}], student=paper_student)  # a generator inside a group
     assert len(opt.param_groups[0]["params"]) == 2
+
+
+def test_load_state_dict_refuses_foreign_or_misshapen_state(paper_student):
+    model = nn.Linear(4, 3)
+    opt = AmalgamOptimizer(model.parameters(), student=paper_student, warmup_steps=1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    adamw = torch.optim.AdamW(model.parameters())
+    adamw.step()
+    with pytest.raises(ValueError, match="records no student_id"):
+        opt.load_state_dict(adamw.state_dict())
+    other = nn.Linear(5, 3)  # same number of tensors, other shapes
+    other_opt = AmalgamOptimizer(other.parameters(), student=paper_student, warmup_steps=1)
+    for p in other.parameters():
+        p.grad = torch.ones_like(p)
+    other_opt.step()
+    with pytest.raises(ValueError, match="does not fit it"):
+        opt.load_state_dict(other_opt.state_dict())
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own state still loads

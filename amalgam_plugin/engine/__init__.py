@@ -119,7 +119,9 @@ def _run_config(**kwargs) -> dict:
     return {**kwargs, "threads": torch.get_num_threads(), "versions": _versions(), "argv": sys.argv}
 
 
-RUN_KEYS = ("pool", "mechanism", "preset", "problem", "seed", "imitation", "student", "choice_recipe",
+# what a resumed run must share with the one that wrote the checkpoints (the thread count too: matrix products
+# sum in another order with another count, so the student would be one nobody can reproduce)
+RUN_KEYS = ("pool", "mechanism", "preset", "problem", "seed", "imitation", "student", "threads", "choice_recipe",
             "student_recipe")
 
 

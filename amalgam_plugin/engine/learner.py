@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
@@ -57,6 +58,17 @@ def save_checkpoint(path: Path, progress: dict[str, Any], tensors: dict[str, Ten
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    with safe_open(str(path), framework="pt") as f:
-        progress = json.loads(f.metadata()["progress"])
-    return progress, load_file(str(path))
+    """The bookkeeping and tensors of a checkpoint; a ValueError when it is unreadable or holds non-finite
+    values (never a half-loaded run)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            progress = json.loads((f.metadata() or {})["progress"])
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"checkpoint {str(path)!r} is unreadable (truncated or corrupt: {err}); move it away "
+                         "to start the run over") from err
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(f"checkpoint {str(path)!r} holds non-finite values ({', '.join(bad[:3])}); it is "
+                         "corrupt: move it away to start the run over")
+    return progress, tensors
