@@ -100,6 +100,7 @@ class AmalgamOptimizer(Optimizer):
         fallback: predicate ``(name, param) -> bool`` (or ``(param) -> bool`` without names) choosing
             parameters that run AdamW instead of the student.
         fallback_lr: AdamW learning rate of fallback groups (times the group's ``lr``).
+        betas, eps: AdamW's coefficients in fallback groups (the student ignores them).
         foreach: accepted for API compatibility (the student path is always batched).
         differentiable: must be False (the student runs frozen under ``no_grad``).
         revision: Hub revision used when ``student`` is a repo id.
@@ -123,6 +124,8 @@ class AmalgamOptimizer(Optimizer):
         *,
         revision: str | None = None,
         chunk_size: int | None = None,
+        betas: tuple[float, float] = ADAMW_BETAS,
+        eps: float = ADAMW_EPS,
         capturable: bool = False,
         fused: bool | None = None,
     ):
@@ -161,8 +164,8 @@ class AmalgamOptimizer(Optimizer):
             maximize=maximize,
             fallback_lr=fallback_lr,
             use_fallback=False,
-            betas=ADAMW_BETAS,  # fallback AdamW only
-            eps=ADAMW_EPS,  # fallback AdamW only
+            betas=tuple(betas),  # fallback AdamW only
+            eps=eps,  # fallback AdamW only
             foreach=foreach,
             differentiable=False,
             capturable=False,

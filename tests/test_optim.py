@@ -396,3 +396,21 @@ def test_load_state_dict_refuses_foreign_or_misshapen_state(paper_student):
     with pytest.raises(ValueError, match="does not fit it"):
         opt.load_state_dict(other_opt.state_dict())
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own state still loads
+
+
+def test_fallback_adamw_takes_betas_and_eps(paper_student, digits):
+    """``betas`` and ``eps`` show in ``defaults``; the constructor takes them for the fallback AdamW groups."""
+    torch.manual_seed(0)
+    ours, ref = nn.Linear(784, 10), nn.Linear(784, 10)
+    ref.load_state_dict(ours.state_dict())
+    opt = AmalgamOptimizer([{"params": ours.parameters(), "use_fallback": True}], student=paper_student,
+                           fallback_lr=1e-3, betas=(0.8, 0.99), eps=1e-6)
+    adamw = torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0)
+    x, y = digits
+    for o, m in ((opt, ours), (adamw, ref)):
+        for _ in range(3):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x[:64].flatten(1)), y[:64]).backward()
+            o.step()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
