@@ -574,7 +574,7 @@ def student_from_npz(path: str | os.PathLike, config: Any = None) -> nn.Module:
 
     from .students import RNNProp, RNNPropConfig
 
-    arrays = np.load(path)
+    arrays = np.load(path, allow_pickle=False)
     student = RNNProp(config or RNNPropConfig())
     try:
         student.load_state_dict(
