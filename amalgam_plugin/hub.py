@@ -149,7 +149,8 @@ def resolve(
     bundled = _bundled_names()
     if text in bundled:
         return bundled_root() / text, {"source": "bundled", "name": text, "revision": _package_version()}
-    if isinstance(name_or_path, os.PathLike) or _looks_like_path(text) or not _REPO_ID.match(text):
+    if (isinstance(name_or_path, os.PathLike) or _looks_like_path(text) or not _REPO_ID.match(text)
+            or ".." in text.split("/")):
         raise FileNotFoundError(
             f"no student folder {text!r}, and it is neither a bundled student "
             f"({', '.join(bundled) or 'none'}) "
@@ -269,11 +270,22 @@ def _check_header(weights: Path, expected: Mapping[str, torch.Tensor], student_t
         raise ValueError(f"{str(weights)!r}: shape mismatch with the config in {CONFIG_NAME}: " + "; ".join(shapes))
 
 
+def _check_links(folder: Path) -> None:
+    """A student's files may be links within its folder or, in a Hub cache snapshot (``.../snapshots/REV``),
+    into the repository's blobs; a link anywhere else is refused (it could read any file of the machine)."""
+    roots = [folder.resolve()] + ([folder.parent.parent.resolve()] if folder.parent.name == "snapshots" else [])
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        target = (folder / name).resolve()
+        if not any(target.is_relative_to(root) for root in roots):
+            raise ValueError(f"{str(folder / name)!r} links outside the student folder (to {str(target)!r}); refused")
+
+
 def load_folder(folder: str | os.PathLike) -> nn.Module:
     """Build and load the student in ``folder`` (safetensors only, strict keys and shapes), frozen."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no student folder {str(folder)!r}")
+    _check_links(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         pickles = [n for n in PICKLE_NAMES if (folder / n).exists()]

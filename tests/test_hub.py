@@ -319,10 +319,10 @@ def edit_config(folder: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"hidden_sizes": [3000, 3000]}, r"hidden_sizes\[0\] must be an integer in \[1, 1024\]"),
+    ({"hidden_sizes": [3000, 3000]}, r"hidden_sizes\[0\] must be an integer in \[1, 256\]"),
     ({"hidden_sizes": [100000, 100000]}, "hidden_sizes"),
     ({"hidden_sizes": [-5]}, "hidden_sizes"),
-    ({"hidden_sizes": []}, "hidden_sizes must be a list of 1 to 8"),
+    ({"hidden_sizes": []}, "hidden_sizes must be a list of 1 to 4"),
     ({"hidden_sizes": "20"}, "hidden_sizes"),
     ({"beta1": 1}, "beta1"),
     ({"output_scale": float("nan")}, "output_scale"),

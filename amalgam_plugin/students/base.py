@@ -22,8 +22,8 @@ PAPER_URL = "https://arxiv.org/abs/2203.06474"
 State = dict[str, Any]
 
 
-MAX_UNITS = 1024  # per recurrent layer: a downloaded config may not ask for unbounded memory
-MAX_LAYERS = 8
+MAX_UNITS = 256  # per recurrent layer: a downloaded config may not ask for unbounded memory
+MAX_LAYERS = 4
 
 
 def check_int(name: str, value: Any, low: int, high: int) -> None:
