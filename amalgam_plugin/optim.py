@@ -11,6 +11,8 @@ The rules (one each, everywhere):
   ``fallback_lr * lr`` with the group's ``weight_decay`` in ordinary AdamW units.
 * State is lazy, per parameter, tensors and numbers only; student state is float32 whatever the parameter
   dtype and survives ``load_state_dict`` bit-exactly (torch would cast it to the parameter dtype).
+* A parameter whose gradient holds a NaN or an inf is skipped for that step, warm-up or not: its value and
+  state stay as they were (torch's optimizers would write the NaN into it); ``skipped_updates`` counts them.
 * Every param group records ``student_id`` (name, revision, content hash); loading a state dict produced by
   another student raises ``ValueError``.
 
@@ -156,6 +158,7 @@ class AmalgamOptimizer(Optimizer):
         self._fallback = fallback
         self._student_id = _student_id(self.student)
         self._devices: dict[torch.device, RuntimeKernel] = {}  # the student's kernel per device
+        self.skipped_updates = 0  # parameter updates skipped for a non-finite gradient
         cfg = self.student.config
         defaults = dict(
             lr=lr,
@@ -256,6 +259,7 @@ class AmalgamOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_devices", {})
+        self.__dict__.setdefault("skipped_updates", 0)
         for group in self.param_groups:
             group.setdefault("use_fallback", False)
             group.setdefault("fallback_lr", 1e-3)
@@ -330,6 +334,7 @@ class AmalgamOptimizer(Optimizer):
                         "AmalgamOptimizer does not support sparse gradients; use dense ones "
                         "(e.g. nn.Embedding(sparse=False))"
                     )
+            params = self._finite_only(params)
             if not params:
                 continue
             if group["use_fallback"]:
@@ -337,6 +342,20 @@ class AmalgamOptimizer(Optimizer):
             else:
                 self._student_group(group, params)
         return loss
+
+    def _finite_only(self, params: list[Tensor]) -> list[Tensor]:
+        """The parameters whose gradient is finite; the others are skipped this step (value and state kept) and
+        counted in ``skipped_updates``. One host sync per device."""
+        finite: dict[int, bool] = {}
+        for same in _by_device_and_dtype(params):
+            flags = torch.stack([torch.isfinite(p.grad).all() for p in same]).tolist()
+            finite.update(zip(map(id, same), flags, strict=True))
+        kept = [p for p in params if finite[id(p)]]
+        if len(kept) < len(params):
+            self.skipped_updates += len(params) - len(kept)
+            warnings.warn("AmalgamOptimizer skipped the update of parameters whose gradient is NaN or inf (their "
+                          "values and states are kept); see skipped_updates", stacklevel=3)
+        return kept
 
     def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
         """AdamW exactly as ``torch.optim.AdamW`` (single-tensor form), state float32."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -414,3 +415,39 @@ def test_fallback_adamw_takes_betas_and_eps(paper_student, digits):
             o.step()
     for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("warmup_steps", [100, 0])
+def test_non_finite_gradient_skips_that_tensor_and_keeps_its_state(paper_student, dtype, warmup_steps):
+    """As documented: the tensor with a NaN/inf gradient keeps its value and state; the others step."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(4, 3, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+    opt = AmalgamOptimizer([a, b], student=paper_student, warmup_steps=warmup_steps)
+    for g in (torch.ones(4, 3), torch.full((4, 3), 0.5)):
+        a.grad, b.grad = g.to(dtype), g.to(dtype)
+        opt.step()
+    before_a, before_b = a.detach().clone(), b.detach().clone()
+    state_a = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[a].items()}
+    for bad in (float("nan"), float("inf")):
+        grad = torch.ones(4, 3)
+        grad[1, 2] = bad
+        a.grad, b.grad = grad.to(dtype), torch.ones(4, 3).to(dtype)
+        with pytest.warns(UserWarning, match="skipped the update"):
+            opt.step()
+    assert torch.equal(a.detach(), before_a) and not torch.equal(b.detach(), before_b)
+    for key, value in state_a.items():
+        assert torch.equal(opt.state[a][key], value) if isinstance(value, torch.Tensor) else opt.state[a][key] == value
+    assert opt.skipped_updates == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_huge_and_zero_gradients_keep_parameters_finite(paper_student, dtype):
+    p = torch.zeros(5, 4, dtype=dtype, requires_grad=True)
+    opt = AmalgamOptimizer([p], student=paper_student, warmup_steps=2)
+    for scale in (1e30, 1e30, 1e30, 0.0, 0.0, 1e30):
+        p.grad = torch.full((5, 4), scale).to(dtype)  # 1e30 is inf in fp16: skipped; finite in fp32 and bf16
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        assert torch.isfinite(p).all()
