@@ -525,22 +525,31 @@ def save_student(
     STUDENTS.lookup(config["student_type"])
     if card is not None:
         render_card(config, card)  # validate the keys before writing anything
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Interrupted at any point, the folder holds no student that loads: config.json goes first and comes back
+    # last, and every file is written beside and renamed into place.
+    (folder / CONFIG_NAME).unlink(missing_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
     # one metadata key only: safetensors writes its metadata map in no fixed order, and a bundled file
     # should be byte-identical when rebuilt
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    _replace_with(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     plot_name = None
     if evaluation is not None and evaluation.runs:
-        evaluation.plot(
-            folder / PLOT_NAME,
-            title=f"{folder.name}: held-out loss on {evaluation.problem}",
-            highlight=reference or evaluation.reference,
-        )
+        title = f"{folder.name}: held-out loss on {evaluation.problem}"
+        _replace_with(folder / PLOT_NAME, lambda tmp: evaluation.plot(tmp, title, reference or evaluation.reference))
         plot_name = PLOT_NAME
-    (folder / CARD_NAME).write_text(render_card(config, card, evaluation, plot_name, reference))
+    card_text = render_card(config, card, evaluation, plot_name, reference)
+    _replace_with(folder / CARD_NAME, lambda tmp: tmp.write_text(card_text))
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _replace_with(folder / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
     logger.info("saved %s student to %s", config["student_type"], folder)
     return folder
+
+
+def _replace_with(path: Path, write) -> None:
+    """``write(tmp)`` beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def push_folder(

@@ -401,22 +401,36 @@ def test_bounds_of_an_amalgamate_call(kwargs, message):
         check_request("small", "mean", "smoke", "mlp", "il_more", **kwargs)
 
 
-def test_resume_refuses_a_corrupt_checkpoint_in_one_clear_error(tmp_path):
-    from amalgam_plugin.engine.learner import load_checkpoint, save_checkpoint
+def test_a_torn_checkpoint_falls_back_to_the_previous_one_and_two_torn_ones_are_refused(tmp_path, caplog):
+    """A kill mid-run leaves the checkpoint and its predecessor; a corrupt newest one (truncated, garbage, or
+    non-finite tensor data under an intact header) is passed over with a warning, and the resumed run ends with
+    exactly the uninterrupted run's student."""
+    from amalgam_plugin.engine.learner import load_checkpoint, previous, save_checkpoint
 
+    reference, _ = run_curriculum(tmp_path / "ref")
     run_curriculum(tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
     good = ckpt.read_bytes()
     progress, tensors = load_checkpoint(ckpt)
     name = next(k for k in tensors if k.startswith("current.weights."))
-    tensors[name] = tensors[name].clone().fill_(float("nan"))  # tensor data corrupted, header intact
-    save_checkpoint(ckpt, progress, tensors)
-    for broken in (None, good[: len(good) // 2], b"garbage"):
-        if broken is not None:
-            ckpt.write_bytes(broken)
-        resumed = Curriculum(RNNProp(), make_problem("mlp"), make_pool("small"), TINY, tmp_path / "run", seed=7)
-        with pytest.raises(ValueError, match="checkpoint .* (is unreadable|holds non-finite values)"):
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_checkpoint(ckpt, progress, tensors)  # the good one is now the previous one
+    previous(ckpt).write_bytes(good)
+    nan_data = ckpt.read_bytes()
+    for broken in (nan_data, good[: len(good) // 2], b"garbage"):
+        ckpt.write_bytes(broken)
+        student = RNNProp()
+        resumed = Curriculum(student, make_problem("mlp"), make_pool("small"), TINY, tmp_path / "run", seed=7)
+        with caplog.at_level("WARNING"):
             resumed.run(resume=True)
+        assert "resuming from the previous checkpoint" in caplog.text
+        assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(),
+                                                     reference.state_dict().values(), strict=True))
+        previous(ckpt).write_bytes(good)
+    ckpt.write_bytes(b"garbage")
+    previous(ckpt).write_bytes(good[:100])
+    with pytest.raises(ValueError, match="checkpoint .* is unreadable"):
+        Curriculum(RNNProp(), make_problem("mlp"), make_pool("small"), TINY, tmp_path / "run", seed=7).run(resume=True)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs for two threads")

@@ -26,7 +26,7 @@ from ..amalgamation import imitation_weight
 from ..problems import Problem
 from ..teachers import Teacher
 from .estimator import TruncatedEstimator
-from .learner import Learner, load_checkpoint, save_checkpoint
+from .learner import Learner, load_checkpoint, load_latest_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,9 @@ class Curriculum:
 
     def run(self, resume: bool = False, deadline: float | None = None) -> bool:
         """Run to the end (True) or until the next period would pass ``deadline`` (False, resumable)."""
-        if resume and self.ckpt_path.exists():
-            progress, tensors = load_checkpoint(self.ckpt_path)
+        latest = load_latest_checkpoint(self.ckpt_path) if resume else None
+        if latest is not None:
+            progress, tensors = latest
             self.progress = Progress(**progress)
             self.learner.restore(tensors, "current.")
             self.saved = {k: v for k, v in tensors.items() if not k.startswith("current.")}

@@ -9,6 +9,7 @@ meta-optimizer is saved and restored through its own ``state_dict``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 from ..amalgamation import adaptive_clip_
+
+logger = logging.getLogger(__name__)
 
 
 class Learner:
@@ -50,11 +53,38 @@ class Learner:
         self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
 
 
+def previous(path: Path) -> Path:
+    return path.with_suffix(".prev" + path.suffix)
+
+
 def save_checkpoint(path: Path, progress: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """Atomic: write beside, then rename over the old checkpoint."""
+    """Atomic: write beside, keep the last checkpoint as ``*.prev``, then rename the new one into place. A kill at
+    any point leaves at least one complete checkpoint."""
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"progress": json.dumps(progress)})
+    if path.exists():
+        os.replace(path, previous(path))
     os.replace(tmp, path)
+
+
+def load_latest_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+    """The newest readable checkpoint of ``path`` and its ``*.prev``, with a warning when the newest one is torn or
+    corrupt; None when there is none; a ValueError when every one there is unreadable."""
+    errors = []
+    for candidate in (path, previous(path)):
+        if not candidate.exists():
+            continue
+        try:
+            loaded = load_checkpoint(candidate)
+        except ValueError as err:
+            errors.append(str(err))
+            continue
+        if errors:
+            logger.warning("%s; resuming from the previous checkpoint %s instead", errors[0], candidate)
+        return loaded
+    if errors:
+        raise ValueError("; ".join(errors))
+    return None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
