@@ -439,3 +439,35 @@ def test_resume_with_another_thread_count_is_refused(tmp_path):
     amalgamate(threads=1, **kwargs)
     with pytest.raises(ValueError, match="changed: threads"):
         amalgamate(threads=2, resume=True, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_optimizee_gradients_never_reach_the_student(tmp_path, bad):
+    """Every 7th loss evaluation of the optimizee is poisoned: its gradient is NaN (or inf) everywhere. The
+    student's weights, its checkpoint and its saved folder stay finite; the log counts the skipped steps."""
+    from dataclasses import replace as dc_replace
+
+    from amalgam_plugin.engine.learner import load_checkpoint
+    from amalgam_plugin.hub import load_folder, save_student
+
+    problem = make_problem("mlp")
+    calls = {"n": 0}
+
+    def poisoned_forward(params, x):
+        calls["n"] += 1
+        logits = problem.architecture.forward(params, x)
+        return logits * bad if calls["n"] % 7 == 0 else logits
+
+    sick = dc_replace(problem, architecture=dc_replace(problem.architecture, forward=poisoned_forward))
+    student = RNNProp()
+    curriculum = Curriculum(student, sick, make_pool("small"), TINY, tmp_path / "run", seed=7)
+    curriculum.run()
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    _, tensors = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["event"] == "meta_step"]
+    assert sum(r["skipped_inner"] for r in steps) + sum(not r["applied"] for r in steps) > 0
+    assert curriculum.progress.skipped_inner_steps + curriculum.progress.skipped_meta_steps > 0
+    loaded = load_folder(save_student(student.requires_grad_(False), tmp_path / "student"))
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())

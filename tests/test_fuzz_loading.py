@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import struct
+import subprocess
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -193,3 +195,30 @@ def test_repo_ids_with_path_traversal_are_refused(repo_id, monkeypatch):
 def test_memory_stayed_bounded(peak_before_mb):
     """Runs after the fuzz tests above (file order): they raised the process's peak RSS by less than the bound."""
     assert peak_mb() < peak_before_mb + MEMORY_BOUND_MB, (peak_mb(), peak_before_mb)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("deep", "not valid JSON"),
+    ("garbage-weights", "corrupt"),
+    ("huge-layers", "hidden_sizes"),
+    ("link-outside", "links outside the student folder"),
+])
+def test_the_real_amalgam_executable_reports_hostile_folders_in_one_line(tmp_path, case, expected):
+    folder = valid_folder(tmp_path)
+    if case == "deep":
+        (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "garbage-weights":
+        (folder / "model.safetensors").write_bytes(os.urandom(500))
+    elif case == "huge-layers":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_sizes": [100000, 100000]}))
+    else:
+        (tmp_path / "elsewhere.json").write_text((folder / "config.json").read_text())
+        (folder / "config.json").unlink()
+        (folder / "config.json").symlink_to(tmp_path / "elsewhere.json")
+    executable = shutil.which("amalgam")
+    assert executable, "the amalgam console script is installed with the package"
+    result = subprocess.run([executable, "push", str(folder), "acme/x"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr

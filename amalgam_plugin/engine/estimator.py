@@ -50,7 +50,8 @@ class TruncatedEstimator:
         loss = result.meta_loss + alpha * result.imitation
         for p in self.student.parameters():
             p.grad = None
-        finite = bool(torch.isfinite(loss))
+        # no graph when the very first objective of the truncation was not finite: nothing to learn from
+        finite = loss.requires_grad and bool(torch.isfinite(loss))
         if finite:
             loss.backward()
             finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.student.parameters())
