@@ -85,6 +85,8 @@ def _push(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .integrations import run_script
 
+    if not Path(args.script).is_file():
+        raise SystemExit(f"amalgam run: no such script: {args.script!r}")
     return run_script(args.script, args.script_args) or 0
 
 

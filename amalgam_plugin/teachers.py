@@ -9,6 +9,7 @@ square root, EMA momentum, smooth AddSign/PowerSign); the *textbook* forms match
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,10 +256,18 @@ def make_teacher(spec: str) -> Teacher:
         kwargs[key.strip()] = parse_value(value.strip())
     name = name.strip()
     if "." in name:
-        return torch_teacher(_import_optimizer(name), name=name, **kwargs)
+        cls = _import_optimizer(name)
+        try:  # its own argument checks, now rather than at the first step of meta-training
+            cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+        except Exception as err:  # noqa: BLE001 (any class's own complaint about its arguments)
+            raise ValueError(f"bad arguments for {name}: {err}") from err
+        return torch_teacher(cls, name=name, **kwargs)
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher {name!r}; valid teachers: {TEACHERS.valid()}, "
                          "or a dotted torch.optim.Optimizer class such as torch.optim.AdamW")
+    for key, value in kwargs.items():  # every named teacher's hyper-parameters are numbers
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"teacher {name!r}: {key}={value!r} is not a finite number")
     try:
         return TEACHERS[name](**kwargs)
     except TypeError as err:

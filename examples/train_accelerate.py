@@ -2,7 +2,8 @@
 
     python examples/train_accelerate.py                        # 400 steps, about 20 s on 2 cores
     python examples/train_accelerate.py --mixed-precision bf16 --grad-accum 2
-    accelerate launch --cpu --num_processes 2 examples/train_accelerate.py --steps 200   # DDP on CPU (gloo)
+    accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --steps 200   # DDP (gloo on CPU)
+    torchrun --nproc_per_node 2 examples/train_accelerate.py --steps 200                    # the same, torchrun
     python examples/train_accelerate.py --smoke                # a few steps, for tests
 
 ``Accelerator.prepare(model, optimizer, dataloader, scheduler)`` wraps the optimizer like any other: gradient

