@@ -451,3 +451,21 @@ def test_huge_and_zero_gradients_keep_parameters_finite(paper_student, dtype):
             warnings.simplefilter("ignore")
             opt.step()
         assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("name", ["paper-choice-large", "paper-choice-small", "paper-minmax", "paper-mean",
+                                  "amalgam-choice-large-quick"])
+def test_a_coordinate_that_never_had_a_gradient_does_not_move(name):
+    """Like torch's optimizers: an embedding's padding row (gradient always exactly 0) stays where it was over
+    1,000 steps, warm-up included, while the rows that are used train."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 4, padding_idx=0)
+    pad, used = emb.weight[0].detach().clone(), emb.weight[1:].detach().clone()
+    opt = AmalgamOptimizer(emb.parameters(), student=name)
+    tokens = torch.tensor([[0, 1, 2, 3, 4, 5, 0]])
+    for _ in range(1000):
+        opt.zero_grad()
+        emb(tokens).pow(2).sum().backward()
+        opt.step()
+    assert torch.equal(emb.weight[0].detach(), pad)
+    assert not torch.allclose(emb.weight[1:].detach(), used)

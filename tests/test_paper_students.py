@@ -53,7 +53,8 @@ def reference_updates(w: dict[str, np.ndarray], grads: np.ndarray, warmup: int =
             c[layer] = _sigmoid(f) * c[layer] + _sigmoid(i) * np.tanh(cc)
             h[layer] = _sigmoid(o) * np.tanh(c[layer])
             x = h[layer]
-        out.append(0.1 * np.tanh(x @ w["delta.kernel"] + w["delta.bias"])[:, 0])
+        # this project's one change to the rule: a coordinate whose gradients were all exactly 0 does not move
+        out.append(0.1 * np.tanh(x @ w["delta.kernel"] + w["delta.bias"])[:, 0] * (v > 0))
     return np.stack(out)
 
 

@@ -93,7 +93,8 @@ class _FusedWeights:
             t = torch.mul(c, -2.0, out=w["t"][:, :u]).sigmoid_()
             torch.addcmul(o, o, t, value=-2.0, out=self.h_out(w, layer))  # h = o*tanh(c) = o - 2*o*t
         torch.addmm(self.out_b, w["hout"], self.out_w, out=w["d"])
-        return delta.sigmoid_().mul_(-2.0 * self.scale).add_(self.scale)  # scale * tanh(y)
+        delta.sigmoid_().mul_(-2.0 * self.scale).add_(self.scale)  # scale * tanh(y)
+        return delta.mul_(v > 0)  # never-nonzero gradients stay still, as RNNProp.forward
 
 
 class RNNPropKernel:
