@@ -426,7 +426,7 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_one_and_two_torn_ones_are_
         resumed = Curriculum(student, make_problem("mlp"), make_pool("small"), TINY, tmp_path / "run", seed=7)
         with caplog.at_level("WARNING"):
             resumed.run(resume=True)
-        assert "resuming from the previous checkpoint" in caplog.text
+        assert "resumed from the previous checkpoint" in caplog.text
         assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(),
                                                      reference.state_dict().values(), strict=True))
         previous(ckpt).write_bytes(good)
@@ -482,8 +482,17 @@ def test_cli_run_on_a_missing_script_is_one_line(tmp_path):
     assert result.stderr.strip() == f"amalgam run: no such script: {str(tmp_path / 'missing.py')!r}"
 
 
-def test_a_foreign_checkpoint_is_refused_in_one_clear_error(tmp_path):
+def test_a_foreign_checkpoint_is_passed_over_and_two_are_refused(tmp_path, caplog):
+    from amalgam_plugin.engine.learner import previous
+
     run_curriculum(tmp_path / "run")
-    other = Curriculum(ChoiceNet(), make_problem("mlp"), [], TINY, tmp_path / "run", seed=7)  # another student
-    with pytest.raises(ValueError, match="does not belong to this run"):
-        other.run(resume=True)
+    Curriculum(ChoiceNet(), make_problem("mlp"), [], TINY, tmp_path / "other", seed=7).run()  # another student's
+    ckpt, foreign = tmp_path / "run" / "checkpoint.safetensors", tmp_path / "other" / "checkpoint.safetensors"
+    ckpt.write_bytes(foreign.read_bytes())
+    with caplog.at_level("WARNING"):
+        Curriculum(RNNProp(), make_problem("mlp"), make_pool("small"), TINY, tmp_path / "run", seed=7).run(resume=True)
+    assert "resumed from the previous checkpoint" in caplog.text
+    ckpt.write_bytes(foreign.read_bytes())
+    previous(ckpt).write_bytes(foreign.read_bytes())
+    with pytest.raises(ValueError, match="is unusable"):
+        Curriculum(RNNProp(), make_problem("mlp"), make_pool("small"), TINY, tmp_path / "run", seed=7).run(resume=True)

@@ -175,7 +175,15 @@ def test_links_and_pickles(tmp_path):
     (inside / "config.real.json").write_text((inside / "config.json").read_text())
     (inside / "config.json").unlink()
     (inside / "config.json").symlink_to(inside / "config.real.json")
-    hub.load_student(inside)  # a link within the folder is fine (Hub snapshots link into their blobs)
+    hub.load_student(inside)  # a link within the folder is fine
+    repo = tmp_path / "cache" / "models--acme--linked"  # a real Hub snapshot links its files into ../../blobs
+    snapshot, blobs = repo / "snapshots" / ("a" * 40), repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, name in enumerate(["config.json", "model.safetensors"]):
+        (blobs / f"blob{i}").write_bytes((inside / name).read_bytes())
+        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    hub.load_folder(snapshot)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")

@@ -26,7 +26,7 @@ from ..amalgamation import imitation_weight
 from ..problems import Problem
 from ..teachers import Teacher
 from .estimator import TruncatedEstimator
-from .learner import Learner, load_checkpoint, load_latest_checkpoint, save_checkpoint
+from .learner import Learner, load_checkpoint, resume_from_latest, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -179,16 +179,7 @@ class Curriculum:
 
     def run(self, resume: bool = False, deadline: float | None = None) -> bool:
         """Run to the end (True) or until the next period would pass ``deadline`` (False, resumable)."""
-        latest = load_latest_checkpoint(self.ckpt_path) if resume else None
-        if latest is not None:
-            progress, tensors = latest
-            try:
-                self.progress = Progress(**progress)
-                self.learner.restore(tensors, "current.")
-            except (RuntimeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"checkpoint {str(self.ckpt_path)!r} does not belong to this run ({err}); move it "
-                                 "away to start over") from err
-            self.saved = {k: v for k, v in tensors.items() if not k.startswith("current.")}
+        if resume and resume_from_latest(self.ckpt_path, self._restore_checkpoint):
             logger.info("resumed %s at stage %d period %d", self.phase, self.progress.stage, self.progress.period)
             lines = self.log_path.read_text().splitlines(keepends=True) if self.log_path.exists() else []
             self.log_path.write_text("".join(lines[: self.progress.log_lines]))
@@ -246,6 +237,11 @@ class Curriculum:
             return
         pr.previous_stage_best = pr.best_validation
         pr.stage, pr.period, pr.best_validation, pr.best_period = pr.stage + 1, 0, math.inf, -1
+
+    def _restore_checkpoint(self, progress: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.learner.restore(tensors, "current.")
+        self.progress = Progress(**progress)
+        self.saved = {k: v for k, v in tensors.items() if not k.startswith("current.")}
 
     def _restore_final(self) -> None:
         self.learner.restore(self.saved, "final.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,26 +68,25 @@ def save_checkpoint(path: Path, progress: dict[str, Any], tensors: dict[str, Ten
     os.replace(tmp, path)
 
 
-def load_latest_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
-    """The newest readable checkpoint of ``path`` and its ``*.prev``, with a warning when the newest one is torn or
-    corrupt; None when there is none; a ValueError when every one there is unreadable."""
+def resume_from_latest(path: Path, restore: Callable[[dict[str, Any], dict[str, Tensor]], None]) -> bool:
+    """``restore(progress, tensors)`` from the newest usable checkpoint of ``path`` and its ``*.prev``: one that is
+    torn, corrupt or foreign (``restore`` raises) is passed over with a warning. False when there is none; a
+    ValueError when every one there is unusable."""
     errors = []
     for candidate in (path, previous(path)):
         if not candidate.exists():
             continue
         try:
-            loaded = load_checkpoint(candidate)
-        except ValueError as err:
-            errors.append(str(err))
+            restore(*load_checkpoint(candidate))
+        except (ValueError, RuntimeError, KeyError, TypeError) as err:
+            errors.append(f"checkpoint {str(candidate)!r} is unusable ({err})")
             continue
         if errors:
-            logger.warning("%s; resuming from the previous checkpoint %s instead", errors[0], candidate)
-        return loaded
+            logger.warning("%s; resumed from the previous checkpoint %s instead", errors[0], candidate)
+        return True
     if errors:
-        raise ValueError("; ".join(errors))
-    return None
-
-
+        raise ValueError("; ".join(errors) + "; move them away to start the run over")
+    return False
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The bookkeeping and tensors of a checkpoint; a ValueError when it is unreadable or holds non-finite
     values (never a half-loaded run)."""
