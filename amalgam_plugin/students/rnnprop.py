@@ -88,6 +88,4 @@ class RNNProp(nn.Module, HubStudent):
         x = self.features(grad, state["m"], state["v"])
         h, lstm_state = run_lstm_stack(self.recurrent, x, state)
         delta = self.config.output_scale * fast_tanh(self.delta(h)).squeeze(-1)
-        # A coordinate whose gradient has been exactly zero at every step so far (its second moment is still 0)
-        # does not move, as with torch's optimizers; the paper's students drifted there (docs/method.md#deviations).
-        return delta * (state["v"] > 0), {**state, **lstm_state}
+        return delta, {**state, **lstm_state}

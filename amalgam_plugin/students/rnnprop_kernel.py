@@ -1,5 +1,6 @@
 """RNNProp's fast runtime kernel (registered with the ``rnnprop`` student type): the same numbers as
-``RNNProp.forward`` within float32 tolerance, several times faster on CPU.
+``RNNProp.forward`` within float32 tolerance, several times faster on CPU, except that a coordinate whose gradient
+has been exactly zero at every step so far does not move.
 
 All learned-phase parameters of a device are packed into chunks of at most ``chunk_size`` coordinates and run
 through one fused LSTM step per chunk, so a model made of many small tensors costs about the same per
@@ -94,7 +95,9 @@ class _FusedWeights:
             torch.addcmul(o, o, t, value=-2.0, out=self.h_out(w, layer))  # h = o*tanh(c) = o - 2*o*t
         torch.addmm(self.out_b, w["hout"], self.out_w, out=w["d"])
         delta.sigmoid_().mul_(-2.0 * self.scale).add_(self.scale)  # scale * tanh(y)
-        return delta.mul_(v > 0)  # never-nonzero gradients stay still, as RNNProp.forward
+        # the runtime's one addition to the rule: a coordinate whose gradient has been exactly zero at every step
+        # so far (v is still 0) stays still, as with torch's optimizers (docs/method.md#runtime)
+        return delta.mul_(v > 0)
 
 
 class RNNPropKernel:
