@@ -26,13 +26,9 @@ EXAMPLES = """examples:
 
 
 def _amalgamate(args: argparse.Namespace) -> int:
-    from .engine import amalgamate, check_request
+    from .engine import amalgamate
 
-    try:
-        check_request(args.pool, args.mechanism, args.preset, args.problem, args.imitation, args.student, args.out,
-                      args.resume, args.overwrite, args.max_minutes, args.threads)
-    except ValueError as err:
-        raise SystemExit(f"amalgam amalgamate: {err}") from None
+    # amalgamate checks every argument before any work; main() reports a ValueError in one line
     out = amalgamate(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem,
                      out=args.out, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
                      imitation=args.imitation, evaluate=not args.no_eval, data_root=args.data_root,

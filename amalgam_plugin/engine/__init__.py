@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_THREADS", "PRESETS", "Curriculum", "CurriculumConfig", "amalgamate", "check_request"]
 
 DEFAULT_THREADS = 1
-"""torch threads of meta-training. On 2 cores one thread is about as fast as two when the machine is idle, and
-far faster when anything else is busy (see README, "Threads"); the evaluation runs in worker processes of one
-thread each."""
+"""torch threads of meta-training. Measured on 2 cores (README, "Threads"): two threads are a third faster when
+the machine is idle and more than twice as slow when one other process is busy; the evaluation runs in worker
+processes of one thread each."""
 KNOWN_RUNS = Path(__file__).with_name("baseline_runs.json")
 """Finished evaluation runs of the preset pools' baselines on the Train problem (they do not depend on the
 student), written by ``benchmarks/baseline_runs.py`` and reused by the card's reduced evaluation."""
