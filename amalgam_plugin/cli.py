@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   amalgam amalgamate --pool small --mechanism minmax --preset cpu --out minmax-small --max-minutes 60
   amalgam amalgamate --out minmax-small --pool small --mechanism minmax --preset cpu --resume
   amalgam amalgamate --pool "adam:lr=0.01+torch.optim.AdamW:lr=0.001" --mechanism mean
+  amalgam amalgamate --pool small --mechanism minmax --perturb gaussian-adaptive --out gaussian-small
   amalgam list                                         bundled students, one per line
   amalgam push ./amalgam-student my-user/my-student    upload a student folder to the Hugging Face Hub
   amalgam run train.py --optim amalgam                 run a script with the integrations registered
@@ -26,14 +27,15 @@ EXAMPLES = """examples:
 
 
 def _amalgamate(args: argparse.Namespace) -> int:
-    from .engine import amalgamate
+    from .engine import Perturbation, amalgamate
 
     # amalgamate checks every argument before any work; main() reports a ValueError in one line
     out = amalgamate(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem,
                      out=args.out, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
                      imitation=args.imitation, evaluate=not args.no_eval, data_root=args.data_root,
                      threads=args.threads, student=args.student, full_eval=args.full_eval, workers=args.workers,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite,
+                     perturbation=Perturbation(args.perturb, args.perturb_magnitude, args.perturb_steps))
     if out is None:
         print(f"stopped at a checkpoint (--max-minutes {args.max_minutes}); continue with the same command "
               "plus --resume", file=sys.stderr)
@@ -122,13 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
                         f"e.g. 'adam:lr=0.01+sgd' (teachers: {TEACHERS.valid()}, or a dotted "
                         "torch.optim.Optimizer class). Default: large")
     _choice(a, "--mechanism", MECHANISMS, "choice")
-    from .engine import DEFAULT_THREADS, PRESETS  # the engine (checkpoints, curriculum) loads only when needed
+    from .engine import DEFAULT_THREADS, PERTURBATIONS, PRESETS  # the engine loads only when needed
 
     _choice(a, "--preset", PRESETS, "quick")
     _choice(a, "--problem", PROBLEMS, "train", "training problem")
     _choice(a, "--student", Registry("student type", {n: (e, STUDENTS.descriptions[n])
                                                       for n, e in STUDENTS.items() if e.trainable}), "rnnprop")
     _choice(a, "--imitation", IMITATION_SCHEDULES, "il_more", "imitation-weight schedule")
+    _choice(a, "--perturb", PERTURBATIONS, "none", "perturbation of the student's weights while it is meta-trained")
+    a.add_argument("--perturb-magnitude", type=float, default=None, metavar="EPS",
+                   help="the perturbation's magnitude ε (default: the kind's own, listed above)")
+    a.add_argument("--perturb-steps", type=int, default=1,
+                   help="ascent steps of an adversarial perturbation before each meta-step (default 1)")
     a.add_argument("--out", default="amalgam-student", help="output folder (default ./amalgam-student)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true", help="continue from OUT/training's checkpoints")

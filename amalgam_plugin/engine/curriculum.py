@@ -27,6 +27,7 @@ from ..problems import Problem
 from ..teachers import Teacher
 from .estimator import TruncatedEstimator
 from .learner import Learner, load_checkpoint, resume_from_latest, save_checkpoint
+from .perturbations import Perturbation
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ class CurriculumConfig:
     meta_lr: float = 1e-3
     clip: float = 0.1
     random_scale: bool = True
+    # docs/method.md#perturbations: a kind of PERTURBATIONS, its magnitude (None: the kind's default), ascent steps
+    perturbation: str = "none"
+    perturbation_magnitude: float | None = None
+    perturbation_steps: int = 1
+
+    def perturbation_spec(self) -> Perturbation:
+        return Perturbation(self.perturbation, self.perturbation_magnitude, self.perturbation_steps)
 
     @property
     def stages(self) -> int:
@@ -107,7 +115,8 @@ class Curriculum:
         self.ckpt_path = self.workdir / "checkpoint.safetensors"
         self.log_path = self.workdir / "log.jsonl"
         self.estimator = TruncatedEstimator(student, problem, teachers, config.unroll_length, config.mechanism,
-                                            config.second_order, config.warmup_lr, config.random_scale)
+                                            config.second_order, config.warmup_lr, config.random_scale,
+                                            config.perturbation_spec())
         self.learner = Learner(student, config.meta_lr, config.clip)
         self.progress = Progress()
         self.saved: dict[str, torch.Tensor] = {}  # best-of-stage and start-of-period tensors

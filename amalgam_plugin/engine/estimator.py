@@ -3,12 +3,17 @@
 It owns the math of one meta-step (the truncated unroll of ``unroll.py`` and the weighted sum of the meta loss
 and the imitation loss, docs/method.md#imitation-weight) and leaves the student's ``.grad`` holding the
 meta-gradient; what is done with it (clipping, the meta-optimizer, all-reducing across processes) is the
-learner's business (``learner.py``). Perturbations of the student's weights plug in here.
+learner's business (``learner.py``). Perturbations of the student's weights (``perturbations.py``) act here:
+the truncation runs with perturbed weights and the meta-gradient reaches the unperturbed ones.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +21,10 @@ from torch import nn
 
 from ..problems import Problem
 from ..teachers import Teacher
+from .perturbations import Perturbation, adversarial_offset, noisy_policy, offset_policy
 from .unroll import Trajectory, new_trajectory, unroll
+
+NOISE_SALT = 0x9E3779B97F4A7C15  # the noise generator's seed: the trajectory's, salted (no draw from it)
 
 
 @dataclass
@@ -33,21 +41,24 @@ class TruncatedEstimator:
     """Meta-gradients of ``student`` from truncated unrolls on ``problem`` against ``teachers``."""
 
     def __init__(self, student: nn.Module, problem: Problem, teachers: list[Teacher], unroll_length: int,
-                 mechanism: str, second_order: bool, warmup_lr: float, random_scale: bool):
+                 mechanism: str, second_order: bool, warmup_lr: float, random_scale: bool,
+                 perturbation: Perturbation | None = None):
         self.student, self.problem, self.teachers = student, problem, teachers
         self.unroll_length, self.mechanism, self.second_order = unroll_length, mechanism, second_order
         self.warmup_lr, self.random_scale = warmup_lr, random_scale
+        self.perturbation = perturbation or Perturbation()
 
     def trajectory(self, generator: torch.Generator, warmup_steps: int, with_teachers: bool) -> Trajectory:
         teachers = self.teachers if with_teachers else []
-        return new_trajectory(self.problem, self.student, teachers, generator, warmup_steps, self.warmup_lr,
+        traj = new_trajectory(self.problem, self.student, teachers, generator, warmup_steps, self.warmup_lr,
                               self.random_scale)
+        if self.perturbation.random:
+            traj.noise = torch.Generator().manual_seed((generator.initial_seed() + NOISE_SALT) % 2**63)
+        return traj
 
     def estimate(self, traj: Trajectory, alpha: float) -> Estimate:
         """One truncation of ``traj``; its meta-gradient lands in the student's ``.grad`` (zeroed first)."""
-        result = unroll(self.student, traj, self.problem, self.unroll_length, self.mechanism, self.second_order,
-                        track_teachers=alpha > 0 and bool(traj.teachers))
-        loss = result.meta_loss + alpha * result.imitation
+        loss, result = self._loss(self._policy(traj, alpha), traj, alpha)
         for p in self.student.parameters():
             p.grad = None
         # no graph when the very first objective of the truncation was not finite: nothing to learn from
@@ -57,6 +68,29 @@ class TruncatedEstimator:
             finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.student.parameters())
         return Estimate(loss.item(), result.meta_loss.item(), result.imitation.item(), result.steps,
                         result.skipped, finite)
+
+    def _loss(self, policy: Callable, traj: Trajectory, alpha: float):
+        result = unroll(policy, traj, self.problem, self.unroll_length, self.mechanism, self.second_order,
+                        track_teachers=alpha > 0 and bool(traj.teachers))
+        return result.meta_loss + alpha * result.imitation, result
+
+    def _policy(self, traj: Trajectory, alpha: float) -> Callable:
+        """What the truncation runs: the student, or the student with perturbed weights."""
+        p = self.perturbation
+        if p.random:
+            return noisy_policy(self.student, p, traj.noise)
+        if not p.adversarial:
+            return self.student
+        # the attack sees the truncation's own batches, states and scale: draw the batches once, replay them
+        batches = list(itertools.islice(traj.batches, self.unroll_length))
+        traj.batches = itertools.chain(batches, traj.batches)
+
+        def loss_at(policy: Callable) -> torch.Tensor:
+            trial = dataclasses.replace(traj, batches=iter(batches), teacher_params=list(traj.teacher_params),
+                                        teacher_states=copy.deepcopy(traj.teacher_states))
+            return self._loss(policy, trial, alpha)[0]
+
+        return offset_policy(self.student, adversarial_offset(self.student, p, loss_at))
 
     @torch.no_grad()
     def evaluate(self, traj: Trajectory, truncations: int) -> float:

@@ -9,7 +9,7 @@ on the same vector.  The student works in the randomly scaled coordinates p = θ
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +75,7 @@ class Trajectory:
     teacher_params: list[Tensor] = field(default_factory=list)
     teacher_states: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
+    noise: torch.Generator | None = None  # the random perturbations' draws along this trajectory
 
 
 def new_trajectory(
@@ -140,7 +141,7 @@ def _finite(t: Tensor) -> bool:
 
 
 def unroll(
-    student: nn.Module,
+    student: nn.Module | Callable,
     traj: Trajectory,
     problem: Problem,
     steps: int,
@@ -149,6 +150,7 @@ def unroll(
     track_teachers: bool = True,
 ) -> UnrollResult:
     """Advance the student (and its teachers) by one truncation, building the graph for the meta-gradient.
+    ``student`` is the module or a callable running it with perturbed weights (``perturbations.py``).
 
     NaN guard (docs/method.md#deviations): an inner step whose update is not finite is skipped (parameters and
     state kept, the step counted), instead of l2o's behaviour of zeroing the parameters.
