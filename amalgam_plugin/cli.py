@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ EXAMPLES = """examples:
   amalgam amalgamate --out minmax-small --pool small --mechanism minmax --preset cpu --resume
   amalgam amalgamate --pool "adam:lr=0.01+torch.optim.AdamW:lr=0.001" --mechanism mean
   amalgam amalgamate --pool small --mechanism minmax --perturb gaussian-adaptive --out gaussian-small
+  amalgam evaluate amalgam-choice-large-quick torch.optim.AdamW:lr=1e-3 --problems train mlp --seeds 5
+  amalgam evaluate --replicates 'runs/minmax-*' --replicates 'runs/gaussian-*' --problems mlp --no-baselines
   amalgam list                                         bundled students, one per line
   amalgam push ./amalgam-student my-user/my-student    upload a student folder to the Hugging Face Hub
   amalgam run train.py --optim amalgam                 run a script with the integrations registered
@@ -63,6 +66,31 @@ def summary_text(summary: dict) -> str:
     lines.append(f"time: {_minutes(total)} (meta-training {_minutes(summary['meta_training_seconds'])}, "
                  f"evaluation {_minutes(summary['evaluation_seconds'])}; {summary['threads']} torch thread(s))")
     return "\n".join(lines)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from . import suite
+
+    if not args.optimizers and not args.replicates:
+        raise ValueError("nothing to evaluate: name at least one student or optimizer, or --replicates GLOB")
+    for name in args.problems:
+        PROBLEMS.lookup(name)
+    if not 1 <= args.seeds <= 1000 or args.steps < 1 or args.eval_every < 1:
+        raise ValueError("--seeds must be in [1, 1000], --steps and --eval-every positive")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / "cache.json").exists() and not args.overwrite:
+        raise ValueError(f"output folder {str(out)!r} is not empty and holds no amalgam evaluate run; choose a new "
+                         "folder, or pass --overwrite")
+    candidates = [suite.candidate(spec) for spec in args.optimizers]
+    for pattern in args.replicates:
+        candidates += suite.replicate_group(pattern)
+    forms = tuple(f.strip() for f in args.forms.split(","))
+    result = suite.run_suite(candidates, args.problems, list(range(args.seeds)), out, args.steps, args.eval_every,
+                             None if args.no_baselines else args.pool, forms, workers=args.workers,
+                             data_root=args.data_root)
+    print(suite.markdown(result))
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'plots'}/")
+    return 0
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -152,6 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help=f"torch threads of meta-training (default {DEFAULT_THREADS})")
     a.set_defaults(func=_amalgamate)
+
+    e = sub.add_parser("evaluate", help="evaluate students and optimizers on a suite of problems",
+                       description="Each problem with each optimizer on paired seeds, beside the pool's teachers "
+                                   "(both forms), the oracle and torch Adam tuned on the training digits. Writes "
+                                   "OUT/results.md, OUT/results.json and OUT/plots/; resumes from OUT/cache.json.")
+    e.add_argument("optimizers", nargs="*", metavar="STUDENT_OR_OPTIMIZER",
+                   help="a student (bundled name, folder or Hub repo id) or a torch optimizer by dotted name with "
+                        "arguments, e.g. torch.optim.AdamW:lr=1e-3; the first is the reference of the differences")
+    e.add_argument("--replicates", action="append", default=[], metavar="GLOB",
+                   help="student folders of one configuration (e.g. 'runs/minmax-*'): each is evaluated, and the "
+                        "group gets its meta-stability; repeatable")
+    e.add_argument("--problems", nargs="+", default=["train"], metavar="PROBLEM",
+                   help=f"problems: {PROBLEMS.help()} (default train)")
+    e.add_argument("--seeds", type=int, default=10, help="paired seeds 0..N-1 (default 10)")
+    e.add_argument("--steps", type=int, default=1000, help="training steps per run (default 1000)")
+    e.add_argument("--eval-every", type=int, default=25, help="held-out loss every N steps (default 25)")
+    e.add_argument("--pool", default="large", help="the baselines' teacher pool (default large)")
+    e.add_argument("--forms", default="paper,torch", help="teacher forms among the baselines (default paper,torch)")
+    e.add_argument("--no-baselines", action="store_true", help="only the optimizers named (no pool, oracle, Adam)")
+    e.add_argument("--out", default="amalgam-evaluation", help="output folder (default ./amalgam-evaluation)")
+    e.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT that holds no earlier run")
+    e.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes, one torch thread each (default: one per CPU core)")
+    e.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")
+    e.set_defaults(func=_evaluate)
 
     lst = sub.add_parser("list", help="print the bundled students, one 'NAME<TAB>description' per line")
     lst.set_defaults(func=_list)

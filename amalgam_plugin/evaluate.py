@@ -82,6 +82,7 @@ class RunResult:
     diverged: bool = False
     diverged_at: int | None = None
     wall_s: float = 0.0
+    train_seconds: list[float] = field(default_factory=list)  # training time (no held-out passes) at eval_steps
 
     @property
     def best_log_heldout(self) -> float:
@@ -137,10 +138,12 @@ def run(
     optimizer = make_optimizer(params)
     batches = problem.train_batches(batch_gen)
     start = time.perf_counter()
-    result = RunResult(name, seed, steps, [0], [problem.heldout_loss(params)], [])
+    result = RunResult(name, seed, steps, [0], [problem.heldout_loss(params)], [], train_seconds=[0.0])
     if not math.isfinite(result.heldout[0]):
         return _flagged_divergence(result, 0, "initial held-out loss")
+    training = 0.0
     for step in range(1, steps + 1):
+        step_started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = problem.loss(params, next(batches))
         value = float(loss.detach())
@@ -149,9 +152,11 @@ def run(
             return _flagged_divergence(result, step, "training loss")
         loss.backward()
         optimizer.step()
+        training += time.perf_counter() - step_started
         if step % eval_every == 0 or step == steps:
             heldout = problem.heldout_loss(params)
             result.eval_steps.append(step)
+            result.train_seconds.append(training)
             result.heldout.append(heldout)
             if not math.isfinite(heldout):
                 return _flagged_divergence(result, step, "held-out loss")
