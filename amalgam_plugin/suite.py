@@ -166,13 +166,15 @@ def candidate(spec: str) -> Candidate:
     return student_candidate(spec)
 
 
-def replicate_group(pattern: str) -> list[Candidate]:
-    """The student folders matching a glob: the replicates of one configuration (label = the pattern)."""
+def replicate_group(pattern: str, label: str | None = None) -> list[Candidate]:
+    """The student folders matching a glob: the replicates of one configuration (group label: ``label`` or the
+    pattern; each member's: the group's and its folder's name)."""
     folders = sorted(p for p in glob.glob(pattern) if Path(p, "config.json").is_file())
     if len(folders) < 2:
         raise ValueError(f"--replicates {pattern!r} matches {len(folders)} student folder(s); meta-stability "
                          "needs at least 2")
-    return [student_candidate(f, f"{pattern} [{Path(f).name}]", pattern) for f in folders]
+    label = label or pattern
+    return [student_candidate(f, f"{label} [{Path(f).name}]", label) for f in folders]
 
 
 # --- running -------------------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ def run_suite(candidates: Sequence[Candidate], problems: Sequence[str], seeds: S
 # --- outputs -------------------------------------------------------------------------------------------------
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
+def fmt_number(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
@@ -281,9 +283,9 @@ def markdown(result: SuiteResult, plots: Mapping[str, Mapping[str, str]] | None 
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in result.optimizer_rows(problem):
             diff = "reference" if row["diff"] is None else str(row["diff"])
-            lines.append(f"| {row['name']} | {_fmt(row['best_log_heldout'])} | {diff} | "
-                         f"{_fmt(row['final_log_train'])} | {_fmt(row['optimization_stability'], 4)} | "
-                         f"{_fmt(row['evaluation_stability'])} | {row['diverged']}/{row['runs']} |")
+            lines.append(f"| {row['name']} | {fmt_number(row['best_log_heldout'])} | {diff} | "
+                         f"{fmt_number(row['final_log_train'])} | {fmt_number(row['optimization_stability'], 4)} | "
+                         f"{fmt_number(row['evaluation_stability'])} | {row['diverged']}/{row['runs']} |")
         groups = result.group_rows(problem)
         if groups:
             lines += ["", "Replicate groups (meta-stability σ_meta: the spread between replicates with the "
@@ -292,9 +294,9 @@ def markdown(result: SuiteResult, plots: Mapping[str, Mapping[str, str]] | None 
                       "σ_meta (train) |", "| --- | --- | --- | --- | --- | --- | --- |"]
             for g in groups:
                 b, t = g["best_log_heldout"], g["final_log_train"]
-                lines.append(f"| {g['group']} | {g['replicates']} | {_fmt(b['mean'])} [{_fmt(b['low'])}, "
-                             f"{_fmt(b['high'])}] | {_fmt(b['meta_std'])} | {_fmt(b['eval_std'])} | "
-                             f"{_fmt(t['mean'])} | {_fmt(t['meta_std'])} |")
+                lines.append(f"| {g['group']} | {g['replicates']} | {fmt_number(b['mean'])} [{fmt_number(b['low'])}, "
+                             f"{fmt_number(b['high'])}] | {fmt_number(b['meta_std'])} | {fmt_number(b['eval_std'])} | "
+                             f"{fmt_number(t['mean'])} | {fmt_number(t['meta_std'])} |")
         if evaluation.notes:
             lines += ["", evaluation.notes_text()]
         for caption, path in (plots or {}).get(problem, {}).items():

@@ -67,10 +67,10 @@ class Budget:
     stability_preset: Preset
     stability_replicates: int
     stability_settings: tuple[tuple[str, float], ...]
-    seeds: int  # evaluation seeds of (a), (b), (d)
-    stability_seeds: int  # evaluation seeds of (c), per replicate
-    problems: tuple[str, ...]  # (b)'s suite
+    problems: dict[str, int]  # (a) and (b)'s suite: problem -> paired seeds
+    stability_seeds: int  # evaluation seeds of (c) and (d), per replicate
     off_problems: tuple[str, ...]  # (d)'s problems
+    forms: tuple[str, ...] = ("paper",)  # the teachers' forms among (b)'s baselines
     steps: int = 1000
 
 
@@ -78,15 +78,18 @@ BUDGETS = {
     "small": Budget(QUICK, 1, STABILITY, 8,
                     (("none", 0.0), ("gaussian-adaptive", 1e-3), ("gaussian-adaptive", 1e-2),
                      ("pgd-adaptive-clipped", 1e-3)),
-                    seeds=5, stability_seeds=2, problems=("train", "mlp", "smallbatch", "wider", "deeper"),
+                    problems={"train": 5, "mlp": 5, "smallbatch": 3, "wider": 2, "deeper": 2}, stability_seeds=2,
                     off_problems=("train",)),
+    # seconds: the whole pipeline on a few steps (the test suite runs it; its numbers mean nothing)
+    "smoke": Budget(PRESETS["smoke"], 1, PRESETS["smoke"], 2, (("none", 0.0), ("gaussian-adaptive", 1e-2)),
+                    problems={"mlp": 2}, stability_seeds=2, off_problems=("train",), steps=30),
     "full": Budget(PRESETS["cpu"], 8, QUICK, 8,
                    (("none", 0.0), ("gaussian-adaptive", 5e-4), ("gaussian-adaptive", 1e-3),
                     ("gaussian-adaptive", 2e-3), ("gaussian-adaptive", 5e-3), ("gaussian-adaptive", 1e-2),
                     ("pgd-adaptive-clipped", 1e-4), ("pgd-adaptive-clipped", 1e-3)),
-                   seeds=10, stability_seeds=5,
-                   problems=("train", "mlp", "smallbatch", "wider", "deeper", "train-mnist", "fmnist"),
-                   off_problems=("train", "smallbatch", "wider")),
+                   problems={p: 10 for p in ("train", "mlp", "smallbatch", "wider", "deeper", "train-mnist",
+                                             "fmnist")},
+                   stability_seeds=5, off_problems=("train", "smallbatch", "wider"), forms=("paper", "torch")),
 }
 
 
@@ -127,11 +130,103 @@ def train(students: list[Student], out: Path, deadline: float) -> bool:
     return True
 
 
+# --- evaluation -----------------------------------------------------------------------------------------------
+
+
+def _candidates(students: list[Student], out: Path, study: str) -> list:
+    """One candidate per label, or a replicate group where a label has several replicates."""
+    from amalgam_plugin import suite
+
+    labels = list(dict.fromkeys(s.label for s in students if s.study == study))
+    found = []
+    for label in labels:
+        replicates = [s for s in students if s.label == label]
+        if len(replicates) == 1:
+            found.append(suite.student_candidate(str(out / replicates[0].folder), label))
+        else:
+            found += suite.replicate_group(str(out / "students" / label / "r*"), label)
+    return found
+
+
+def evaluate_studies(budget: Budget, students: list[Student], out: Path, workers: int, deadline: float) -> bool:
+    """Each study's suite (cached, so a rerun resumes), then ``results.md``; False when the deadline came first
+    (checked between problems)."""
+    from amalgam_plugin import suite
+
+    main_students = _candidates(students, out, "a") + _candidates(students, out, "b")
+    choice_large = [c for c in main_students if c.label.startswith("choice-large")]
+    main_students = choice_large + [c for c in main_students if c not in choice_large]  # the reference first
+    stability = _candidates(students, out, "c")
+    results = {}
+    jobs = [("ab", problem, main_students, seeds, "large") for problem, seeds in budget.problems.items()]
+    jobs += [("c", "mlp", stability, budget.stability_seeds, None)]
+    jobs += [("d", problem, stability, budget.stability_seeds, None) for problem in budget.off_problems]
+    for study, problem, candidates, seeds, pool in jobs:
+        if time.time() > deadline:
+            return False
+        print(f"[evaluate] study {study} on {problem}, {seeds} seeds", flush=True)
+        folder = out / "evaluate" / f"{study}-{problem}"
+        results[(study, problem)] = suite.run_suite(candidates, [problem], list(range(seeds)), folder, budget.steps,
+                                                    pool=pool, forms=budget.forms, workers=workers)
+    (out / "results.md").write_text(report(budget, results))
+    print(f"written: {out / 'results.md'}")
+    return True
+
+
+def _row(result, problem: str, name: str) -> dict | None:
+    return next((r for r in result.optimizer_rows(problem) if r["name"] == name), None)
+
+
+def _diff(row: dict | None) -> str:
+    if row is None:
+        return "n/a"
+    return "reference" if row["diff"] is None else str(row["diff"])
+
+
+def report(budget: Budget, results: dict) -> str:
+    """The claim-by-claim tables of README "Results"."""
+    from amalgam_plugin.suite import fmt_number
+
+    lines = [f"# Reproduction at CPU scale ({budget.main_preset.name} recipe for (a) and (b), "
+             f"{budget.stability_preset.name} recipe for (c) and (d))", "",
+             "Best log held-out loss: mean over paired seeds (lower is better). Δ: paired difference to the "
+             "large-pool choice student with its 95% t-interval (negative: better than that student).", ""]
+    lines += ["## (a) Mechanisms and (b) the student against its baselines", ""]
+    for (study, problem), result in results.items():
+        if study != "ab":
+            continue
+        lines += [f"### {problem} ({len(result.problems[problem].seeds)} seeds)", "",
+                  "| optimizer | best log held-out | Δ vs choice-large [95% CI] | final log train |",
+                  "| --- | --- | --- | --- |"]
+        for row in result.optimizer_rows(problem):
+            lines.append(f"| {row['name']} | {fmt_number(row['best_log_heldout'])} | {_diff(row)} | "
+                         f"{fmt_number(row['final_log_train'])} |")
+        lines.append("")
+    for study, title in (("c", "(c) Meta-stability against the perturbation (training problem: mlp)"),
+                         ("d", "(d) The same students off their training problem")):
+        for (s, problem), result in results.items():
+            if s != study:
+                continue
+            lines += [f"## {title}: {problem}", "",
+                      "| setting | replicates | best log held-out [95% CI] | σ_meta | final log train | "
+                      "σ_meta (train) | σ_eval (train) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            for g in result.group_rows(problem):
+                b, t = g["best_log_heldout"], g["final_log_train"]
+                lines.append(f"| {g['group']} | {g['replicates']} | {fmt_number(b['mean'])} [{fmt_number(b['low'])}, "
+                             f"{fmt_number(b['high'])}] | {fmt_number(b['meta_std'])} | {fmt_number(t['mean'])} | "
+                             f"{fmt_number(t['meta_std'])} | {fmt_number(t['eval_std'])} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    parser.add_argument("--budget", choices=list(BUDGETS), default="small")
     parser.add_argument("--stage", choices=("all", "train", "evaluate"), default="all")
+    parser.add_argument("--studies", default="abc",
+                        help="which studies' students to meta-train (default abc; d reuses c's): run two "
+                             "processes with --studies ab and --studies c to use two cores")
     parser.add_argument("--out", default=None)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--workers", type=int, default=2, help="evaluation worker processes (1 thread each)")
@@ -140,12 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or REPO / "benchmarks" / "results" / f"reproduce-{args.budget}")
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else float("inf")
     students = plan(budget)
-    if args.stage in ("all", "train") and not train(students, out, deadline):
+    if args.stage in ("all", "train") and not train([s for s in students if s.study in args.studies], out, deadline):
         print("stopped at a checkpoint (--max-minutes); rerun the same command to continue", file=sys.stderr)
         return 3
     if args.stage in ("all", "evaluate"):
-        from reproduce_studies import evaluate_studies
-
         if not evaluate_studies(budget, students, out, args.workers, deadline):
             print("stopped between runs (--max-minutes); rerun the same command to continue", file=sys.stderr)
             return 3

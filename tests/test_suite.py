@@ -5,7 +5,10 @@ import json
 import math
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +174,17 @@ def test_amalgam_evaluate_never_writes_into_a_users_folder(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep")
     assert main(["evaluate", "torch.optim.SGD:lr=0.1", "--out", str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_reproduce_paper_runs_every_study_on_the_smoke_budget(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_paper.py"
+    done = subprocess.run([sys.executable, str(script), "--budget", "smoke", "--out", str(tmp_path), "--workers", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "results.md").read_text()
+    for heading in ("## (a) Mechanisms and (b)", "## (c) Meta-stability", "## (d) The same students"):
+        assert heading in report
+    assert "| choice-large | " in report and "| alpha0 | " in report and "| oracle | " in report
+    assert "| mlp-gaussian-adaptive-0.01 | 2 | " in report
+    recipe = json.loads((tmp_path / "students/mlp-gaussian-adaptive-0.01/r1/training/run_config.json").read_text())
+    assert recipe["student_recipe"]["perturbation"] == "gaussian-adaptive" and recipe["seed"] == 1
