@@ -78,6 +78,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not 1 <= args.seeds <= 1000 or args.steps < 1 or args.eval_every < 1:
         raise ValueError("--seeds must be in [1, 1000], --steps and --eval-every positive")
     out = Path(args.out)
+    if args.card and not (Path(args.card) / "README.md").is_file():
+        raise ValueError(f"--card {args.card!r} holds no model card (README.md)")
     if out.exists() and any(out.iterdir()) and not (out / "cache.json").exists() and not args.overwrite:
         raise ValueError(f"output folder {str(out)!r} is not empty and holds no amalgam evaluate run; choose a new "
                          "folder, or pass --overwrite")
@@ -90,6 +92,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                              data_root=args.data_root)
     print(suite.markdown(result))
     print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'plots'}/")
+    if args.card:
+        print(f"model card updated: {suite.embed_in_card(result, out, Path(args.card))}")
     return 0
 
 
@@ -201,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-baselines", action="store_true", help="only the optimizers named (no pool, oracle, Adam)")
     e.add_argument("--out", default="amalgam-evaluation", help="output folder (default ./amalgam-evaluation)")
     e.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT that holds no earlier run")
+    e.add_argument("--card", default=None, metavar="FOLDER",
+                   help="also put the tables and plots into the model card (README.md) of the student in FOLDER "
+                        "(its section is replaced on a rerun; the plots are copied beside it)")
     e.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="worker processes, one torch thread each (default: one per CPU core)")
     e.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")

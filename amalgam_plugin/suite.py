@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,3 +326,36 @@ def write_outputs(result: SuiteResult, out: Path) -> None:
                 for p, files in plot_files.items()}
     (out / "results.json").write_text(json.dumps(json_safe(result.to_dict()), indent=1, allow_nan=False) + "\n")
     (out / "results.md").write_text(markdown(result, relative))
+
+
+CARD_BEGIN, CARD_END = "<!-- amalgam evaluate: begin -->", "<!-- amalgam evaluate: end -->"
+
+
+def embed_in_card(result: SuiteResult, out: Path, folder: Path) -> Path:
+    """Put the evaluation (tables and plots) into the model card of the student in ``folder``: the plots are
+    copied beside it as ``evaluate-*.png`` (pushed with the card) and the section between the markers is
+    replaced, or appended when the card has none. Returns the card's path."""
+    card = folder / "README.md"
+    if not card.is_file():
+        raise ValueError(f"--card {str(folder)!r} holds no model card (README.md)")
+    plots = {}
+    for problem in result.problems:
+        plots[problem] = {}
+        for caption, suffix in (("held-out loss against steps", "curves"),
+                                ("best log held-out loss per optimizer", "bars"),
+                                ("held-out loss against training time", "time")):
+            name = f"evaluate-{problem}-{suffix}.png"
+            shutil.copyfile(out / "plots" / f"{problem}-{suffix}.png", folder / name)
+            plots[problem][caption] = name
+    body = markdown(result, plots).replace("\n## ", "\n### ")
+    body = body.replace("# amalgam evaluate", "## Evaluation across problems (`amalgam evaluate`)", 1)
+    section = f"{CARD_BEGIN}\n{body}\n{CARD_END}"
+    text = card.read_text()
+    if CARD_BEGIN in text and CARD_END in text:
+        text = text[: text.index(CARD_BEGIN)] + section + text[text.index(CARD_END) + len(CARD_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = card.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, card)
+    return card

@@ -144,6 +144,24 @@ def test_amalgam_evaluate_end_to_end(tmp_path, capsys, monkeypatch):
                  "--out", str(out)]) == 0
 
 
+def test_the_evaluation_goes_into_a_students_card_and_is_replaced_on_a_rerun(tmp_path, capsys):
+    reps = replicate_folders(tmp_path)
+    card = reps / "r0" / "README.md"
+    before = card.read_text()
+    args = ["evaluate", str(reps / "r0"), "torch.optim.SGD:lr=0.1", *TINY, "--no-baselines",
+            "--out", str(tmp_path / "eval"), "--card", str(reps / "r0")]
+    assert main(args) == 0 and main(args) == 0
+    text = card.read_text()
+    assert text.startswith(before.rstrip("\n"))  # the card's own content is kept
+    assert text.count("<!-- amalgam evaluate: begin -->") == 1  # replaced, not appended twice
+    assert "## Evaluation across problems (`amalgam evaluate`)" in text and "### mlp" in text
+    assert "![held-out loss against steps](evaluate-mlp-curves.png)" in text
+    assert png_ok(reps / "r0" / "evaluate-mlp-curves.png")
+    capsys.readouterr()
+    assert main(["evaluate", "torch.optim.SGD:lr=0.1", "--card", str(tmp_path), "--out", str(tmp_path / "e2")]) == 2
+    assert "holds no model card" in capsys.readouterr().err
+
+
 def test_a_changed_student_is_re_run(tmp_path, caplog):
     reps = replicate_folders(tmp_path)
     out = tmp_path / "eval"
