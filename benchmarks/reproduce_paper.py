@@ -35,10 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK = PRESETS["quick"]
 # (c)'s recipe: a shortened quick preset, cheap enough for 8 replicates of every setting
 STABILITY = Preset(
-    "stability", "the quick preset shortened to 2 stages of 2 periods of 4 trajectories (study c)",
-    QUICK.choice, replace(QUICK.student, depths=[1, 2], validation_depths=[2, 5], trajectories_per_period=4,
-                          min_periods=2, max_periods=2, num_chances=0),
-    eval_seeds=3, eval_textbook=False, notes=["study (c) recipe: 2 stages x 2 periods x 4 trajectories"])
+    "stability", "the quick preset with 4 trajectories per period and exactly 2 periods per stage (study c)",
+    QUICK.choice, replace(QUICK.student, trajectories_per_period=4, min_periods=2, max_periods=2, num_chances=0),
+    eval_seeds=3, eval_textbook=False, notes=["study (c) recipe: 3 stages x 2 periods x 4 trajectories"])
 
 
 @dataclass(frozen=True)
