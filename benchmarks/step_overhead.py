@@ -2,6 +2,7 @@
 
     python benchmarks/step_overhead.py            # 1M, 10M, 25M parameters (a few minutes on 2 cores)
     python benchmarks/step_overhead.py --quick    # small sizes, few repeats (< 1 minute)
+    python benchmarks/step_overhead.py --student lean   # the lean student: compiled and eager steps vs AdamW
 
 Only the optimizer step is timed (gradients are fixed random tensors; no forward/backward), after warm-up
 steps and with ``warmup_steps=0`` so the learned (LSTM) branch runs.  Floors for the RNNProp student:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ from torch import nn
 
 from amalgam_plugin.hub import load_student
 from amalgam_plugin.optim import AmalgamOptimizer
-from amalgam_plugin.students import RNNProp
+from amalgam_plugin.students import Lean, RNNProp
 from amalgam_plugin.students.rnnprop_kernel import CPU_CHUNK, RNNPropKernel
 
 MB = 1024**2
@@ -154,12 +156,52 @@ def bench_pair(params: list[torch.Tensor], student: RNNProp, repeats: int) -> di
     return out
 
 
+def bench_lean(params: list[torch.Tensor], repeats: int) -> dict[str, float]:
+    """AdamW (foreach), the lean student compiled and the lean student eager, one after another on the same
+    parameters and gradients (the step's time does not depend on the student's weight values)."""
+    student = Lean()
+    student.reset_parameters(torch.Generator().manual_seed(0))
+    set_grads(params)
+    out = {"n": sum(p.numel() for p in params)}
+    for name, mode in (("adamw", None), ("compiled", "always"), ("eager", "never")):
+        os.environ["AMALGAM_COMPILE"] = mode or "auto"
+        opt = (torch.optim.AdamW(params, lr=1e-3, foreach=True) if mode is None
+               else AmalgamOptimizer(params, student=student, warmup_steps=0))
+        opt.step()  # state, and the compiled kernel (paid once)
+        out[f"{name}_s"] = median_time(opt.step, repeats, warm=1)
+        out[f"{name}_temp_mb"] = peak_temp_mb(opt.step)
+        out[f"{name}_state_bpp"] = state_bytes(opt) / out["n"]
+        del opt
+        gc.collect()
+    os.environ.pop("AMALGAM_COMPILE")
+    return out
+
+
+def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); lean student (4 floats of state per "
+          "parameter); each row: medians of the same steps, side by side")
+    header = (f"{'params':>10} {'adamw ms':>9} {'lean compiled ms':>16} {'ratio':>6} {'lean eager ms':>13} "
+              f"{'ratio':>6} {'state B/p lean':>14} {'adamw':>6} {'temp MB lean':>12} {'adamw':>6}")
+    print(header)
+    print("-" * len(header))
+    for width, depth in models:
+        model = mlp(width, depth)
+        r = bench_lean(list(model.parameters()), repeats)
+        print(f"{r['n']:>10,} {r['adamw_s'] * 1e3:>9.1f} {r['compiled_s'] * 1e3:>16.1f} "
+              f"{r['compiled_s'] / r['adamw_s']:>6.2f} {r['eager_s'] * 1e3:>13.1f} {r['eager_s'] / r['adamw_s']:>6.2f} "
+              f"{r['compiled_state_bpp']:>14.0f} {r['adamw_state_bpp']:>6.0f} {r['compiled_temp_mb']:>12.1f} "
+              f"{r['adamw_temp_mb']:>6.1f}")
+        del model
+        gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 1 minute)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--student", choices=("rnnprop", "lean"), default="rnnprop")
     args = parser.parse_args()
     _mmap_large_allocations()
     if args.threads:
@@ -168,6 +210,8 @@ def main() -> None:
     student = paper_student()
     repeats = 2 if args.quick else 3
     models = [(256, 4), (512, 4)] if args.quick else [(512, 4), (1024, 10), (1600, 10)]
+    if args.student == "lean":
+        return main_lean(models, repeats)
 
     fl = floors(student, CPU_CHUNK, repeats=5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), chunk {CPU_CHUNK}")

@@ -17,6 +17,7 @@ from ..registry import Registry
 from .base import Student, StudentConfig
 from .choice import ChoiceConfig, ChoiceNet
 from .kernel import ModuleKernel, RuntimeKernel
+from .lean import Lean, LeanConfig, LeanKernel
 from .rnnprop import RNNProp, RNNPropConfig
 from .rnnprop_kernel import RNNPropKernel
 
@@ -32,6 +33,8 @@ class StudentType:
 STUDENTS: Registry[StudentType] = Registry("student type", {
     "rnnprop": (StudentType(RNNProp, RNNPropConfig, RNNPropKernel),
                 "RNNProp: 2-layer coordinate-wise LSTM, 82 floats of state per parameter"),
+    "lean": (StudentType(Lean, LeanConfig, LeanKernel),
+             "lean: a 16-unit MLP over 3 momenta and a second moment, 4 floats of state per parameter"),
     "choice": (StudentType(ChoiceNet, ChoiceConfig, trainable=False),
                "the choice network: a learned soft choice among a pool's updates (choice amalgamation)"),
 })
@@ -42,5 +45,5 @@ def build_student(config: StudentConfig) -> nn.Module:
     return STUDENTS.lookup(config.student_type).module(config)
 
 
-__all__ = ["STUDENTS", "ChoiceConfig", "ChoiceNet", "RNNProp", "RNNPropConfig", "Student", "StudentConfig",
-           "StudentType", "build_student"]
+__all__ = ["STUDENTS", "ChoiceConfig", "ChoiceNet", "Lean", "LeanConfig", "RNNProp", "RNNPropConfig", "Student",
+           "StudentConfig", "StudentType", "build_student"]
