@@ -348,7 +348,7 @@ class AmalgamOptimizer(Optimizer):
         counted in ``skipped_updates``. One host sync per device."""
         finite: dict[int, bool] = {}
         for same in _by_device_and_dtype(params):
-            flags = torch.stack([torch.isfinite(p.grad).all() for p in same]).tolist()
+            flags = torch.stack([torch.isfinite(_local(p.grad)).all() for p in same]).tolist()
             finite.update(zip(map(id, same), flags, strict=True))
         kept = [p for p in params if finite[id(p)]]
         if len(kept) < len(params):
@@ -393,7 +393,8 @@ class AmalgamOptimizer(Optimizer):
         return self._devices[device]
 
     def _init_state(self, p: Tensor) -> dict:
-        flat = flatten_state(self.student.init_state(p.numel(), p.new_zeros((), dtype=torch.float32)))
+        local = _local(p)  # a sharded (DTensor) parameter keeps the state of its own shard
+        flat = flatten_state(self.student.init_state(local.numel(), local.new_zeros((), dtype=torch.float32)))
         # A Python int: read every step to pick warm-up or learned, and an int costs no tensor op or sync.
         return {"step": 0, **flat}
 
@@ -410,7 +411,7 @@ class AmalgamOptimizer(Optimizer):
             (warm if state["step"] < group["warmup_steps"] else learned).append(p)
             state["step"] = int(state["step"]) + 1
         if decay != 0.0:
-            torch._foreach_mul_(params, 1.0 - decay)
+            torch._foreach_mul_([_local(p) for p in params], 1.0 - decay)
         for same in _by_device_and_dtype(warm):
             # the warm-up: plain SGD at the student's warmup_lr (times lr); the student's state advances, its
             # recurrent state stays frozen
@@ -433,19 +434,28 @@ def _by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:
     return list(groups.values())
 
 
+def _local(t: Tensor) -> Tensor:
+    """The tensor itself, or a sharded (DTensor, FSDP2) tensor's local shard: the student is elementwise, so each
+    process steps its own shard with its own state."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def _flat_view(p: Tensor) -> Tensor:
-    """A flat view of ``p`` in its logical order; a contiguous copy for non-contiguous ones (see _write_back)."""
+    """A flat view of ``p`` (its local shard) in its logical order; a contiguous copy for non-contiguous ones
+    (see _write_back)."""
+    p = _local(p)
     return p.view(-1) if p.is_contiguous() else p.detach().contiguous().view(-1)
 
 
 def _write_back(params: list[Tensor], flats: list[Tensor]) -> None:
-    for p, flat in zip(params, flats, strict=True):
+    for p, flat in zip(map(_local, params), flats, strict=True):
         if not p.is_contiguous():
             p.copy_(flat.view_as(p))
 
 
 def _flat_grad(p: Tensor, sign: float) -> Tensor:
-    g = p.grad.reshape(-1).to(torch.float32)
+    g = _local(p.grad).reshape(-1).to(torch.float32)
     return -g if sign < 0 else g
 
 
