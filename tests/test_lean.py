@@ -119,7 +119,7 @@ def test_state_is_four_floats_per_parameter():
 def test_bad_lean_configs_are_refused():
     with pytest.raises(ValueError, match="betas must be a list of 3"):
         LeanConfig(betas=[0.9])
-    with pytest.raises(ValueError, match=r"hidden_size must be an integer in \[1, 256\]"):
+    with pytest.raises(ValueError, match=r"hidden_size must be an integer in \[2, 256\]"):
         LeanConfig(hidden_size=10**6)
 
 

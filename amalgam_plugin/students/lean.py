@@ -24,6 +24,7 @@ from .base import Dense, HubStudent, State, StudentConfig, check_int, check_real
 logger = logging.getLogger(__name__)
 
 STATE_KEYS = ("m0", "m1", "m2", "v")
+INIT_GAIN = 0.05  # the initial rule's step: 0.1 · 0.05 · m₂/√v, about Adam's at lr 0.005
 
 
 @dataclass
@@ -37,7 +38,7 @@ class LeanConfig(StudentConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_int("hidden_size", self.hidden_size, 1, 256)
+        check_int("hidden_size", self.hidden_size, 2, 256)
         if not isinstance(self.betas, list) or len(self.betas) != 3:
             raise ValueError(f"betas must be a list of 3 momentum decays, got {self.betas!r}")
         for i, beta in enumerate(self.betas):
@@ -68,8 +69,16 @@ class Lean(nn.Module, HubStudent):
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Start at a momentum rule, Δ ≈ 0.1·tanh(INIT_GAIN · m₂/√v) (β 0.9): hidden units 0 and 1 carry ±m₂/√v
+        and the output reads their difference; the other units start random with small output weights.
+        Meta-training from a random MLP first spends its budget escaping diverging rules."""
         self.hidden.reset_parameters(generator)
         self.delta.reset_parameters(generator)
+        with torch.no_grad():
+            self.delta.kernel.mul_(0.1)
+            self.hidden.kernel[:, :2] = 0.0
+            self.hidden.kernel[2, 0], self.hidden.kernel[2, 1] = 1.0, -1.0
+            self.delta.kernel[0, 0], self.delta.kernel[1, 0] = INIT_GAIN, -INIT_GAIN
 
     def init_state(self, n: int, like: Tensor) -> State:
         return {k: like.new_zeros(n) for k in STATE_KEYS}
