@@ -249,6 +249,7 @@ class AmalgamOptimizer(Optimizer):
         if AmalgamOptimizer._stash_state not in self._optimizer_load_state_dict_pre_hooks.values():
             self.register_load_state_dict_pre_hook(AmalgamOptimizer._stash_state)
             self.register_load_state_dict_post_hook(AmalgamOptimizer._restore_state)
+            self.register_state_dict_post_hook(AmalgamOptimizer._sharded_state)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -266,6 +267,29 @@ class AmalgamOptimizer(Optimizer):
         self._register_hooks()
 
     # --- state_dict: identity check and float32 state kept exact ---------------------------------------
+
+    @staticmethod
+    def _sharded_state(opt: AmalgamOptimizer, state_dict: dict) -> dict:
+        """A sharded (DTensor) parameter's student state leaves as DTensors shaped like the parameter (plus the
+        state's own trailing dimensions) and sharded like it, so distributed checkpointing saves each process's
+        shard, as it does AdamW's ``exp_avg``; ``_stash_state`` takes them back to the local flat layout."""
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for index, saved in state_dict["state"].items():
+            p = params[index]
+            if not hasattr(p, "to_local") or p not in opt.state or "exp_avg" in saved:
+                continue
+            from torch.distributed.tensor import DTensor
+
+            local, shared = p.to_local(), dict(saved)  # ``saved`` is the live state: never modify it
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and key != "step":
+                    rest = tuple(value.shape[1:])
+                    shared[key] = DTensor.from_local(value.reshape(*local.shape, *rest), p.device_mesh,
+                                                     p.placements, run_check=False,
+                                                     shape=torch.Size((*p.shape, *rest)),
+                                                     stride=_contiguous_strides((*p.shape, *rest)))
+            state_dict["state"][index] = shared
+        return state_dict
 
     @staticmethod
     def _stash_state(opt: AmalgamOptimizer, state_dict: dict) -> dict:
@@ -289,7 +313,8 @@ class AmalgamOptimizer(Optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         for saved_id, group, p in zip(saved_ids, groups, params, strict=False):  # torch checks the sizes
             if saved_id in state_dict["state"]:
-                opt._check_saved_state(state_dict["state"][saved_id], group, p)
+                saved = state_dict["state"][saved_id] = _local_state(state_dict["state"][saved_id], group, p)
+                opt._check_saved_state(saved, group, p)
         opt._stashed = (state_dict["state"], saved_ids)
         return {**state_dict, "state": {}}
 
@@ -299,7 +324,7 @@ class AmalgamOptimizer(Optimizer):
             expected = {"step": None, "exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
         else:  # the student's state for one coordinate, grown to p's
             one = flatten_state(self.student.init_state(1, torch.zeros(())))
-            expected = {"step": None, **{k: (p.numel(), *v.shape[1:]) if isinstance(v, Tensor) else None
+            expected = {"step": None, **{k: (_local(p).numel(), *v.shape[1:]) if isinstance(v, Tensor) else None
                                          for k, v in one.items()}}
         got = {k: tuple(v.shape) if isinstance(v, Tensor) else None for k, v in saved.items()}
         if set(got) != set(expected) or any(shape is not None and got[k] != shape for k, shape in expected.items()):
@@ -432,6 +457,23 @@ def _by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:
     for p in params:
         groups.setdefault((p.device, p.dtype), []).append(p)
     return list(groups.values())
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _local_state(saved: dict, group: dict, p: Tensor) -> dict:
+    """A sharded parameter's saved student state (DTensors shaped like it) back in the local flat layout."""
+    if group["use_fallback"] or not hasattr(p, "to_local"):
+        return saved
+    local_n = p.to_local().numel()
+    return {k: v.to_local().reshape(local_n, *v.shape[p.dim():]) if hasattr(v, "to_local") else v
+            for k, v in saved.items()}
 
 
 def _local(t: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """One process of the sharded-training test (tests/test_sharded.py), started by torchrun: trains a small model
-with AmalgamOptimizer under DDP or FSDP2 (gloo, CPU) and rank 0 writes the full parameters to OUT."""
+with AmalgamOptimizer under DDP or FSDP2 (gloo, CPU), or under FSDP2 with a torch.distributed.checkpoint resume
+half-way (``fsdp2-resume``), and rank 0 writes the full parameters to OUT."""
 
 import sys
 
@@ -27,20 +28,48 @@ def train(model, optimizer, batches) -> None:
         optimizer.zero_grad()
 
 
+def wrap(model, mode: str):
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+
+
+def resumed_through_dcp(model, optimizer, student: str, batches, folder: str):
+    """Half the steps, a distributed checkpoint of model and optimizer, a fresh model and optimizer loaded from
+    it (the loading runs torch's lr = 0 initialisation step), the other half."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    half = len(batches) // 2
+    train(model, optimizer, batches[:half])
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+    fresh, _ = model_and_batches()
+    fresh = wrap(fresh, "fsdp2")
+    fresh_optimizer = AmalgamOptimizer(fresh.parameters(), student=student, warmup_steps=2)
+    model_state, optim_state = get_state_dict(fresh, fresh_optimizer)
+    loaded = {"model": model_state, "optim": optim_state}
+    dcp.load(loaded, checkpoint_id=folder)
+    set_state_dict(fresh, fresh_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    train(fresh, fresh_optimizer, batches[half:])
+    return fresh
+
+
 def main(mode: str, student: str, out: str) -> None:
     dist.init_process_group("gloo")
     model, batches = model_and_batches()  # every rank sees the same batch: the mean gradient is the batch's
-    if mode == "ddp":
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    model = wrap(model, "fsdp2" if mode == "fsdp2-resume" else mode)
+    optimizer = AmalgamOptimizer(model.parameters(), student=student, warmup_steps=2)
+    if mode == "fsdp2-resume":
+        model = resumed_through_dcp(model, optimizer, student, batches, out + ".dcp")
     else:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        wrapped = fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
-    optimizer = AmalgamOptimizer(wrapped.parameters(), student=student, warmup_steps=2)
-    train(wrapped, optimizer, batches)
+        train(model, optimizer, batches)
+    module = model.module if mode == "ddp" else model
     full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
+            for n, p in module.named_parameters()}
     if dist.get_rank() == 0:
         save_file(full, out)
     dist.destroy_process_group()
