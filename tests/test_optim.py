@@ -454,7 +454,7 @@ def test_huge_and_zero_gradients_keep_parameters_finite(paper_student, dtype):
 
 
 @pytest.mark.parametrize("name", ["paper-choice-large", "paper-choice-small", "paper-minmax", "paper-mean",
-                                  "amalgam-choice-large-quick"])
+                                  "amalgam-choice-large-quick", "lean-choice-large"])
 def test_a_coordinate_that_never_had_a_gradient_does_not_move(name):
     """Like torch's optimizers: an embedding's padding row (gradient always exactly 0) stays where it was over
     1,000 steps, warm-up included, while the rows that are used train."""
