@@ -416,7 +416,7 @@ def test_truncated_weights(saved):
 
 def test_unknown_student_type(saved):
     edit_config(saved, student_type="transformer")
-    with pytest.raises(ValueError, match="unknown student_type 'transformer'.*rnnprop, choice"):
+    with pytest.raises(ValueError, match="unknown student_type 'transformer'.*rnnprop, lean, choice"):
         hub.load_student(saved)
 
 
