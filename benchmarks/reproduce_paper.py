@@ -167,7 +167,7 @@ def evaluate_studies(budget: Budget, students: list[Student], out: Path, workers
         folder = out / "evaluate" / f"{study}-{problem}"
         results[(study, problem)] = suite.run_suite(candidates, [problem], list(range(seeds)), folder, budget.steps,
                                                     pool=pool, forms=budget.forms, workers=workers)
-    (out / "results.md").write_text(report(budget, results))
+        (out / "results.md").write_text(report(budget, results))  # what is done so far, rewritten as it grows
     print(f"written: {out / 'results.md'}")
     return True
 
