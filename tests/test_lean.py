@@ -143,3 +143,20 @@ def test_meta_trained_saved_loaded_and_used(tmp_path):
     resumed = AmalgamOptimizer(model.parameters(), student=str(out))
     resumed.load_state_dict(opt.state_dict())
     assert torch.equal(resumed.state[model.weight]["v"], opt.state[model.weight]["v"])
+
+
+def test_the_compiled_step_is_not_recompiled_for_new_shapes_ranks_or_lrs(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("AMALGAM_COMPILE", "always")
+    kernel = LeanKernel(lean(), torch.device("cpu"))
+
+    def step(sizes, ranks, lr):
+        flats, grads = [torch.randn(n) for n in sizes], [torch.randn(n) for n in sizes]
+        states = [{k: torch.zeros(n) for k in ("m0", "m1", "m2", "v")} for n in sizes]
+        kernel.step(flats, grads, states, lr, ranks)
+
+    step([1000, 20], [2, 1], 1.0)
+    graphs = counters["stats"]["unique_graphs"]
+    step([777, 33_333, 5], [2, 2, 1], 0.3)
+    assert counters["stats"]["unique_graphs"] == graphs
