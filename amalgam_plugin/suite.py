@@ -219,7 +219,13 @@ class SuiteResult:
                 "problems": {p: {"protocol": e.protocol(), "notes": e.notes, "optimizers": [
                     {**row, "diff": None if row["diff"] is None else row["diff"].__dict__}
                     for row in self.optimizer_rows(p)], "replicate_groups": self.group_rows(p),
-                    "runs": e.to_dict()["runs"]} for p, e in self.problems.items()}}
+                    "runs": _curves(e)} for p, e in self.problems.items()}}
+
+
+def _curves(evaluation: ev.Evaluation) -> dict:
+    """Each run's held-out curve and times (its per-step training losses stay in the cache)."""
+    return {n: [{k: v for k, v in r.to_dict().items() if k != "train_losses"} for r in runs]
+            for n, runs in evaluation.runs.items()}
 
 
 def _drop_stale_runs(cache: Path, candidates: Sequence[Candidate]) -> None:
