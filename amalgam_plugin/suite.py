@@ -28,7 +28,7 @@ import numpy as np
 
 from . import evaluate as ev
 from .problems import make_problem
-from .teachers import _import_optimizer, parse_value
+from .teachers import parse_spec, torch_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -134,20 +134,8 @@ class Candidate:
 
 def optimizer_candidate(spec: str) -> Candidate:
     """A torch optimizer by dotted class name with ``key=value`` arguments: ``torch.optim.AdamW:lr=1e-3``."""
-    name, _, args = spec.partition(":")
-    kwargs = {}
-    for item in filter(None, args.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"optimizer argument {item!r} in {spec!r} is not of the form key=value")
-        kwargs[key.strip()] = parse_value(value.strip())
-    cls = _import_optimizer(name.strip())
-    try:
-        import torch
-
-        cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
-    except Exception as err:  # noqa: BLE001 (any class's own complaint about its arguments)
-        raise ValueError(f"bad arguments for {name}: {err}") from err
+    name, kwargs = parse_spec(spec)
+    cls = torch_optimizer(name, kwargs)
     return Candidate(spec, lambda params: cls(params, **kwargs), spec)
 
 

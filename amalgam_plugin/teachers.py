@@ -245,23 +245,34 @@ def _import_optimizer(path: str) -> type[torch.optim.Optimizer]:
     return cls
 
 
-def make_teacher(spec: str) -> Teacher:
-    """``"adam"``, ``"adam:lr=0.01,beta1=0.8"``, or a dotted optimizer class ``"torch.optim.AdamW:lr=1e-3"``."""
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,..."`` as ``(name, {key: value})``."""
     name, _, args = spec.partition(":")
     kwargs = {}
     for item in filter(None, args.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"teacher argument {item!r} in {spec!r} is not of the form key=value")
+            raise ValueError(f"argument {item!r} in {spec!r} is not of the form key=value")
         kwargs[key.strip()] = parse_value(value.strip())
-    name = name.strip()
+    return name.strip(), kwargs
+
+
+def torch_optimizer(name: str, kwargs: dict[str, Any]) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim.Optimizer`` class at dotted ``name``, its arguments checked by the class itself now
+    rather than at its first step."""
+    cls = _import_optimizer(name)
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except Exception as err:  # noqa: BLE001 (any class's own complaint about its arguments)
+        raise ValueError(f"bad arguments for {name}: {err}") from err
+    return cls
+
+
+def make_teacher(spec: str) -> Teacher:
+    """``"adam"``, ``"adam:lr=0.01,beta1=0.8"``, or a dotted optimizer class ``"torch.optim.AdamW:lr=1e-3"``."""
+    name, kwargs = parse_spec(spec)
     if "." in name:
-        cls = _import_optimizer(name)
-        try:  # its own argument checks, now rather than at the first step of meta-training
-            cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
-        except Exception as err:  # noqa: BLE001 (any class's own complaint about its arguments)
-            raise ValueError(f"bad arguments for {name}: {err}") from err
-        return torch_teacher(cls, name=name, **kwargs)
+        return torch_teacher(torch_optimizer(name, kwargs), name=name, **kwargs)
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher {name!r}; valid teachers: {TEACHERS.valid()}, "
                          "or a dotted torch.optim.Optimizer class such as torch.optim.AdamW")
