@@ -157,9 +157,11 @@ def evaluate_studies(budget: Budget, students: list[Student], out: Path, workers
     main_students = choice_large + [c for c in main_students if c not in choice_large]  # the reference first
     stability = _candidates(students, out, "c")
     results = {}
-    jobs = [("ab", problem, main_students, seeds, "large") for problem, seeds in budget.problems.items()]
-    jobs += [("c", "mlp", stability, budget.stability_seeds, None)]
+    main_jobs = [("ab", problem, main_students, seeds, "large") for problem, seeds in budget.problems.items()]
+    # the training problem first, then the perturbation studies, then the rest of the suite (costliest last)
+    jobs = [*main_jobs[:1], ("c", "mlp", stability, budget.stability_seeds, None)]
     jobs += [("d", problem, stability, budget.stability_seeds, None) for problem in budget.off_problems]
+    jobs += main_jobs[1:]
     for study, problem, candidates, seeds, pool in jobs:
         if time.time() > deadline:
             return False
