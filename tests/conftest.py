@@ -36,7 +36,19 @@ def _interpreter_dirs() -> tuple[str, ...]:
     return tuple(d for d in dirs if d != _PARENT and _inside(d, _PARENT) and not _inside(_ROOT, d))
 
 
-_ALLOWED = (_ROOT, *_interpreter_dirs())
+def _tool_caches() -> tuple[str, ...]:
+    """Folders of the temporary directory that pytest (its tmp_path) and torch.compile (its cache) use: they are
+    no neighbours of the project even when the repository itself lies in the temporary directory."""
+    import getpass
+    import tempfile
+
+    user = getpass.getuser()
+    temp = tempfile.gettempdir()
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR", os.path.join(temp, f"torchinductor_{user}"))
+    return tuple(os.path.realpath(d) for d in (os.path.join(temp, f"pytest-of-{user}"), inductor))
+
+
+_ALLOWED = (_ROOT, *_interpreter_dirs(), *_tool_caches())
 
 
 def outside_repository(path) -> str | None:

@@ -72,6 +72,7 @@ def main(mode: str, student: str, out: str) -> None:
             for n, p in module.named_parameters()}
     if dist.get_rank() == 0:
         save_file(full, out)
+    dist.barrier()  # no process tears gloo down while another still uses it
     dist.destroy_process_group()
 
 

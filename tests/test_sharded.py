@@ -31,9 +31,13 @@ def two_processes(mode: str, spec: str, out: Path) -> dict[str, torch.Tensor]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(WORKER),
                mode, spec, str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    if done.returncode != 0 and "address already in use" in done.stderr.lower():  # the rendezvous port was taken
+    # once more when the launch itself failed: the rendezvous port was taken, or gloo aborted a process (SIGABRT,
+    # seen about once in 30 runs on this 2-core machine, with no Python error); a wrong result is never retried
+    flaky = ("address already in use", "signal 6 (sigabrt)")
+    if done.returncode != 0 and any(f in done.stderr.lower() for f in flaky):
         done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "Error" in line)[-3000:]
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("W")]  # torch's own warnings
+    assert done.returncode == 0, "\n".join(lines[-60:])
     return load_file(str(out))
 
 
