@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- the suite reads nothing beside the repository ----------------------------------------------------------
 # An audit hook (installed once, at import of this conftest) records every open / listdir / scandir of a path
-# inside ROOT's parent folder but outside ROOT; pytest_sessionfinish prints them and fails the session.
+# inside ROOT's parent folder but outside ROOT (the parent itself, or what lay in it when the session started);
+# pytest_sessionfinish prints them and fails the session.
 # Only str, bytes and path-like arguments are looked at (file descriptors are ignored); paths elsewhere
 # (site-packages, pytest's tmp_path under the temp folder, the Hub cache) are not recorded.
 
@@ -49,6 +50,9 @@ def _tool_caches() -> tuple[str, ...]:
 
 
 _ALLOWED = (_ROOT, *_interpreter_dirs(), *_tool_caches())
+# the neighbours: what lay beside the repository when the session started (a folder the tests make later, such
+# as a tempfile.mkdtemp() when the repository itself lies in the temporary directory, is no neighbour)
+_NEIGHBOURS = frozenset(os.path.join(_PARENT, name) for name in os.listdir(_PARENT)) - {_ROOT}
 
 
 def outside_repository(path) -> str | None:
@@ -62,6 +66,8 @@ def outside_repository(path) -> str | None:
         return None
     resolved = os.path.realpath(path)
     if not _inside(resolved, _PARENT) or any(_inside(resolved, d) for d in _ALLOWED):
+        return None
+    if resolved != _PARENT and not any(_inside(resolved, n) for n in _NEIGHBOURS):
         return None
     return resolved
 
