@@ -180,12 +180,13 @@ class LeanKernel:
         compiled = self._compiled_step() if self.mode == "always" or (self.mode == "auto" and total >= COMPILE_MIN) \
             else None
         lr_t = torch.tensor(lr, dtype=torch.float32, device=flats[0].device)
+        workspace = None if compiled is not None else self._workspace(max(f.numel() for f in flats), flats[0].device)
         for p, g, s, rank in zip(flats, grads, states, ranks, strict=True):
             matrix = 1.0 if rank >= 2 else 0.0
             if compiled is not None:
                 compiled(p, g, s["m0"], s["m1"], s["m2"], s["v"], lr_t, matrix, self.constants)
             else:
-                self._eager(p, g, s, lr, matrix)
+                self._eager(p, g, s, lr, matrix, workspace)
 
     def _compiled_step(self):
         if self._compiled is None:
@@ -200,18 +201,23 @@ class LeanKernel:
                 self._compiled = False
         return self._compiled or None
 
-    def _eager(self, p: Tensor, g: Tensor, s: State, lr: float, matrix: float) -> None:
+    def _workspace(self, largest: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """One step's chunk buffers (features, hidden, output), shared by all of its tensors."""
+        rows = min(largest, self.chunk)
+        return (torch.empty(rows, 5, device=device), torch.empty(rows, self.config.hidden_size, device=device),
+                torch.empty(rows, device=device))
+
+    def _eager(self, p: Tensor, g: Tensor, s: State, lr: float, matrix: float,
+               workspace: tuple[Tensor, Tensor, Tensor]) -> None:
         """The same step by chunks of coordinates: features [c, 5] → one addmm → relu → one addmv."""
         cfg = self.config
         for i, beta in enumerate(cfg.betas):
             s[f"m{i}"].mul_(beta).add_(g, alpha=1 - beta)
         s["v"].mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
         n = p.numel()
-        rows = min(n, self.chunk)
-        x = torch.empty(rows, 5, device=p.device, dtype=torch.float32)
-        h = torch.empty(rows, cfg.hidden_size, device=p.device, dtype=torch.float32)
-        d = torch.empty(rows, device=p.device, dtype=torch.float32)
-        x[:, 4] = matrix
+        x, h, d = workspace
+        rows = min(n, len(d))
+        x[:rows, 4] = matrix
         for a in range(0, n, rows):
             b = min(a + rows, n)
             xs, hs, ds = x[: b - a], h[: b - a], d[: b - a]
