@@ -1,6 +1,7 @@
 """Meta-training: second-order meta-gradients, the NaN guard, exact resumption, the held-out guard, and the
 command line."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -496,3 +497,29 @@ def test_a_foreign_checkpoint_is_passed_over_and_two_are_refused(tmp_path, caplo
     previous(ckpt).write_bytes(foreign.read_bytes())
     with pytest.raises(ValueError, match="is unusable"):
         Curriculum(RNNProp(), make_problem("mlp"), make_pool("small"), TINY, tmp_path / "run", seed=7).run(resume=True)
+
+
+def test_first_order_meta_gradient_equals_a_plain_autograd_unroll():
+    """The unroll reuses each step's gradient for the objective's derivative instead of a second backward pass
+    through the optimizee; the meta-gradient must be the one of the plain graph."""
+    torch.manual_seed(0)
+    student, problem = RNNProp().double(), tiny_digit_problem()
+    traj = new_trajectory(problem, student, [], torch.Generator().manual_seed(3))
+    p0, state, batches = traj.params.detach(), traj.state, traj.batches
+    expected_batches = list(itertools.islice(batches, 4))
+    traj.batches = iter(expected_batches)
+    unroll(student, traj, problem, steps=4, second_order=False).meta_loss.backward()
+    fast = [p.grad.clone() for p in student.parameters()]
+
+    student.zero_grad()
+    params, terms = p0.clone().requires_grad_(True), []
+    for batch in expected_batches:
+        objective = problem.loss(traj.layout.unflatten(traj.scale * params), batch)
+        grad = torch.autograd.grad(objective, params, retain_graph=True)[0].detach()
+        reference = problem.loss(traj.layout.unflatten(traj.scale * p0), batch).detach()
+        terms.append(torch.log(objective + 1e-10) - torch.log(reference + 1e-10))
+        delta, state = student(grad, state, traj.ranks)
+        params = params - delta
+    torch.stack(terms).mean().backward()
+    for got, want in zip(fast, (p.grad for p in student.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
