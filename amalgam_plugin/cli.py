@@ -37,13 +37,14 @@ def _amalgamate(args: argparse.Namespace) -> int:
                      out=args.out, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
                      imitation=args.imitation, evaluate=not args.no_eval, data_root=args.data_root,
                      threads=args.threads, student=args.student, full_eval=args.full_eval, workers=args.workers,
-                     overwrite=args.overwrite,
+                     overwrite=args.overwrite, trajectories_per_step=args.trajectories_per_step,
                      perturbation=Perturbation(args.perturb, args.perturb_magnitude, args.perturb_steps))
     if out is None:
         print(f"stopped at a checkpoint (--max-minutes {args.max_minutes}); continue with the same command "
               "plus --resume", file=sys.stderr)
         return 3
-    print(summary_text(json.loads((Path(out) / "training" / "summary.json").read_text())))
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, rank 0 wrote the student and reports it
+        print(summary_text(json.loads((Path(out) / "training" / "summary.json").read_text())))
     return 0
 
 
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")
     a.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help=f"torch threads of meta-training (default {DEFAULT_THREADS})")
+    a.add_argument("--trajectories-per-step", type=int, default=None, metavar="N",
+                   help="trajectories whose meta-gradients are averaged into one meta-update (default: the "
+                        "preset's 1, or the number of processes under torchrun / accelerate launch, which share "
+                        "them out; the student does not depend on how many processes ran it)")
     a.set_defaults(func=_amalgamate)
 
     e = sub.add_parser("evaluate", help="evaluate students and optimizers on a suite of problems",

@@ -29,6 +29,7 @@ from ..problems import PROBLEMS, Problem, make_problem
 from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import POOLS, TEACHERS, Teacher, make_pool, pool_spec
 from .curriculum import Curriculum, CurriculumConfig
+from .distributed import Group, agreed, launched_group, launched_world_size
 from .perturbations import PERTURBATIONS, Perturbation
 from .presets import PRESETS, Preset
 from .unroll import Layout, frozen_choice_teacher
@@ -51,11 +52,15 @@ FULL_EVAL_SEEDS = 10
 def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Problem, imitation: str,
                   student: str = "rnnprop", out: str | os.PathLike | None = None, resume: bool = False,
                   overwrite: bool = False, max_minutes: float | None = None, threads: int | None = None,
-                  perturbation: Perturbation | None = None) -> Preset:
+                  perturbation: Perturbation | None = None, trajectories_per_step: int | None = None) -> Preset:
     """Every argument of an ``amalgamate`` call, checked before any work: a ValueError naming the bad value and
     the valid ones."""
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
+    processes = launched_world_size()
+    if trajectories_per_step is not None and not processes <= trajectories_per_step <= 1000:
+        raise ValueError(f"trajectories per step must be between the number of processes ({processes}) and 1000, "
+                         f"got {trajectories_per_step}")
     if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
         raise ValueError(f"threads must be between 1 and this machine's {os.cpu_count()} CPUs, got {threads}")
     if out is not None:
@@ -194,6 +199,7 @@ def amalgamate(
     workers: int | None = None,
     overwrite: bool = False,
     perturbation: Perturbation | None = None,
+    trajectories_per_step: int | None = None,
 ) -> Path | None:
     """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry) and write it to
     ``out`` in Hub layout, with a model card evaluating it on the held-out data.
@@ -207,20 +213,41 @@ def amalgamate(
     forms of every teacher, everything re-run). ``OUT/training/summary.json`` holds the result against the best
     baseline and the times. A non-empty ``out`` that holds no earlier run is refused unless ``overwrite``.
     ``perturbation``: the student's weights are perturbed during its meta-training (docs/method.md#perturbations).
+    ``trajectories_per_step``: trajectories whose meta-gradients are averaged into one meta-update (None: the
+    preset's, or the number of processes when a launcher started several; docs/method.md#distributed). Under
+    ``torchrun``/``accelerate launch`` the processes share each meta-step's trajectories; rank 0 writes the student,
+    the other processes return ``out`` once meta-training is done.
     """
-    recipe = check_request(pool, mechanism, preset, problem, imitation, student, out, resume, overwrite, max_minutes,
-                           threads, perturbation)
-    if perturbation is not None and perturbation.active:
-        recipe = replace(recipe, student=replace(recipe.student, perturbation=perturbation.kind,
-                                                 perturbation_magnitude=perturbation.epsilon,
-                                                 perturbation_steps=perturbation.steps))
+    with launched_group() as group:
+        recipe = agreed(group, lambda: check_request(pool, mechanism, preset, problem, imitation, student, out, resume,
+                                                     overwrite, max_minutes, threads, perturbation,
+                                                     trajectories_per_step))
+        recipe = _spread(recipe, trajectories_per_step or (group.size if group.size > 1 else None))
+        if perturbation is not None and perturbation.active:
+            recipe = replace(recipe, student=replace(recipe.student, perturbation=perturbation.kind,
+                                                     perturbation_magnitude=perturbation.epsilon,
+                                                     perturbation_steps=perturbation.steps))
+        with caller_state_kept(threads):
+            trained = _meta_train_run(pool, mechanism, recipe, problem, Path(out), seed, resume, max_minutes,
+                                      imitation, data_root, student, full_eval, group)
+    if trained is None or not group.main:
+        return None if trained is None else Path(out)
     with caller_state_kept(threads):
-        return _amalgamate(pool, mechanism, recipe, problem, Path(out), seed, resume, max_minutes, imitation,
-                           evaluate, data_root, student, full_eval, workers)
+        return _finish(*trained, pool, recipe, Path(out), evaluate, full_eval, workers)
 
 
-def _amalgamate(pool, mechanism, recipe, problem, out, seed, resume, max_minutes, imitation, evaluate, data_root,
-                student_type, full_eval, workers) -> Path | None:
+def _spread(recipe: Preset, per_step: int | None) -> Preset:
+    """The recipe with ``per_step`` trajectories per meta-update in both phases (None: as it is)."""
+    if per_step is None:
+        return recipe
+    return replace(recipe, choice=replace(recipe.choice, trajectories_per_step=per_step),
+                   student=replace(recipe.student, trajectories_per_step=per_step))
+
+
+def _meta_train_run(pool, mechanism, recipe, problem, out, seed, resume, max_minutes, imitation, data_root,
+                    student_type, full_eval, group: Group):
+    """Meta-training with its run record; (student, task, config, workdir, started), or None when the deadline
+    stopped it at a checkpoint."""
     task = make_problem(problem, data_root) if isinstance(problem, str) else problem
     workdir = out / "training"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -228,10 +255,11 @@ def _amalgamate(pool, mechanism, recipe, problem, out, seed, resume, max_minutes
                          preset=recipe.name, problem=task.name, data=task.data.name, seed=seed, imitation=imitation,
                          student=student_type, full_eval=full_eval, max_minutes=max_minutes,
                          choice_recipe=asdict(recipe.choice), student_recipe=asdict(recipe.student),
-                         notes=recipe.notes)
+                         notes=recipe.notes, processes=group.size)
     if resume:
-        _check_same_run(workdir / "run_config.json", config)
-    (workdir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
+        agreed(group, lambda: _check_same_run(workdir / "run_config.json", config))
+    if group.main:
+        (workdir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
     started = time.time()
     deadline = started + 60 * max_minutes if max_minutes is not None else None
     student = meta_train(pool, mechanism, recipe, task, workdir, seed, resume, deadline, imitation, student_type)
@@ -239,6 +267,11 @@ def _amalgamate(pool, mechanism, recipe, problem, out, seed, resume, max_minutes
         logger.warning("stopped at a checkpoint after %.1f min; rerun with --resume to continue",
                        (time.time() - started) / 60)
         return None
+    return student, task, config, workdir, started
+
+
+def _finish(student, task, config, workdir, started, pool, recipe, out, evaluate, full_eval, workers) -> Path:
+    """Rank 0 after meta-training: the student in Hub layout with its card, and the run's summary."""
     student.requires_grad_(False).eval()
     save_file(student.state_dict(), str(workdir / "student.safetensors"))
     trained = time.time()
@@ -248,6 +281,7 @@ def _amalgamate(pool, mechanism, recipe, problem, out, seed, resume, max_minutes
     hub.save_student(student, out, card=model_card(student, config, recipe), evaluation=evaluation)
     summary = {"folder": str(out), "meta_training_seconds": round(trained - started, 1),
                "evaluation_seconds": round(time.time() - trained, 1), "threads": torch.get_num_threads(),
+               "processes": config["processes"],
                **(_against_best_baseline(evaluation) if evaluation is not None else {})}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out
@@ -316,6 +350,11 @@ def _perturbation_of(recipe: dict) -> Perturbation:
                         recipe.get("perturbation_steps", 1))
 
 
+def _per_step_flag(recipe: dict) -> str:
+    per_step = recipe.get("trajectories_per_step", 1)
+    return "" if per_step == 1 else f" --trajectories-per-step {per_step}"
+
+
 def _perturbation_flags(recipe: dict) -> str:
     p = _perturbation_of(recipe)
     if not p.active:
@@ -341,6 +380,7 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> dict:
                + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}")
                + ("" if config.get("student", "rnnprop") == "rnnprop" else f" --student {config['student']}")
                + (" --full-eval" if config.get("full_eval") else "")
+               + _per_step_flag(config["student_recipe"])
                + _perturbation_flags(config["student_recipe"]))
     if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"

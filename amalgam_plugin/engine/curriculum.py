@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from ..amalgamation import imitation_weight
 from ..problems import Problem
 from ..teachers import Teacher
-from .estimator import TruncatedEstimator
+from .distributed import Group, current_group
+from .estimator import Estimate, TruncatedEstimator
 from .learner import Learner, load_checkpoint, resume_from_latest, save_checkpoint
 from .perturbations import Perturbation
 
@@ -40,6 +41,7 @@ class CurriculumConfig:
     depths: list[int] = field(default_factory=lambda: [1, 2, 5, 10])
     validation_depths: list[int] = field(default_factory=lambda: [2, 5, 10, 20])
     trajectories_per_period: int = 10
+    trajectories_per_step: int = 1  # trajectories whose meta-gradients are averaged into one meta-update
     validation_trajectories: int = 10
     warmup_unrolls: list[int] = field(default_factory=lambda: [1])
     warmup_lr: float = 0.05
@@ -70,6 +72,14 @@ class CurriculumConfig:
 
     def at(self, values: list, stage: int):
         return values[min(stage, len(values) - 1)]
+
+
+STATS = ("loss", "meta_loss", "imitation", "steps", "skipped", "finite")  # an Estimate's fields, in a table row
+
+
+def estimate_of(row: torch.Tensor) -> Estimate:
+    loss, meta_loss, imitation, steps, skipped, finite = row.tolist()
+    return Estimate(loss, meta_loss, imitation, int(steps), int(skipped), bool(finite))
 
 
 def seed_for(*parts) -> int:
@@ -108,9 +118,13 @@ class Curriculum:
     """Runs one phase: meta-trains ``student`` on ``problem`` against ``teachers`` under ``config``."""
 
     def __init__(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: CurriculumConfig,
-                 workdir: Path, seed: int, phase: str = "student"):
+                 workdir: Path, seed: int, phase: str = "student", group: Group | None = None):
         self.student, self.problem, self.teachers, self.cfg = student, problem, teachers, config
         self.workdir, self.seed, self.phase = Path(workdir), seed, phase
+        self.group = group or current_group()
+        if self.group.size > config.trajectories_per_step:
+            raise ValueError(f"{self.group.size} processes need at least as many trajectories per meta-step, got "
+                             f"{config.trajectories_per_step}")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.workdir / "checkpoint.safetensors"
         self.log_path = self.workdir / "log.jsonl"
@@ -128,38 +142,66 @@ class Curriculum:
         """Meta-train for one period; returns the mean training meta loss."""
         cfg, pr = self.cfg, self.progress
         alpha = imitation_weight(cfg.imitation_schedule, pr.stage) if self.teachers else 0.0
-        losses = []
-        for t in range(cfg.trajectories_per_period):
-            gen = torch.Generator().manual_seed(seed_for(self.seed, self.phase, pr.stage, pr.period, pr.attempt, t))
-            traj = self.estimator.trajectory(gen, self._warmup_steps(pr.stage), with_teachers=alpha > 0)
-            for u in range(cfg.at(cfg.depths, pr.stage)):
-                started = time.perf_counter()
-                est = self.estimator.estimate(traj, alpha)
-                if est.finite:
-                    self.learner.apply()
-                    losses.append(est.meta_loss)
-                else:
-                    pr.skipped_meta_steps += 1
-                pr.meta_steps += 1
-                pr.skipped_inner_steps += est.skipped
-                self._log(dict(event="meta_step", phase=self.phase, stage=pr.stage, period=pr.period,
-                               attempt=pr.attempt, trajectory=t, unroll=u, meta_loss=est.meta_loss,
-                               imitation=est.imitation, alpha=alpha, loss=est.loss, applied=est.finite,
-                               inner_steps=est.steps, skipped_inner=est.skipped,
-                               seconds=round(time.perf_counter() - started, 3)))
-                self.bar.update(1)
-                if est.steps < cfg.unroll_length:  # the objective blew up: end this trajectory
-                    break
+        losses: list[float] = []
+        for first in range(0, cfg.trajectories_per_period, cfg.trajectories_per_step):
+            slots = range(first, min(first + cfg.trajectories_per_step, cfg.trajectories_per_period))
+            losses += self._train_together(list(slots), alpha)
         return sum(losses) / len(losses) if losses else math.inf
+
+    def _train_together(self, slots: list[int], alpha: float) -> list[float]:
+        """Trajectories ``slots`` side by side, each unrolled to the stage's depth, with one meta-update per
+        truncation averaging their meta-gradients (this process runs the slots it owns); their meta losses."""
+        cfg, pr = self.cfg, self.progress
+        trajectories = {}
+        for j, t in enumerate(slots):
+            if self.group.owns(j):
+                gen = torch.Generator().manual_seed(seed_for(self.seed, self.phase, pr.stage, pr.period, pr.attempt, t))
+                trajectories[j] = self.estimator.trajectory(gen, self._warmup_steps(pr.stage), with_teachers=alpha > 0)
+        active, losses = list(range(len(slots))), []
+        for u in range(cfg.at(cfg.depths, pr.stage)):
+            if not active:
+                break
+            started = time.perf_counter()
+            gradients = torch.zeros(len(slots), sum(p.numel() for p in self.student.parameters()))
+            stats = torch.zeros(len(slots), len(STATS), dtype=torch.float64)
+            for j in active:
+                if j in trajectories:
+                    est = self.estimator.estimate(trajectories[j], alpha)
+                    stats[j] = torch.tensor([getattr(est, k) for k in STATS], dtype=torch.float64)
+                    if est.finite:
+                        gradients[j] = self.learner.gradient()
+            self.group.sum(gradients), self.group.sum(stats)
+            estimates = {j: estimate_of(stats[j]) for j in active}
+            applied = [j for j in active if estimates[j].finite]
+            if applied:
+                self.learner.apply(gradients[applied].sum(0) / len(applied))
+            seconds = round(time.perf_counter() - started, 3)
+            for j in active:
+                est = estimates[j]
+                losses += [est.meta_loss] if est.finite else []
+                pr.meta_steps += 1
+                pr.skipped_meta_steps += not est.finite
+                pr.skipped_inner_steps += int(est.skipped)
+                self._log(dict(event="meta_step", phase=self.phase, stage=pr.stage, period=pr.period,
+                               attempt=pr.attempt, trajectory=slots[j], unroll=u, meta_loss=est.meta_loss,
+                               imitation=est.imitation, alpha=alpha, loss=est.loss, applied=est.finite,
+                               inner_steps=int(est.steps), skipped_inner=int(est.skipped), seconds=seconds))
+                self.bar.update(1)
+            # a trajectory whose objective blew up ends there
+            active = [j for j in active if estimates[j].steps >= cfg.unroll_length]
+        return losses
 
     def validate(self) -> float:
         """Mean meta loss (α = 0) on fixed-seed trajectories of the next stage's depth, training digits only."""
         cfg, stage = self.cfg, self.progress.stage
-        total = 0.0
+        values = torch.zeros(cfg.validation_trajectories, dtype=torch.float64)
         for t in range(cfg.validation_trajectories):
-            gen = torch.Generator().manual_seed(seed_for(cfg.validation_seed, t))
-            traj = self.estimator.trajectory(gen, self._warmup_steps(stage), with_teachers=False)
-            value = self.estimator.evaluate(traj, cfg.at(cfg.validation_depths, stage))
+            if self.group.owns(t):
+                gen = torch.Generator().manual_seed(seed_for(cfg.validation_seed, t))
+                traj = self.estimator.trajectory(gen, self._warmup_steps(stage), with_teachers=False)
+                values[t] = self.estimator.evaluate(traj, cfg.at(cfg.validation_depths, stage))
+        total = 0.0
+        for value in self.group.sum(values).tolist():
             if not math.isfinite(value):
                 return math.inf
             total += value
@@ -188,19 +230,23 @@ class Curriculum:
 
     def run(self, resume: bool = False, deadline: float | None = None) -> bool:
         """Run to the end (True) or until the next period would pass ``deadline`` (False, resumable)."""
-        if resume and resume_from_latest(self.ckpt_path, self._restore_checkpoint):
+        resumed = resume and self._resume()
+        if resumed:
             logger.info("resumed %s at stage %d period %d", self.phase, self.progress.stage, self.progress.period)
-            lines = self.log_path.read_text().splitlines(keepends=True) if self.log_path.exists() else []
-            self.log_path.write_text("".join(lines[: self.progress.log_lines]))
-        elif self.log_path.exists():  # a fresh start (or nothing to resume from): a fresh log
+            if self.group.main:
+                lines = self.log_path.read_text().splitlines(keepends=True) if self.log_path.exists() else []
+                self.log_path.write_text("".join(lines[: self.progress.log_lines]))
+        elif self.group.main and self.log_path.exists():  # a fresh start (or nothing to resume from): a fresh log
             self.log_path.unlink()
         pr = self.progress
         self.bar = tqdm(total=pr.meta_steps + self.remaining_meta_steps(), initial=pr.meta_steps,
-                        desc=f"amalgam {self.phase}", unit="meta-step", dynamic_ncols=True)
+                        desc=f"amalgam {self.phase}", unit="meta-step", dynamic_ncols=True,
+                        disable=not self.group.main)
         last_period_seconds = 0.0
         try:
             while not pr.done:
-                if deadline is not None and time.time() + last_period_seconds > deadline:
+                late = deadline is not None and time.time() + last_period_seconds > deadline
+                if self.group.main_says(late):
                     return False
                 started = time.perf_counter()
                 self.saved.update(self.learner.snapshot("start."))
@@ -247,6 +293,18 @@ class Curriculum:
         pr.previous_stage_best = pr.best_validation
         pr.stage, pr.period, pr.best_validation, pr.best_period = pr.stage + 1, 0, math.inf, -1
 
+    def _resume(self) -> bool:
+        """Every process resumes from the same checkpoint, or none does (one clear error on every process)."""
+        try:
+            resumed, error = resume_from_latest(self.ckpt_path, self._restore_checkpoint), None
+        except ValueError as err:
+            resumed, error = False, err
+        same = self.group.same_everywhere(self.progress.meta_steps if resumed else -1)
+        if not self.group.all_agree(error is None and same):
+            raise error or ValueError(f"the processes found different checkpoints in {str(self.workdir)!r}: every "
+                                      "process must see the same output folder (a shared filesystem)")
+        return resumed
+
     def _restore_checkpoint(self, progress: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.learner.restore(tensors, "current.")
         self.progress = Progress(**progress)
@@ -256,6 +314,8 @@ class Curriculum:
         self.learner.restore(self.saved, "final.")
 
     def _checkpoint(self) -> None:
+        if not self.group.main:
+            return
         keep = {k: v for k, v in self.saved.items() if not k.startswith("start.")}
         save_checkpoint(self.ckpt_path, asdict(self.progress), {**keep, **self.learner.snapshot("current.")})
 
@@ -274,6 +334,7 @@ class Curriculum:
         return now + sum(periods(max(cfg.min_periods, 1)) * per_period[s] for s in range(pr.stage + 1, cfg.stages))
 
     def _log(self, record: dict) -> None:
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.group.main:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         self.progress.log_lines += 1

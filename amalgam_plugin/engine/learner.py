@@ -1,7 +1,8 @@
 """The learner of meta-training: applies the estimator's meta-gradients (AdaptiveGC clipping, the
 meta-optimizer; docs/method.md#meta-optimizer) and snapshots the student and the meta-optimizer for checkpoints.
 
-A multi-process trainer all-reduces the meta-gradients in :meth:`Learner.apply` before clipping. Checkpoints are
+It takes the meta-gradient as one flat vector, averaged over a meta-step's trajectories and, in a multi-process
+run, over the processes (``curriculum.py``, ``distributed.py``). Checkpoints are
 safetensors files (tensors) with the bookkeeping as JSON in their metadata, written atomically; the
 meta-optimizer is saved and restored through its own ``state_dict``.
 """
@@ -30,8 +31,16 @@ class Learner:
         self.student, self.clip = student, clip
         self.opt = torch.optim.Adam(student.parameters(), lr=meta_lr, eps=1e-7)  # Keras Adam's ε
 
-    def apply(self) -> None:
-        """One meta-update from the student's (finite) ``.grad``."""
+    def gradient(self) -> Tensor:
+        """The student's ``.grad`` as one flat vector (zeros for a weight that got none)."""
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in self.student.parameters()])
+
+    def apply(self, gradient: Tensor) -> None:
+        """One meta-update from a finite flat meta-gradient (the shape of :meth:`gradient`)."""
+        for p, g in zip(self.student.parameters(), torch.split(gradient, [p.numel() for p in self.student.parameters()]),
+                        strict=True):
+            p.grad = g.view_as(p).clone()
         adaptive_clip_(self.student.parameters(), self.clip)
         self.opt.step()
 

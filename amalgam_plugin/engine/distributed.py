@@ -1,0 +1,104 @@
+"""Meta-training on several processes (docs/method.md#distributed), started by ``torchrun`` or ``accelerate
+launch``: each process runs its share of the trajectories of a meta-step, and every process applies the same
+averaged meta-gradient, so all hold the same student.
+
+A run's numbers do not depend on how its trajectories are spread: each trajectory's meta-gradient and statistics
+fill its own row of a table that is summed across processes (adding zeros is exact), and every process then
+reduces the table's rows in the same order, as a single process does with the whole table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher (torchrun, accelerate launch) started; 1 outside one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the meta-training processes (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes the checkpoints, the log and the student."""
+        return self.rank == 0
+
+    def owns(self, slot: int) -> bool:
+        return slot % self.size == self.rank
+
+    def sum(self, table: Tensor) -> Tensor:
+        """The table summed over all processes, in place (each process filled only its own rows)."""
+        if self.size > 1:
+            dist.all_reduce(table)
+        return table
+
+    def main_says(self, flag: bool) -> bool:
+        """Rank 0's decision, for every process (deadlines are read from rank 0's clock)."""
+        if self.size == 1:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.broadcast(value, 0)
+        return bool(value.item())
+
+    def same_everywhere(self, value: int) -> bool:
+        """Whether every process holds rank 0's ``value``."""
+        if self.size == 1:
+            return True
+        mine = torch.tensor([value])
+        dist.broadcast(mine, 0)
+        return self.all_agree(mine.item() == value)
+
+    def all_agree(self, ok: bool) -> bool:
+        """True on every process when ``ok`` holds on every process."""
+        if self.size == 1:
+            return ok
+        value = torch.tensor([int(ok)])
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+
+def current_group() -> Group:
+    if dist.is_available() and dist.is_initialized():
+        return Group(dist.get_rank(), dist.get_world_size())
+    return Group()
+
+
+@contextmanager
+def launched_group() -> Iterator[Group]:
+    """The process group a launcher describes (its environment: MASTER_ADDR, RANK, WORLD_SIZE, ...), joined for the
+    duration and left at the end when it was joined here. Meta-training runs on the CPU, so the backend is gloo."""
+    joined = launched_world_size() > 1 and not dist.is_initialized()
+    if joined:
+        dist.init_process_group("gloo")
+    try:
+        yield current_group()
+        if joined:  # every process is done before gloo is torn down (it may abort a process that is not)
+            dist.barrier()
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def agreed(group: Group, check):
+    """``check()`` on every process; its ValueError is raised on every process (one that passed names the other's
+    refusal), so none waits for a peer that stopped."""
+    try:
+        result, error = check(), None
+    except ValueError as err:
+        result, error = None, err
+    if not group.all_agree(error is None):
+        raise error or ValueError("another process refused this request (see its message)")
+    return result
