@@ -37,7 +37,7 @@ def _amalgamate(args: argparse.Namespace) -> int:
                      out=args.out, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
                      imitation=args.imitation, evaluate=not args.no_eval, data_root=args.data_root,
                      threads=args.threads, student=args.student, full_eval=args.full_eval, workers=args.workers,
-                     overwrite=args.overwrite, trajectories_per_step=args.trajectories_per_step,
+                     overwrite=args.overwrite, trajectories_per_step=args.trajectories_per_step, device=args.device,
                      perturbation=Perturbation(args.perturb, args.perturb_magnitude, args.perturb_steps))
     if out is None:
         print(f"stopped at a checkpoint (--max-minutes {args.max_minutes}); continue with the same command "
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trajectories whose meta-gradients are averaged into one meta-update (default: the "
                         "preset's 1, or the number of processes under torchrun / accelerate launch, which share "
                         "them out; the student does not depend on how many processes ran it)")
+    a.add_argument("--device", default="cpu",
+                   help="where meta-training runs: cpu (default) or cuda (under a launcher, each process its own "
+                        "GPU); the card's evaluation runs on the CPU")
     a.set_defaults(func=_amalgamate)
 
     e = sub.add_parser("evaluate", help="evaluate students and optimizers on a suite of problems",

@@ -6,6 +6,7 @@ hits both). Medians over repeats. ``--profile`` prints the top of torch.profiler
 
     python benchmarks/meta_throughput.py                  # Train CNN, 20-step truncations, 5 repeats
     python benchmarks/meta_throughput.py --profile --repeats 2
+    python benchmarks/meta_throughput.py --device cuda      # on a GPU (benchmarks/gpu_smoke.sh)
 """
 
 from __future__ import annotations
@@ -28,29 +29,41 @@ def settings(problem: Problem) -> dict[str, tuple[torch.nn.Module, list, str]]:
     gen = torch.Generator().manual_seed(0)
     chooser = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
     chooser.reset_parameters(gen)
-    chooser.requires_grad_(False).eval()
+    chooser.requires_grad_(False).eval().to(problem.device)
     layout = Layout([t.shape for t in problem.init_params(torch.Generator().manual_seed(0))])
     student = RNNProp()
     student.reset_parameters(gen)
+    student.to(problem.device)
     phase = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
     phase.reset_parameters(gen)
+    phase.to(problem.device)
+    ranks = layout.ranks(problem.device)
     return {
-        "choice distillation (1 teacher)": (student, [frozen_choice_teacher(chooser, layout.ranks())], "choice"),
+        "choice distillation (1 teacher)": (student, [frozen_choice_teacher(chooser, ranks)], "choice"),
         "min-max, large pool (6 teachers)": (student, make_pool("large"), "minmax"),
         "choice phase (no teacher)": (phase, [], "minmax"),
     }
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def plain_pass(problem: Problem, params: list[torch.Tensor], batch) -> float:
+    synchronize(problem.device)
     start = time.perf_counter()
     problem.loss(params, batch).backward()
+    synchronize(problem.device)
     return time.perf_counter() - start
 
 
 def truncation(estimator: TruncatedEstimator, seed: int, alpha: float) -> float:
     traj = estimator.trajectory(torch.Generator().manual_seed(seed), 0, with_teachers=alpha > 0)
+    synchronize(estimator.problem.device)
     start = time.perf_counter()
     estimator.estimate(traj, alpha)
+    synchronize(estimator.problem.device)
     return time.perf_counter() - start
 
 
@@ -61,14 +74,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per setting")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    problem = make_problem(args.problem)
+    problem = make_problem(args.problem).on(args.device)
     params = [t.requires_grad_(True) for t in problem.init_params(torch.Generator().manual_seed(0))]
     batch = next(problem.train_batches(torch.Generator().manual_seed(0)))
     n = sum(p.numel() for p in params)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); problem {problem.name} ({n:,} "
+    where = torch.cuda.get_device_name(problem.device) if problem.device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} thread(s); problem {problem.name} ({n:,} "
           f"parameters, batch {problem.batch_size}); {args.unroll}-step truncations; medians of {args.repeats}")
     print(f"{'setting':34} {'order':6} {'inner steps/s':>13} {'step / fwd+bwd':>15} {'fwd+bwd ms':>11}")
     for name, (student, teachers, mechanism) in settings(problem).items():
@@ -87,7 +102,10 @@ def main() -> None:
             print(f"{name:34} {order:6} {1 / step:13.1f} {step / fb:15.2f} {1000 * fb:11.2f}", flush=True)
             if args.profile:
                 traj = estimator.trajectory(torch.Generator().manual_seed(0), 0, with_teachers=alpha > 0)
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if problem.device.type == "cuda":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                with torch.profiler.profile(activities=activities) as prof:
                     estimator.estimate(traj, alpha)
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
 

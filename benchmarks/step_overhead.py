@@ -3,6 +3,7 @@
     python benchmarks/step_overhead.py            # 1M, 10M, 25M parameters (a few minutes on 2 cores)
     python benchmarks/step_overhead.py --quick    # small sizes, few repeats (< 1 minute)
     python benchmarks/step_overhead.py --student lean   # the lean student: compiled and eager steps vs AdamW
+    python benchmarks/step_overhead.py --device cuda --dtype bfloat16   # both students vs AdamW on a GPU
 
 Only the optimizer step is timed (gradients are fixed random tensors; no forward/backward), after warm-up
 steps and with ``warmup_steps=0`` so the learned (LSTM) branch runs.  Floors for the RNNProp student:
@@ -195,6 +196,51 @@ def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
         gc.collect()
 
 
+def main_device(models: list[tuple[int, int]], repeats: int, device: torch.device, dtype: torch.dtype) -> None:
+    """On a GPU: AdamW (foreach), the RNNProp student and the lean student, step time (synchronised), state and
+    the peak rise of allocated memory during one step."""
+    lean = Lean()
+    lean.reset_parameters(torch.Generator().manual_seed(0))
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, {dtype}; each row: medians of the "
+          "same steps, side by side")
+    header = (f"{'params':>10} {'adamw ms':>9} {'rnnprop ms':>10} {'ratio':>6} {'lean ms':>8} {'ratio':>6} "
+              f"{'state B/p rnnprop':>17} {'lean':>5} {'adamw':>6} {'temp MB rnnprop':>15} {'lean':>6}")
+    print(header)
+    print("-" * len(header))
+
+    def timed(step) -> float:
+        def run():
+            step()
+            torch.cuda.synchronize(device)
+        return median_time(run, repeats, warm=2)
+
+    for width, depth in models:
+        params = list(mlp(width, depth).to(device, dtype).parameters())
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-2
+        row = {}
+        for name, make in (("adamw", lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True)),
+                           ("rnnprop", lambda: AmalgamOptimizer(params, student=paper_student(), warmup_steps=0)),
+                           ("lean", lambda: AmalgamOptimizer(params, student=lean, warmup_steps=0))):
+            opt = make()
+            opt.step()
+            torch.cuda.synchronize(device)
+            row[name] = timed(opt.step)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            opt.step()
+            row[f"{name}_temp"] = (torch.cuda.max_memory_allocated(device) - before) / MB
+            row[f"{name}_bpp"] = state_bytes(opt) / sum(p.numel() for p in params)
+            del opt
+            gc.collect()
+        n = sum(p.numel() for p in params)
+        print(f"{n:>10,} {row['adamw'] * 1e3:>9.2f} {row['rnnprop'] * 1e3:>10.2f} {row['rnnprop'] / row['adamw']:>6.1f} "
+              f"{row['lean'] * 1e3:>8.2f} {row['lean'] / row['adamw']:>6.1f} {row['rnnprop_bpp']:>17.0f} "
+              f"{row['lean_bpp']:>5.0f} {row['adamw_bpp']:>6.0f} {row['rnnprop_temp']:>15.1f} {row['lean_temp']:>6.1f}")
+        del params
+        gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,7 +248,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 1 minute)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--student", choices=("rnnprop", "lean"), default="rnnprop")
+    parser.add_argument("--device", default="cpu", help="cpu (the detailed tables) or cuda (both students vs AdamW)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameter dtype of the --device cuda table")
     args = parser.parse_args()
+    if args.device != "cpu":
+        models = [(512, 4), (1024, 10), (1600, 10), (4096, 6)] if not args.quick else [(512, 4)]
+        return main_device(models, 3 if args.quick else 10, torch.device(args.device), getattr(torch, args.dtype))
     _mmap_large_allocations()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,6 +4,7 @@ command line."""
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -397,11 +398,15 @@ def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
     (dict(max_minutes=-5), "max_minutes must be > 0"),
     (dict(threads=100000), "threads must be between 1 and"),
     (dict(threads=0), "threads must be between 1 and"),
+    (dict(trajectories_per_step=0), "trajectories per step must be between the number of processes (1) and 1000"),
+    (dict(device="tpu"), "device must be 'cpu' or 'cuda[:N]'"),
+    pytest.param(dict(device="cuda"), "is not available here", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bounds_of_an_amalgamate_call(kwargs, message):
     from amalgam_plugin.engine import check_request
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         check_request("small", "mean", "smoke", "mlp", "il_more", **kwargs)
 
 
@@ -523,3 +528,27 @@ def test_first_order_meta_gradient_equals_a_plain_autograd_unroll():
     torch.stack(terms).mean().backward()
     for got, want in zip(fast, (p.grad for p in student.parameters()), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_gpu_smoke_script_says_there_is_no_gpu_and_exits_0():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the script would run for minutes")
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_smoke.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "no CUDA device here" in done.stdout
+
+
+def test_a_problem_on_another_device_starts_the_same_trajectory():
+    """Random draws stay on the CPU generators: the problem's parameters and batches on a device are the CPU ones
+    moved (checked on the CPU device itself here; benchmarks/gpu_smoke.sh runs CUDA)."""
+    problem = make_problem("mlp")
+    moved = problem.on(torch.device("cpu"))
+    assert moved is problem
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    there = problem.on(device)
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for a, b in zip(problem.init_params(gen_a), there.init_params(gen_b), strict=True):
+        assert torch.equal(a, b.cpu()) and b.device.type == device
+    xa, ya = next(problem.train_batches(gen_a))
+    xb, yb = next(there.train_batches(gen_b))
+    assert torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())

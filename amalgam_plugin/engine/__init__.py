@@ -29,7 +29,7 @@ from ..problems import PROBLEMS, Problem, make_problem
 from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import POOLS, TEACHERS, Teacher, make_pool, pool_spec
 from .curriculum import Curriculum, CurriculumConfig
-from .distributed import Group, agreed, launched_group, launched_world_size
+from .distributed import Group, agreed, launched_group, launched_world_size, resolve_device
 from .perturbations import PERTURBATIONS, Perturbation
 from .presets import PRESETS, Preset
 from .unroll import Layout, frozen_choice_teacher
@@ -52,11 +52,13 @@ FULL_EVAL_SEEDS = 10
 def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Problem, imitation: str,
                   student: str = "rnnprop", out: str | os.PathLike | None = None, resume: bool = False,
                   overwrite: bool = False, max_minutes: float | None = None, threads: int | None = None,
-                  perturbation: Perturbation | None = None, trajectories_per_step: int | None = None) -> Preset:
+                  perturbation: Perturbation | None = None, trajectories_per_step: int | None = None,
+                  device: str = "cpu") -> Preset:
     """Every argument of an ``amalgamate`` call, checked before any work: a ValueError naming the bad value and
     the valid ones."""
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
+    resolve_device(device)
     processes = launched_world_size()
     if trajectories_per_step is not None and not processes <= trajectories_per_step <= 1000:
         raise ValueError(f"trajectories per step must be between the number of processes ({processes}) and 1000, "
@@ -134,7 +136,7 @@ def _run_config(**kwargs) -> dict:
 # what a resumed run must share with the one that wrote the checkpoints (the thread count too: matrix products
 # sum in another order with another count, so the student would be one nobody can reproduce)
 RUN_KEYS = ("pool", "mechanism", "preset", "problem", "seed", "imitation", "student", "threads", "choice_recipe",
-            "student_recipe")
+            "student_recipe", "device")
 
 
 def _check_same_run(path: Path, config: dict) -> None:
@@ -157,24 +159,26 @@ def meta_train(
     pool: str | list, mechanism: str, preset: Preset, problem: Problem, workdir: Path, seed: int,
     resume: bool, deadline: float | None, imitation: str = "il_more", student_type: str = "rnnprop",
 ) -> nn.Module | None:
-    """Both phases; returns the trained student, or None when the deadline stopped it at a checkpoint.
-    ``preset.student`` carries the perturbation, which acts on the student's phase only."""
+    """Both phases on ``problem.device``; returns the trained student, or None when the deadline stopped it at a
+    checkpoint. ``preset.student`` carries the perturbation, which acts on the student's phase only."""
     generator = torch.Generator().manual_seed(seed)
     student_cfg = CurriculumConfig(**{**asdict(preset.student), "mechanism": mechanism,
                                       "imitation_schedule": imitation})
     if mechanism == "choice" and imitation != "none":
         chooser = ChoiceNet(ChoiceConfig(pool=_choice_pool(pool)))
         chooser.reset_parameters(generator)
+        chooser.to(problem.device)
         if not _phase(chooser, problem, [], preset.choice, workdir / "choice", seed, "choice", resume, deadline):
             return None
         chooser.requires_grad_(False).eval()
         layout = Layout([t.shape for t in problem.init_params(torch.Generator().manual_seed(0))])
-        teachers: list[Teacher] = [frozen_choice_teacher(chooser, layout.ranks())]
+        teachers: list[Teacher] = [frozen_choice_teacher(chooser, layout.ranks(problem.device))]
     else:
         teachers = make_pool(pool) if imitation != "none" else []
     entry = STUDENTS.lookup(student_type)
     student = entry.module(entry.config())
     student.reset_parameters(generator)
+    student.to(problem.device)
     if not _phase(student, problem, teachers, student_cfg, workdir / "student", seed, "student", resume,
                   deadline):
         return None
@@ -200,6 +204,7 @@ def amalgamate(
     overwrite: bool = False,
     perturbation: Perturbation | None = None,
     trajectories_per_step: int | None = None,
+    device: str = "cpu",
 ) -> Path | None:
     """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry) and write it to
     ``out`` in Hub layout, with a model card evaluating it on the held-out data.
@@ -217,11 +222,14 @@ def amalgamate(
     preset's, or the number of processes when a launcher started several; docs/method.md#distributed). Under
     ``torchrun``/``accelerate launch`` the processes share each meta-step's trajectories; rank 0 writes the student,
     the other processes return ``out`` once meta-training is done.
+    ``device``: where meta-training runs, ``cpu`` or ``cuda`` (each process its own GPU under a launcher, NCCL);
+    the card's evaluation runs on the CPU.
     """
-    with launched_group() as group:
+    place = resolve_device(device)
+    with launched_group(place) as group:
         recipe = agreed(group, lambda: check_request(pool, mechanism, preset, problem, imitation, student, out, resume,
                                                      overwrite, max_minutes, threads, perturbation,
-                                                     trajectories_per_step))
+                                                     trajectories_per_step, device))
         recipe = _spread(recipe, trajectories_per_step or (group.size if group.size > 1 else None))
         if perturbation is not None and perturbation.active:
             recipe = replace(recipe, student=replace(recipe.student, perturbation=perturbation.kind,
@@ -229,7 +237,7 @@ def amalgamate(
                                                      perturbation_steps=perturbation.steps))
         with caller_state_kept(threads):
             trained = _meta_train_run(pool, mechanism, recipe, problem, Path(out), seed, resume, max_minutes,
-                                      imitation, data_root, student, full_eval, group)
+                                      imitation, data_root, student, full_eval, group, place)
     if trained is None or not group.main:
         return None if trained is None else Path(out)
     with caller_state_kept(threads):
@@ -245,17 +253,19 @@ def _spread(recipe: Preset, per_step: int | None) -> Preset:
 
 
 def _meta_train_run(pool, mechanism, recipe, problem, out, seed, resume, max_minutes, imitation, data_root,
-                    student_type, full_eval, group: Group):
+                    student_type, full_eval, group: Group, device: torch.device):
     """Meta-training with its run record; (student, task, config, workdir, started), or None when the deadline
     stopped it at a checkpoint."""
     task = make_problem(problem, data_root) if isinstance(problem, str) else problem
+    task = task.on(device)
     workdir = out / "training"
     workdir.mkdir(parents=True, exist_ok=True)
     config = _run_config(pool=pool if isinstance(pool, str) else list(map(str, pool)), mechanism=mechanism,
                          preset=recipe.name, problem=task.name, data=task.data.name, seed=seed, imitation=imitation,
                          student=student_type, full_eval=full_eval, max_minutes=max_minutes,
                          choice_recipe=asdict(recipe.choice), student_recipe=asdict(recipe.student),
-                         notes=recipe.notes, processes=group.size)
+                         notes=recipe.notes, processes=group.size,
+                         device=device.type)
     if resume:
         agreed(group, lambda: _check_same_run(workdir / "run_config.json", config))
     if group.main:
@@ -272,7 +282,8 @@ def _meta_train_run(pool, mechanism, recipe, problem, out, seed, resume, max_min
 
 def _finish(student, task, config, workdir, started, pool, recipe, out, evaluate, full_eval, workers) -> Path:
     """Rank 0 after meta-training: the student in Hub layout with its card, and the run's summary."""
-    student.requires_grad_(False).eval()
+    student.requires_grad_(False).eval().cpu()
+    task = task.on("cpu")
     save_file(student.state_dict(), str(workdir / "student.safetensors"))
     trained = time.time()
     evaluation = _evaluate(student, pool, recipe, task, workdir, full_eval, workers) if evaluate else None
@@ -381,6 +392,7 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> dict:
                + ("" if config.get("student", "rnnprop") == "rnnprop" else f" --student {config['student']}")
                + (" --full-eval" if config.get("full_eval") else "")
                + _per_step_flag(config["student_recipe"])
+               + ("" if config.get("device", "cpu") == "cpu" else f" --device {config['device']}")
                + _perturbation_flags(config["student_recipe"]))
     if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"

@@ -162,7 +162,8 @@ class Curriculum:
             if not active:
                 break
             started = time.perf_counter()
-            gradients = torch.zeros(len(slots), sum(p.numel() for p in self.student.parameters()))
+            weights = list(self.student.parameters())
+            gradients = torch.zeros(len(slots), sum(p.numel() for p in weights), device=weights[0].device)
             stats = torch.zeros(len(slots), len(STATS), dtype=torch.float64)
             for j in active:
                 if j in trajectories:

@@ -30,6 +30,7 @@ class Group:
 
     rank: int = 0
     size: int = 1
+    device: torch.device = torch.device("cpu")  # where the collectives' tensors live (gloo: CPU, NCCL: this GPU)
 
     @property
     def main(self) -> bool:
@@ -42,14 +43,16 @@ class Group:
     def sum(self, table: Tensor) -> Tensor:
         """The table summed over all processes, in place (each process filled only its own rows)."""
         if self.size > 1:
-            dist.all_reduce(table)
+            shared = table.to(self.device)
+            dist.all_reduce(shared)
+            table.copy_(shared)
         return table
 
     def main_says(self, flag: bool) -> bool:
         """Rank 0's decision, for every process (deadlines are read from rank 0's clock)."""
         if self.size == 1:
             return flag
-        value = torch.tensor([int(flag)])
+        value = torch.tensor([int(flag)], device=self.device)
         dist.broadcast(value, 0)
         return bool(value.item())
 
@@ -57,7 +60,7 @@ class Group:
         """Whether every process holds rank 0's ``value``."""
         if self.size == 1:
             return True
-        mine = torch.tensor([value])
+        mine = torch.tensor([value], device=self.device)
         dist.broadcast(mine, 0)
         return self.all_agree(mine.item() == value)
 
@@ -65,24 +68,47 @@ class Group:
         """True on every process when ``ok`` holds on every process."""
         if self.size == 1:
             return ok
-        value = torch.tensor([int(ok)])
+        value = torch.tensor([int(ok)], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
 
 def current_group() -> Group:
     if dist.is_available() and dist.is_initialized():
-        return Group(dist.get_rank(), dist.get_world_size())
+        nccl = dist.get_backend() == "nccl"
+        return Group(dist.get_rank(), dist.get_world_size(),
+                     torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
     return Group()
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device meta-training runs on: ``cpu``, or ``cuda`` (this process's GPU under a launcher). A ValueError
+    when there is no such device."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from err
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available here (torch.cuda.is_available() is "
+                         f"{torch.cuda.is_available()}); use --device cpu")
+    if device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 @contextmanager
-def launched_group() -> Iterator[Group]:
+def launched_group(device: torch.device = torch.device("cpu")) -> Iterator[Group]:
     """The process group a launcher describes (its environment: MASTER_ADDR, RANK, WORLD_SIZE, ...), joined for the
-    duration and left at the end when it was joined here. Meta-training runs on the CPU, so the backend is gloo."""
+    duration and left at the end when it was joined here: NCCL when meta-training runs on a GPU, gloo on the CPU."""
     joined = launched_world_size() > 1 and not dist.is_initialized()
     if joined:
-        dist.init_process_group("gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield current_group()
         if joined:  # every process is done before gloo is torn down (it may abort a process that is not)

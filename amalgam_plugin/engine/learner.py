@@ -46,10 +46,10 @@ class Learner:
 
     def snapshot(self, prefix: str) -> dict[str, Tensor]:
         """The student's weights and the meta-optimizer's state as named tensors (``prefix`` + name)."""
-        out = {f"{prefix}weights.{k}": v.detach().clone() for k, v in self.student.state_dict().items()}
+        out = {f"{prefix}weights.{k}": v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
         for index, state in self.opt.state_dict()["state"].items():
             for key, value in state.items():
-                out[f"{prefix}meta_opt.{index}.{key}"] = torch.as_tensor(value).detach().clone()
+                out[f"{prefix}meta_opt.{index}.{key}"] = torch.as_tensor(value).detach().to("cpu", copy=True)
         return out
 
     def restore(self, tensors: dict[str, Tensor], prefix: str) -> None:

@@ -92,7 +92,7 @@ def noise(weights: Weights, kind: str, epsilon: float, generator: torch.Generato
     out = {}
     for name, w in weights.items():
         std = epsilon * torch.sqrt((w.detach() ** 2 + 1e-8).mean()) if kind == "gaussian-adaptive" else epsilon
-        out[name] = torch.randn(w.shape, generator=generator, dtype=w.dtype) * std
+        out[name] = torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) * std
     return out
 
 

@@ -35,8 +35,8 @@ class Layout:
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         return [t.view(s) for t, s in zip(torch.split(flat, self.sizes), self.shapes, strict=True)]
 
-    def ranks(self) -> Tensor:
-        return torch.cat([torch.full((n,), len(s)) for n, s in zip(self.sizes, self.shapes, strict=True)])
+    def ranks(self, device: torch.device | str = "cpu") -> Tensor:
+        return torch.cat([torch.full((n,), len(s), device=device) for n, s in zip(self.sizes, self.shapes, strict=True)])
 
 
 def flat_loss(problem: Problem, layout: Layout, theta: Tensor, batch: Batch) -> Tensor:
@@ -95,8 +95,9 @@ def new_trajectory(
     theta = torch.cat([t.flatten() for t in tensors])
     n = theta.numel()
     scale = torch.exp((torch.rand(n, generator=generator) * 2 - 1) * SCALE_SPREAD) if random_scale else torch.ones(n)
+    scale = scale.to(theta.device)
     params = theta / scale
-    ranks = layout.ranks()
+    ranks = layout.ranks(theta.device)
     batches = problem.train_batches(generator)
     state = student.init_state(n, params)
     # torch optimizers cannot replay the warm-up on their own copy: they start fresh at the warmed-up point.

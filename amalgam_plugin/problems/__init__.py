@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +37,20 @@ class Problem:
     data: DigitSplit
     batch_size: int = 128
     loss_fn: Callable[[Tensor, Tensor], Tensor] = field(default=F.cross_entropy)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def on(self, device: str | torch.device) -> Problem:
+        """The same problem with its training data on ``device``, where its parameters are made too (held-out
+        batches are moved there as they are read). Random draws stay on the CPU generators, so a trajectory starts
+        and proceeds the same on every device."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        data = replace(self.data, train_x=self.data.train_x.to(device), train_y=self.data.train_y.to(device))
+        return replace(self, data=data, device=device)
 
     def init_params(self, generator: torch.Generator) -> list[Tensor]:
-        return self.architecture.init_params(generator)
+        return [t.to(self.device) for t in self.architecture.init_params(generator)]
 
     def loss(self, params: list[Tensor], batch: Batch) -> Tensor:
         x, y = batch
@@ -51,7 +62,7 @@ class Problem:
     def heldout_batches(self, chunk: int = 1000) -> Iterator[Batch]:
         x, y = self.data.heldout()
         for start in range(0, len(x), chunk):
-            yield x[start : start + chunk], y[start : start + chunk]
+            yield x[start : start + chunk].to(self.device), y[start : start + chunk].to(self.device)
 
     def heldout_loss(self, params: list[Tensor]) -> float:
         """Mean loss over all held-out examples."""
