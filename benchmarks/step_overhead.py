@@ -214,15 +214,16 @@ def main_device(models: list[tuple[int, int]], repeats: int, device: torch.devic
             torch.cuda.synchronize(device)
         return median_time(run, repeats, warm=2)
 
+    makers = {"adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
+              "rnnprop": lambda params: AmalgamOptimizer(params, student=paper_student(), warmup_steps=0),
+              "lean": lambda params: AmalgamOptimizer(params, student=lean, warmup_steps=0)}
     for width, depth in models:
         params = list(mlp(width, depth).to(device, dtype).parameters())
         for p in params:
             p.grad = torch.randn_like(p) * 1e-2
         row = {}
-        for name, make in (("adamw", lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True)),
-                           ("rnnprop", lambda: AmalgamOptimizer(params, student=paper_student(), warmup_steps=0)),
-                           ("lean", lambda: AmalgamOptimizer(params, student=lean, warmup_steps=0))):
-            opt = make()
+        for name, make in makers.items():
+            opt = make(params)
             opt.step()
             torch.cuda.synchronize(device)
             row[name] = timed(opt.step)
@@ -234,9 +235,9 @@ def main_device(models: list[tuple[int, int]], repeats: int, device: torch.devic
             del opt
             gc.collect()
         n = sum(p.numel() for p in params)
-        print(f"{n:>10,} {row['adamw'] * 1e3:>9.2f} {row['rnnprop'] * 1e3:>10.2f} {row['rnnprop'] / row['adamw']:>6.1f} "
-              f"{row['lean'] * 1e3:>8.2f} {row['lean'] / row['adamw']:>6.1f} {row['rnnprop_bpp']:>17.0f} "
-              f"{row['lean_bpp']:>5.0f} {row['adamw_bpp']:>6.0f} {row['rnnprop_temp']:>15.1f} {row['lean_temp']:>6.1f}")
+        print(f"{n:>10,} {row['adamw'] * 1e3:>9.2f} {row['rnnprop'] * 1e3:>10.2f} "
+              f"{row['rnnprop'] / row['adamw']:>6.1f} {row['lean'] * 1e3:>8.2f} {row['lean'] / row['adamw']:>6.1f} "
+              f"{row['rnnprop_bpp']:>17.0f} {row['lean_bpp']:>5.0f} {row['adamw_bpp']:>6.0f} {row['rnnprop_temp']:>15.1f} {row['lean_temp']:>6.1f}")
         del params
         gc.collect()
 

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.student is not None:
         extra["student"] = args.student
     optimizer = timm.optim.create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **extra)
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=0.1, t_in_epochs=False)
+    # decays to a tenth of each group's lr (the student's groups hold a multiplier of 1.0, AdamW's its lr)
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=0.1 * optimizer.param_groups[0]["lr"],
+                                  t_in_epochs=False)
     print(
         f"timm resnet10t (scaled down), {n_params / 1e6:.3f}M parameters, opt={args.opt!r}, "
         f"{args.steps} steps, group lrs {[g['lr'] for g in optimizer.param_groups]}"

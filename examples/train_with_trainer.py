@@ -3,6 +3,7 @@
     python examples/train_with_trainer.py            # 400 steps (100 warm-up + 300 learned), about 40 s on 2 cores
     python examples/train_with_trainer.py --optim-args "student=paper-choice-large,fallback=embeddings"
     python examples/train_with_trainer.py --smoke    # a few steps, for tests
+    python examples/train_with_trainer.py --optim adamw_torch --learning-rate 3e-3   # the baseline
 
 The corpus is the ``.py`` files of the running interpreter's standard library (always on disk, no download),
 byte-level (vocabulary 256, no tokenizer); the last files are held out. The model is a randomly initialised
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps (the student warms up for 100)")
     parser.add_argument("--smoke", action="store_true", help="10 steps without the student's warm-up")
-    parser.add_argument("--optim-args", default="student=paper-choice-large", help="TrainingArguments.optim_args")
+    parser.add_argument("--optim", default="amalgam", help="TrainingArguments.optim (amalgam, adamw_torch, ...)")
+    parser.add_argument("--optim-args", default="student=paper-choice-large",
+                        help="TrainingArguments.optim_args (of optim amalgam)")
+    parser.add_argument("--learning-rate", type=float, default=5e-5,
+                        help="TrainingArguments.learning_rate (Trainer's default; ignored by the student, logged)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--lr-scheduler", default="cosine", help="TrainingArguments.lr_scheduler_type")
@@ -106,8 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
             output_dir=args.output_dir or tmp,
-            optim="amalgam",
-            optim_args=optim_args,
+            optim=args.optim,
+            optim_args=optim_args if args.optim == "amalgam" else None,
+            learning_rate=args.learning_rate,
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=64,

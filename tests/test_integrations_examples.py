@@ -42,6 +42,18 @@ def test_example_smoke(script, student_flag, paper_student_name, tmp_path):
     assert "held-out loss" in done.stdout
 
 
+@pytest.mark.parametrize("script, flags", [
+    ("train_with_trainer.py", ["--optim", "adamw_torch", "--learning-rate", "3e-3"]),
+    ("train_timm.py", ["--opt", "adamw", "--lr", "3e-3"]),
+])
+def test_examples_run_the_adamw_baseline_of_benchmarks_example_tasks(script, flags, tmp_path):
+    done = run([sys.executable, str(EXAMPLES / script), "--smoke", *flags], cwd=tmp_path)
+    losses = train_losses(done.stdout)
+    assert len(losses) >= 2 and losses[-1] < losses[0], done.stdout
+    lrs = [float(line.split("lr x")[1].split()[0]) for line in done.stdout.splitlines() if "lr x" in line]
+    assert max(lrs) <= 3e-3  # the schedule decays AdamW's lr (timm's floor is a tenth of it, not 0.1)
+
+
 SCRIPT = """\
 import sys
 

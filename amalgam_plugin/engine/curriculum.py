@@ -155,8 +155,9 @@ class Curriculum:
         trajectories = {}
         for j, t in enumerate(slots):
             if self.group.owns(j):
-                gen = torch.Generator().manual_seed(seed_for(self.seed, self.phase, pr.stage, pr.period, pr.attempt, t))
-                trajectories[j] = self.estimator.trajectory(gen, self._warmup_steps(pr.stage), with_teachers=alpha > 0)
+                seed = seed_for(self.seed, self.phase, pr.stage, pr.period, pr.attempt, t)
+                trajectories[j] = self.estimator.trajectory(torch.Generator().manual_seed(seed),
+                                                            self._warmup_steps(pr.stage), with_teachers=alpha > 0)
         active, losses = list(range(len(slots))), []
         for u in range(cfg.at(cfg.depths, pr.stage)):
             if not active:
@@ -171,7 +172,8 @@ class Curriculum:
                     stats[j] = torch.tensor([getattr(est, k) for k in STATS], dtype=torch.float64)
                     if est.finite:
                         gradients[j] = self.learner.gradient()
-            self.group.sum(gradients), self.group.sum(stats)
+            self.group.sum(gradients)
+            self.group.sum(stats)
             estimates = {j: estimate_of(stats[j]) for j in active}
             applied = [j for j in active if estimates[j].finite]
             if applied:

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+CPU = torch.device("cpu")
+
 
 def launched_world_size() -> int:
     """The number of processes a launcher (torchrun, accelerate launch) started; 1 outside one."""
@@ -30,7 +32,7 @@ class Group:
 
     rank: int = 0
     size: int = 1
-    device: torch.device = torch.device("cpu")  # where the collectives' tensors live (gloo: CPU, NCCL: this GPU)
+    device: torch.device = CPU  # where the collectives' tensors live (gloo: CPU, NCCL: this process's GPU)
 
     @property
     def main(self) -> bool:
@@ -101,7 +103,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 @contextmanager
-def launched_group(device: torch.device = torch.device("cpu")) -> Iterator[Group]:
+def launched_group(device: torch.device = CPU) -> Iterator[Group]:
     """The process group a launcher describes (its environment: MASTER_ADDR, RANK, WORLD_SIZE, ...), joined for the
     duration and left at the end when it was joined here: NCCL when meta-training runs on a GPU, gloo on the CPU."""
     joined = launched_world_size() > 1 and not dist.is_initialized()

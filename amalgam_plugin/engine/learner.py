@@ -38,8 +38,8 @@ class Learner:
 
     def apply(self, gradient: Tensor) -> None:
         """One meta-update from a finite flat meta-gradient (the shape of :meth:`gradient`)."""
-        for p, g in zip(self.student.parameters(), torch.split(gradient, [p.numel() for p in self.student.parameters()]),
-                        strict=True):
+        weights = list(self.student.parameters())
+        for p, g in zip(weights, torch.split(gradient, [p.numel() for p in weights]), strict=True):
             p.grad = g.view_as(p).clone()
         adaptive_clip_(self.student.parameters(), self.clip)
         self.opt.step()

@@ -36,7 +36,8 @@ class Layout:
         return [t.view(s) for t, s in zip(torch.split(flat, self.sizes), self.shapes, strict=True)]
 
     def ranks(self, device: torch.device | str = "cpu") -> Tensor:
-        return torch.cat([torch.full((n,), len(s), device=device) for n, s in zip(self.sizes, self.shapes, strict=True)])
+        sizes = zip(self.sizes, self.shapes, strict=True)
+        return torch.cat([torch.full((n,), len(s), device=device) for n, s in sizes])
 
 
 def flat_loss(problem: Problem, layout: Layout, theta: Tensor, batch: Batch) -> Tensor:
