@@ -237,7 +237,8 @@ def main_device(models: list[tuple[int, int]], repeats: int, device: torch.devic
         n = sum(p.numel() for p in params)
         print(f"{n:>10,} {row['adamw'] * 1e3:>9.2f} {row['rnnprop'] * 1e3:>10.2f} "
               f"{row['rnnprop'] / row['adamw']:>6.1f} {row['lean'] * 1e3:>8.2f} {row['lean'] / row['adamw']:>6.1f} "
-              f"{row['rnnprop_bpp']:>17.0f} {row['lean_bpp']:>5.0f} {row['adamw_bpp']:>6.0f} {row['rnnprop_temp']:>15.1f} {row['lean_temp']:>6.1f}")
+              f"{row['rnnprop_bpp']:>17.0f} {row['lean_bpp']:>5.0f} {row['adamw_bpp']:>6.0f} "
+              f"{row['rnnprop_temp']:>15.1f} {row['lean_temp']:>6.1f}")
         del params
         gc.collect()
 
