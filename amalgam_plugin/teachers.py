@@ -33,6 +33,7 @@ class Teacher:
     differentiable: bool = True
     # the state update of a warm-up step, when it differs from ``update`` (learned teachers freeze their LSTM)
     warmup: Callable[[Tensor, State], State] | None = None
+    ranked: bool = False  # its state needs the coordinates' tensor ranks ("ranks"), set at a trajectory's start
 
     def warmup_step(self, grad: Tensor, state: State) -> State:
         return self.warmup(grad, state) if self.warmup is not None else self.update(grad, state)[1]

@@ -18,7 +18,7 @@ import time
 import torch
 
 from amalgam_plugin.engine.estimator import TruncatedEstimator
-from amalgam_plugin.engine.unroll import Layout, frozen_choice_teacher
+from amalgam_plugin.engine.unroll import frozen_choice_teacher
 from amalgam_plugin.problems import Problem, make_problem
 from amalgam_plugin.students import ChoiceConfig, ChoiceNet, RNNProp
 from amalgam_plugin.teachers import POOLS, make_pool
@@ -30,16 +30,14 @@ def settings(problem: Problem) -> dict[str, tuple[torch.nn.Module, list, str]]:
     chooser = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
     chooser.reset_parameters(gen)
     chooser.requires_grad_(False).eval().to(problem.device)
-    layout = Layout([t.shape for t in problem.init_params(torch.Generator().manual_seed(0))])
     student = RNNProp()
     student.reset_parameters(gen)
     student.to(problem.device)
     phase = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
     phase.reset_parameters(gen)
     phase.to(problem.device)
-    ranks = layout.ranks(problem.device)
     return {
-        "choice distillation (1 teacher)": (student, [frozen_choice_teacher(chooser, ranks)], "choice"),
+        "choice distillation (1 teacher)": (student, [frozen_choice_teacher(chooser)], "choice"),
         "min-max, large pool (6 teachers)": (student, make_pool("large"), "minmax"),
         "choice phase (no teacher)": (phase, [], "minmax"),
     }

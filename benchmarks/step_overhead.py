@@ -196,13 +196,19 @@ def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
         gc.collect()
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main_device(models: list[tuple[int, int]], repeats: int, device: torch.device, dtype: torch.dtype) -> None:
     """On a GPU: AdamW (foreach), the RNNProp student and the lean student, step time (synchronised), state and
-    the peak rise of allocated memory during one step."""
+    the peak rise of allocated memory during one step (0 on the CPU, where the tests run this table)."""
+    cuda = device.type == "cuda"
     lean = Lean()
     lean.reset_parameters(torch.Generator().manual_seed(0))
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, {dtype}; each row: medians of the "
-          "same steps, side by side")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if cuda else 'CPU'}, {dtype}; each "
+          "row: medians of the same steps, side by side")
     header = (f"{'params':>10} {'adamw ms':>9} {'rnnprop ms':>10} {'ratio':>6} {'lean ms':>8} {'ratio':>6} "
               f"{'state B/p rnnprop':>17} {'lean':>5} {'adamw':>6} {'temp MB rnnprop':>15} {'lean':>6}")
     print(header)
@@ -211,7 +217,7 @@ def main_device(models: list[tuple[int, int]], repeats: int, device: torch.devic
     def timed(step) -> float:
         def run():
             step()
-            torch.cuda.synchronize(device)
+            synchronize(device)
         return median_time(run, repeats, warm=2)
 
     makers = {"adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
@@ -225,12 +231,13 @@ def main_device(models: list[tuple[int, int]], repeats: int, device: torch.devic
         for name, make in makers.items():
             opt = make(params)
             opt.step()
-            torch.cuda.synchronize(device)
+            synchronize(device)
             row[name] = timed(opt.step)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device) if cuda else 0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
             opt.step()
-            row[f"{name}_temp"] = (torch.cuda.max_memory_allocated(device) - before) / MB
+            row[f"{name}_temp"] = (torch.cuda.max_memory_allocated(device) - before) / MB if cuda else 0.0
             row[f"{name}_bpp"] = state_bytes(opt) / sum(p.numel() for p in params)
             del opt
             gc.collect()
@@ -252,10 +259,10 @@ def main() -> None:
     parser.add_argument("--student", choices=("rnnprop", "lean"), default="rnnprop")
     parser.add_argument("--device", default="cpu", help="cpu (the detailed tables) or cuda (both students vs AdamW)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="parameter dtype of the --device cuda table")
+                        help="parameter dtype; other than float32, or on cuda, the short table of both students")
     args = parser.parse_args()
-    if args.device != "cpu":
-        models = [(512, 4), (1024, 10), (1600, 10), (4096, 6)] if not args.quick else [(512, 4)]
+    if args.device != "cpu" or args.dtype != "float32":
+        models = [(512, 4), (1024, 10), (1600, 10), (4096, 6)] if not args.quick else [(256, 2)]
         return main_device(models, 3 if args.quick else 10, torch.device(args.device), getattr(torch, args.dtype))
     _mmap_large_allocations()
     if args.threads:

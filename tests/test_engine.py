@@ -161,7 +161,8 @@ def test_max_minutes_stops_at_a_checkpoint_and_resume_finishes(tmp_path):
         assert torch.equal(load_file(str(out / "model.safetensors"))[key], value)
 
 
-def test_meta_training_never_reads_the_heldout_digits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("problem", ["mlp", "mix"])
+def test_meta_training_never_reads_the_heldout_digits(problem, tmp_path, monkeypatch):
     reads = []
     real = DigitSplit.heldout
 
@@ -170,7 +171,7 @@ def test_meta_training_never_reads_the_heldout_digits(tmp_path, monkeypatch):
         raise AssertionError("meta-training read the held-out digits")
 
     monkeypatch.setattr(DigitSplit, "heldout", guarded)
-    out = amalgamate(pool="large", mechanism="choice", preset="smoke", problem="mlp", out=tmp_path / "s",
+    out = amalgamate(pool="large", mechanism="choice", preset="smoke", problem=problem, out=tmp_path / "s",
                      evaluate=False)
     assert out is not None and reads == []
     # the guard is live: evaluation does open the held-out digits
@@ -284,20 +285,20 @@ def test_full_mnist_needs_local_files_and_never_downloads(tmp_path):
 
 
 def test_warmup_moves_everyone_together_and_freezes_lstm_states():
-    from amalgam_plugin.engine.unroll import Layout, frozen_choice_teacher
+    from amalgam_plugin.engine.unroll import frozen_choice_teacher
     from amalgam_plugin.students import ChoiceNet
 
     torch.manual_seed(0)
     problem = make_problem("mlp")
-    layout = Layout([t.shape for t in problem.init_params(torch.Generator().manual_seed(0))])
     teachers = [*make_pool("small"), make_teacher("torch.optim.SGD:lr=0.1"),
-                frozen_choice_teacher(ChoiceNet().requires_grad_(False), layout.ranks())]
+                frozen_choice_teacher(ChoiceNet().requires_grad_(False))]
     traj = new_trajectory(problem, RNNProp(), teachers, torch.Generator().manual_seed(0), warmup_steps=3)
     assert all(torch.equal(tp, traj.params) for tp in traj.teacher_params)  # shared warmed-up parameters
     assert float(traj.state["m"].abs().sum()) > 0 and float(traj.state["h0"].abs().sum()) == 0
     adam_state, choice_state = traj.teacher_states[0], traj.teacher_states[3]
     assert float(adam_state["m"].abs().sum()) > 0
     assert choice_state["t"] == 3 and float(choice_state["h0"].abs().sum()) == 0
+    assert torch.equal(choice_state["ranks"], traj.ranks)  # the choice teacher sees this problem's tensor ranks
     torch.testing.assert_close(traj.teacher_states[2]["param"].detach(), traj.scale * traj.params)
 
 
@@ -368,6 +369,16 @@ def test_meta_throughput_benchmark_prints_every_setting():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.split()[-4:-3] in (["first"], ["second"])]
     assert len(rows) == 6 and all(float(line.split()[-3]) > 0 for line in rows)
+
+
+def test_step_overhead_short_table_runs_bf16_here():
+    """The table benchmarks/gpu_smoke.sh prints on a GPU (both students against AdamW), run on the CPU in bf16."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--dtype", "bfloat16"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = result.stdout.splitlines()[-1].split()
+    assert row[0] == "131,584" and row[6:9] == ["328", "16", "4"]  # state bytes per parameter: RNNProp, lean, AdamW
 
 
 def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):

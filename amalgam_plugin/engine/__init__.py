@@ -32,7 +32,7 @@ from .curriculum import Curriculum, CurriculumConfig
 from .distributed import Group, agreed, launched_group, launched_world_size, resolve_device
 from .perturbations import PERTURBATIONS, Perturbation
 from .presets import PRESETS, Preset
-from .unroll import Layout, frozen_choice_teacher
+from .unroll import frozen_choice_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +171,7 @@ def meta_train(
         if not _phase(chooser, problem, [], preset.choice, workdir / "choice", seed, "choice", resume, deadline):
             return None
         chooser.requires_grad_(False).eval()
-        layout = Layout([t.shape for t in problem.init_params(torch.Generator().manual_seed(0))])
-        teachers: list[Teacher] = [frozen_choice_teacher(chooser, layout.ranks(problem.device))]
+        teachers: list[Teacher] = [frozen_choice_teacher(chooser)]
     else:
         teachers = make_pool(pool) if imitation != "none" else []
     entry = STUDENTS.lookup(student_type)
@@ -283,7 +282,7 @@ def _meta_train_run(pool, mechanism, recipe, problem, out, seed, resume, max_min
 def _finish(student, task, config, workdir, started, pool, recipe, out, evaluate, full_eval, workers) -> Path:
     """Rank 0 after meta-training: the student in Hub layout with its card, and the run's summary."""
     student.requires_grad_(False).eval().cpu()
-    task = task.on("cpu")
+    task = task.reference().on("cpu")
     save_file(student.state_dict(), str(workdir / "student.safetensors"))
     trained = time.time()
     evaluation = _evaluate(student, pool, recipe, task, workdir, full_eval, workers) if evaluate else None
@@ -413,6 +412,8 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> dict:
                        f"{recipe.description}).",
         "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
         "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
+                      + ("; the language models of the mixture: the first 90% of the standard library's bytes "
+                         "(docs/method.md#mixtures); the card evaluates on Train" if config["problem"] == "mix" else "")
                       + "; meta-training reads the training data only",
         "recipe": {"choice": {k: v for k, v in config["choice_recipe"].items() if k != "mechanism"} if choice else None,
                    "student": {**config["student_recipe"], "mechanism": config["mechanism"],

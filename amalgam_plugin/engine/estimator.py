@@ -70,7 +70,7 @@ class TruncatedEstimator:
                         result.skipped, finite)
 
     def _loss(self, policy: Callable, traj: Trajectory, alpha: float):
-        result = unroll(policy, traj, self.problem, self.unroll_length, self.mechanism, self.second_order,
+        result = unroll(policy, traj, traj.problem, self.unroll_length, self.mechanism, self.second_order,
                         track_teachers=alpha > 0 and bool(traj.teachers))
         return result.meta_loss + alpha * result.imitation, result
 
@@ -97,7 +97,7 @@ class TruncatedEstimator:
         """Mean meta loss (α = 0) over ``truncations`` of ``traj``; inf when the objective blows up."""
         total = 0.0
         for _ in range(truncations):
-            result = unroll(self.student, traj, self.problem, self.unroll_length, track_teachers=False)
+            result = unroll(self.student, traj, traj.problem, self.unroll_length, track_teachers=False)
             if not math.isfinite(float(result.meta_loss)) or result.steps < self.unroll_length:
                 return math.inf
             total += float(result.meta_loss)

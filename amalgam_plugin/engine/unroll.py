@@ -51,15 +51,16 @@ def flat_grad(problem: Problem, layout: Layout, theta: Tensor, batch: Batch) -> 
         return torch.autograd.grad(flat_loss(problem, layout, theta, batch), theta)[0]
 
 
-def frozen_choice_teacher(net: nn.Module, ranks: Tensor) -> Teacher:
-    """A trained choice network as the single (frozen) teacher of choice distillation (docs/method.md#mechanisms)."""
+def frozen_choice_teacher(net: nn.Module) -> Teacher:
+    """A trained choice network as the single (frozen) teacher of choice distillation (docs/method.md#mechanisms);
+    its state carries the coordinates' tensor ranks, which each trajectory's problem sets."""
 
     def update(g: Tensor, s: dict) -> tuple[Tensor, dict]:
         with torch.no_grad():
-            return net(g, s, ranks)
+            return net(g, s, s["ranks"])
 
     return Teacher("choice", lambda p: net.init_state(p.numel(), p), update, {}, differentiable=True,
-                   warmup=net.warmup_step)
+                   warmup=net.warmup_step, ranked=True)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Trajectory:
     teacher_states: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
     noise: torch.Generator | None = None  # the random perturbations' draws along this trajectory
+    problem: Problem | None = None  # the problem it runs on (a mixture's draw)
 
 
 def new_trajectory(
@@ -90,12 +92,14 @@ def new_trajectory(
 ) -> Trajectory:
     """Fresh initialisation and scale shared by student and teachers, then the SGD warm-up
     (docs/method.md#warmup): all move together in p-space, every policy's state advances on the same gradients,
-    the LSTM state stays frozen."""
+    the LSTM state stays frozen. A :class:`~amalgam_plugin.problems.Mixture` first draws the problem."""
+    problem = problem.pick(generator)
     tensors = problem.init_params(generator)
     layout = Layout([t.shape for t in tensors])
     theta = torch.cat([t.flatten() for t in tensors])
     n = theta.numel()
-    scale = torch.exp((torch.rand(n, generator=generator) * 2 - 1) * SCALE_SPREAD) if random_scale else torch.ones(n)
+    scaled = random_scale and problem.random_scale
+    scale = torch.exp((torch.rand(n, generator=generator) * 2 - 1) * SCALE_SPREAD) if scaled else torch.ones(n)
     scale = scale.to(theta.device)
     params = theta / scale
     ranks = layout.ranks(theta.device)
@@ -103,7 +107,7 @@ def new_trajectory(
     state = student.init_state(n, params)
     # torch optimizers cannot replay the warm-up on their own copy: they start fresh at the warmed-up point.
     replays = [t.differentiable for t in teachers]
-    teacher_states = [t.init(theta) if r else None for t, r in zip(teachers, replays, strict=True)]
+    teacher_states = [_init(t, theta, ranks) if r else None for t, r in zip(teachers, replays, strict=True)]
     with torch.no_grad():
         for _ in range(warmup_steps):
             g_theta = flat_grad(problem, layout, scale * params, next(batches))
@@ -113,11 +117,17 @@ def new_trajectory(
                               for t, s, r in zip(teachers, teacher_states, replays, strict=True)]
             params = params - warmup_lr * g_p
     theta = scale * params
-    teacher_states = [s if r else t.init(theta) for t, s, r in zip(teachers, teacher_states, replays, strict=True)]
+    teacher_states = [s if r else _init(t, theta, ranks)
+                      for t, s, r in zip(teachers, teacher_states, replays, strict=True)]
     return Trajectory(
         layout, ranks, scale, params, state, batches, list(teachers),
-        [params.clone() for _ in teachers], teacher_states,
+        [params.clone() for _ in teachers], teacher_states, problem=problem,
     )
+
+
+def _init(teacher: Teacher, theta: Tensor, ranks: Tensor):
+    state = teacher.init(theta)
+    return {**state, "ranks": ranks} if teacher.ranked else state
 
 
 @dataclass

