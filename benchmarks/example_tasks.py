@@ -72,10 +72,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", default="example_tasks_cache.json")
+    parser.add_argument("--students", nargs="+", default=STUDENTS, help="bundled names, folders or Hub repo ids")
     args = parser.parse_args()
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    optimizers = [*STUDENTS, *(f"adamw:{lr:g}" for lr in ADAMW_LRS)]
+    optimizers = [*args.students, *(f"adamw:{lr:g}" for lr in ADAMW_LRS)]
     jobs = [(t, o, s) for t in TASKS for o in optimizers for s in range(args.seeds)
             if f"{t}|{o}|{s}|{args.steps}" not in cache]
     with ProcessPoolExecutor(args.workers) as pool:
@@ -86,18 +87,19 @@ def main() -> None:
             cache_path.write_text(json.dumps(cache, indent=1))
             print(f"[{done}/{len(jobs)}] {t} {o} seed {s}: {cache[f'{t}|{o}|{s}|{args.steps}']:.4f}", flush=True)
 
-    print(f"\n{args.steps} steps, seeds 0..{args.seeds - 1}; final held-out loss (lower is better); "
-          "Δ = optimizer − tuned AdamW, paired, 95% interval")
+    print(f"\n{args.steps} steps, seeds 0..{args.seeds - 1}; final held-out loss and its log (lower is better); "
+          "Δ log = log loss of the optimizer − of tuned AdamW, paired, 95% interval")
     for task in TASKS:
         losses = {o: [cache[f"{task}|{o}|{s}|{args.steps}"] for s in range(args.seeds)] for o in optimizers}
         tuned = min((o for o in optimizers if o.startswith("adamw:")), key=lambda o: statistics.mean(losses[o]))
         print(f"\n{task}: AdamW tuned over lr {ADAMW_LRS} -> {tuned.split(':')[1]}")
-        print(f"{'optimizer':24} {'held-out loss':>14} {'sd':>7} {'Δ vs tuned AdamW':>24}")
+        print(f"{'optimizer':24} {'held-out loss':>14} {'sd':>7} {'log loss':>9} {'Δ log vs tuned AdamW':>24}")
         for o in optimizers:
-            mean, half = interval([a - b for a, b in zip(losses[o], losses[tuned], strict=True)])
+            mean, half = interval([math.log(a / b) for a, b in zip(losses[o], losses[tuned], strict=True)])
             sd = statistics.stdev(losses[o]) if args.seeds > 1 else 0.0
             delta = "reference" if o == tuned else f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
-            print(f"{o:24} {statistics.mean(losses[o]):>14.4f} {sd:>7.4f} {delta:>24}")
+            log_loss = statistics.mean(math.log(v) for v in losses[o])
+            print(f"{o:24} {statistics.mean(losses[o]):>14.4f} {sd:>7.4f} {log_loss:>9.3f} {delta:>24}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "resnet10t", pretrained=False, num_classes=10, in_chans=1, channels=(16, 32, 64, 64), stem_width=8
     )
     n_params = sum(p.numel() for p in model.parameters())
-    extra = {} if args.warmup_steps is None else {"warmup_steps": args.warmup_steps}
+    extra = {}  # the learned optimizer's own options
+    if args.opt.startswith("amalgam") and args.warmup_steps is not None:
+        extra["warmup_steps"] = args.warmup_steps
     if args.student is not None:
         extra["student"] = args.student
     optimizer = timm.optim.create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **extra)
