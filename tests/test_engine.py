@@ -563,3 +563,31 @@ def test_a_problem_on_another_device_starts_the_same_trajectory():
     xa, ya = next(problem.train_batches(gen_a))
     xb, yb = next(there.train_batches(gen_b))
     assert torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+
+
+def test_bundled_students_cards_state_the_recipe_their_preset_has_today():
+    """A bundled amalgam-plugin student's card lists the recipe it was meta-trained with; that must still be its
+    preset's recipe (a field added to the recipes since then must default to what the run did)."""
+    import ast
+    from dataclasses import asdict
+
+    from amalgam_plugin.engine import PRESETS
+
+    hub = Path(__file__).resolve().parents[1] / "hub_models"
+    checked = 0
+    for folder in sorted(p for p in hub.iterdir() if (p / "config.json").is_file()):
+        provenance = json.loads((folder / "config.json").read_text()).get("provenance", {})
+        if provenance.get("source") != "amalgam-plugin":
+            continue
+        preset = PRESETS.lookup(provenance["preset"])
+        lines = (folder / "README.md").read_text().splitlines()
+        for phase in ("choice", "student"):
+            card = ast.literal_eval(next(line for line in lines if line.startswith(f"- `{phase}`: ")).split(": ", 1)[1])
+            expected = asdict(getattr(preset, phase))
+            if phase == "student":
+                expected.update(imitation_schedule=provenance["imitation"])  # the mechanism is the provenance's
+            assert {k: expected[k] for k in card if k != "mechanism"} == {k: v for k, v in card.items()
+                                                                         if k != "mechanism"}, folder.name
+            assert all(expected[k] == getattr(CurriculumConfig(), k) for k in expected.keys() - card.keys())
+        checked += 1
+    assert checked >= 3
