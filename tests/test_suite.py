@@ -179,6 +179,7 @@ def test_a_changed_student_is_re_run(tmp_path, caplog):
     (["torch.optim.NoSuchThing"], "cannot import optimizer class 'torch.optim.NoSuchThing'"),
     (["torch.optim.SGD:lr=-1"], "bad arguments for torch.optim.SGD"),
     (["torch.optim.SGD:lr=0.1", "--problems", "cifar"], "unknown problem 'cifar'; valid problems: train"),
+    (["torch.optim.SGD:lr=0.1", "--problems", "mix"], "problem 'mix' is a distribution to meta-train on"),
     (["torch.optim.SGD:lr=0.1", "--seeds", "0"], "--seeds must be in [1, 1000]"),
     (["--replicates", "no/such/folders*"], "matches 0 student folder(s)"),
 ])
