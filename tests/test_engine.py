@@ -516,8 +516,7 @@ def test_a_foreign_checkpoint_is_passed_over_and_two_are_refused(tmp_path, caplo
 
 
 def test_first_order_meta_gradient_equals_a_plain_autograd_unroll():
-    """The unroll reuses each step's gradient for the objective's derivative instead of a second backward pass
-    through the optimizee; the meta-gradient must be the one of the plain graph."""
+    """The first-order meta-gradient against an unroll written out here with plain autograd (float64)."""
     torch.manual_seed(0)
     student, problem = RNNProp().double(), tiny_digit_problem()
     traj = new_trajectory(problem, student, [], torch.Generator().manual_seed(3))

@@ -148,12 +148,6 @@ def _detach_state(state):
     return state
 
 
-def _linearised(objective: Tensor, grad: Tensor, params: Tensor) -> Tensor:
-    """The objective's value with its first derivative ∂f/∂p = ``grad``, already computed: the meta-backward
-    then does not run the optimizee's backward pass a second time (docs/method.md#inner-step)."""
-    return objective.detach() + (grad.detach() * (params - params.detach())).sum()
-
-
 def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
@@ -186,13 +180,14 @@ def unroll(
             objective = flat_loss(problem, traj.layout, traj.scale * params, batch)
             if not _finite(objective):
                 break
-            grad = torch.autograd.grad(objective, params, create_graph=differentiable and second_order)[0]
+            grad = torch.autograd.grad(
+                objective, params, create_graph=differentiable and second_order, retain_graph=differentiable
+            )[0]
         if not (differentiable and second_order):
             grad = grad.detach()
         with torch.no_grad():
             reference = flat_loss(problem, traj.layout, theta_start, batch)
-        log_terms.append(log_improvement(_linearised(objective, grad, params) if differentiable
-                                         else objective.detach(), reference))
+        log_terms.append(log_improvement(objective if differentiable else objective.detach(), reference))
         ran += 1
         delta, new_state = student(grad, state, traj.ranks)
         if _finite(delta):

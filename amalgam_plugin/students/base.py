@@ -164,10 +164,6 @@ class KerasLSTMCell(nn.Module):
         self.kernel = nn.Parameter(torch.empty(input_size, 4 * units))
         self.recurrent_kernel = nn.Parameter(torch.empty(units, 4 * units))
         self.bias = nn.Parameter(torch.zeros(4 * units))
-        # all four gates through one sigmoid over the contiguous pre-activations (torch's CPU sigmoid is ~10x
-        # slower on a strided chunk); the cell input's column is doubled so that tanh(g) = 2·sigmoid(2g) − 1
-        self.register_buffer("gate_scale", torch.ones(4 * units).index_fill_(0, torch.arange(2 * units, 3 * units),
-                                                                              2.0), persistent=False)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         glorot_uniform_(self.kernel, generator)
@@ -178,9 +174,9 @@ class KerasLSTMCell(nn.Module):
 
     def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         z = torch.addmm(self.bias, x, self.kernel) + h @ self.recurrent_kernel
-        i, f, g, o = torch.sigmoid(z * self.gate_scale).chunk(4, dim=-1)
-        c = f * c + i * (g * 2 - 1)
-        return o * fast_tanh(c), c
+        i, f, g, o = z.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * fast_tanh(g)
+        return torch.sigmoid(o) * fast_tanh(c), c
 
 
 class Dense(nn.Module):
