@@ -18,7 +18,6 @@ import logging
 import sysconfig
 import tempfile
 import time
-from pathlib import Path
 
 import amalgam_plugin.integrations.transformers  # noqa: F401  (registers optim="amalgam")
 import torch
@@ -26,19 +25,7 @@ from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-
-def stdlib_bytes(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The standard library's top-level ``.py`` files, sorted by name, as bytes: (train, held-out 10%)."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    data, size = [], 0
-    for path in files:
-        data.append(path.read_bytes())
-        size += len(data[-1])
-        if size >= max_bytes:
-            break
-    tokens = torch.frombuffer(bytearray(b"".join(data)[:max_bytes]), dtype=torch.uint8).long()
-    cut = int(0.9 * len(tokens))
-    return tokens[:cut], tokens[cut:]
+from amalgam_plugin.problems.text import stdlib_bytes  # the split meta-training's language models also use
 
 
 class Windows(Dataset):

@@ -50,21 +50,21 @@ class Group:
             table.copy_(shared)
         return table
 
+    def main_value(self, value: int) -> int:
+        """Rank 0's ``value``, on every process."""
+        if self.size == 1:
+            return value
+        shared = torch.tensor([value], device=self.device)
+        dist.broadcast(shared, 0)
+        return int(shared.item())
+
     def main_says(self, flag: bool) -> bool:
         """Rank 0's decision, for every process (deadlines are read from rank 0's clock)."""
-        if self.size == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=self.device)
-        dist.broadcast(value, 0)
-        return bool(value.item())
+        return bool(self.main_value(int(flag)))
 
     def same_everywhere(self, value: int) -> bool:
         """Whether every process holds rank 0's ``value``."""
-        if self.size == 1:
-            return True
-        mine = torch.tensor([value], device=self.device)
-        dist.broadcast(mine, 0)
-        return self.all_agree(mine.item() == value)
+        return self.all_agree(self.main_value(value) == value)
 
     def all_agree(self, ok: bool) -> bool:
         """True on every process when ``ok`` holds on every process."""

@@ -100,8 +100,7 @@ class Mixture(Problem):
         return Problem(self.reference_name, self.architecture, self.data, self.batch_size, self.loss_fn, self.device)
 
     def pick(self, generator: torch.Generator) -> Problem:
-        family = self.families[int(torch.randint(len(self.families), (1,), generator=generator))]
-        return family(generator).on(self.device)
+        return _choose(self.families, generator)(generator).on(self.device)
 
 
 def _choose(options: list, generator: torch.Generator):

@@ -18,18 +18,25 @@ CONTEXT = 32
 MAX_BYTES = 2_000_000
 
 
-@cache
-def stdlib_windows(windows: int = 4000, heldout_windows: int = 1000) -> DigitSplit:
-    """Windows of CONTEXT + 1 bytes at seeded offsets: inputs are the first CONTEXT bytes, labels the next byte
-    of each position; training windows from the first 90% of the bytes, held-out ones from the rest."""
+def stdlib_bytes(max_bytes: int = MAX_BYTES) -> tuple[Tensor, Tensor]:
+    """The standard library's top-level ``.py`` files, sorted by name, as bytes: (the first 90%, the last 10%),
+    the split of meta-training's language models and of ``examples/train_with_trainer.py``."""
     data, size = [], 0
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         data.append(path.read_bytes())
         size += len(data[-1])
-        if size >= MAX_BYTES:
+        if size >= max_bytes:
             break
-    tokens = torch.frombuffer(bytearray(b"".join(data)[:MAX_BYTES]), dtype=torch.uint8).long()
+    tokens = torch.frombuffer(bytearray(b"".join(data)[:max_bytes]), dtype=torch.uint8).long()
     cut = int(0.9 * len(tokens))
+    return tokens[:cut], tokens[cut:]
+
+
+@cache
+def stdlib_windows(windows: int = 4000, heldout_windows: int = 1000) -> DigitSplit:
+    """Windows of CONTEXT + 1 bytes at seeded offsets: inputs are the first CONTEXT bytes, labels the next byte
+    of each position; training windows from the first 90% of the bytes, held-out ones from the rest."""
+    train, heldout = stdlib_bytes()
     generator = torch.Generator().manual_seed(0)
 
     def cut_windows(part: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -37,7 +44,7 @@ def stdlib_windows(windows: int = 4000, heldout_windows: int = 1000) -> DigitSpl
         w = torch.stack([part[s : s + CONTEXT + 1] for s in starts.tolist()])
         return w[:, :-1], w[:, 1:]
 
-    return DigitSplit("stdlib-bytes", *cut_windows(tokens[:cut], windows), *cut_windows(tokens[cut:], heldout_windows))
+    return DigitSplit("stdlib-bytes", *cut_windows(train, windows), *cut_windows(heldout, heldout_windows))
 
 
 def next_byte_loss(logits: Tensor, labels: Tensor) -> Tensor:
