@@ -1,6 +1,6 @@
 """The students on the examples' own tasks against AdamW with its learning rate tuned, as a user meets them: the
-tiny GPT-2 on the standard library's bytes under the stock Trainer (``examples/train_with_trainer.py``) and the
-scaled-down timm resnet10t on MNIST digits (``examples/train_timm.py``), each run through the example's own
+tiny GPT-2 on the standard library's bytes under the stock Trainer (``examples/train_with_trainer.py``), and the
+scaled-down timm resnet10t and ViT on MNIST digits (``examples/train_timm.py``), each run through the example's own
 ``main``, on paired seeds. The score is the final held-out loss (the examples' own held-out split).
 
 AdamW's learning rate is picked from a grid by its mean final held-out loss over the same seeds: the most
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -37,8 +38,8 @@ def trainer_argv(optimizer: str, seed: int, steps: int) -> list[str]:
     return [*common, "--optim-args", f"student={optimizer}"]
 
 
-def timm_argv(optimizer: str, seed: int, steps: int) -> list[str]:
-    common = ["--steps", str(steps), "--seed", str(seed), "--threads", "1"]
+def timm_argv(optimizer: str, seed: int, steps: int, model: str = "resnet10t") -> list[str]:
+    common = ["--model", model, "--steps", str(steps), "--seed", str(seed), "--threads", "1"]
     if optimizer.startswith("adamw:"):
         return [*common, "--opt", "adamw", "--lr", optimizer.split(":")[1]]
     return [*common, "--opt", "amalgam", "--student", optimizer]
@@ -48,6 +49,7 @@ def timm_argv(optimizer: str, seed: int, steps: int) -> list[str]:
 TASKS = {
     "gpt2-stdlib (Trainer)": ("train_with_trainer", trainer_argv, "held_after"),
     "resnet10t-mnist (timm)": ("train_timm", timm_argv, "held_loss"),
+    "vit-mnist (timm)": ("train_timm", functools.partial(timm_argv, model="vit"), "held_loss"),
 }
 
 
@@ -73,11 +75,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", default="example_tasks_cache.json")
     parser.add_argument("--students", nargs="+", default=STUDENTS, help="bundled names, folders or Hub repo ids")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), metavar="TASK",
+                        help=f"default: all of {list(TASKS)}")
     args = parser.parse_args()
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     optimizers = [*args.students, *(f"adamw:{lr:g}" for lr in ADAMW_LRS)]
-    jobs = [(t, o, s) for t in TASKS for o in optimizers for s in range(args.seeds)
+    jobs = [(t, o, s) for t in args.tasks for o in optimizers for s in range(args.seeds)
             if f"{t}|{o}|{s}|{args.steps}" not in cache]
     with ProcessPoolExecutor(args.workers) as pool:
         futures = {pool.submit(run, t, o, s, args.steps): (t, o, s) for t, o, s in jobs}
@@ -89,7 +93,7 @@ def main() -> None:
 
     print(f"\n{args.steps} steps, seeds 0..{args.seeds - 1}; final held-out loss and its log (lower is better); "
           "Δ log = log loss of the optimizer − of tuned AdamW, paired, 95% interval")
-    for task in TASKS:
+    for task in args.tasks:
         losses = {o: [cache[f"{task}|{o}|{s}|{args.steps}"] for s in range(args.seeds)] for o in optimizers}
         tuned = min((o for o in optimizers if o.startswith("adamw:")), key=lambda o: statistics.mean(losses[o]))
         print(f"\n{task}: AdamW tuned over lr {ADAMW_LRS} -> {tuned.split(':')[1]}")

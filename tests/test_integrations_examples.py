@@ -31,6 +31,7 @@ def train_losses(stdout: str) -> list[float]:
     [
         ("train_with_trainer.py", ["--optim-args", "student={}"]),
         ("train_timm.py", ["--student", "{}"]),
+        ("train_timm.py", ["--model", "vit", "--student", "{}"]),
         ("train_accelerate.py", ["--student", "{}"]),
     ],
 )
@@ -45,6 +46,7 @@ def test_example_smoke(script, student_flag, paper_student_name, tmp_path):
 @pytest.mark.parametrize("script, flags", [
     ("train_with_trainer.py", ["--optim", "adamw_torch", "--learning-rate", "3e-3"]),
     ("train_timm.py", ["--opt", "adamw", "--lr", "3e-3"]),
+    ("train_timm.py", ["--model", "vit", "--opt", "adamw", "--lr", "3e-3"]),
 ])
 def test_examples_run_the_adamw_baseline_of_benchmarks_example_tasks(script, flags, tmp_path):
     done = run([sys.executable, str(EXAMPLES / script), "--smoke", *flags], cwd=tmp_path)
