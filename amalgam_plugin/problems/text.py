@@ -1,7 +1,6 @@
 """Byte-level language models on the running interpreter's standard library, for meta-training beyond MNIST
 (docs/method.md#mixtures): the ``.py`` files are always on disk, so nothing is downloaded. The first 90% of the
-bytes are for training and the last 10% are held out, as in ``examples/train_with_trainer.py``. The mixture's vision
-transformer on digits shares their transformer block."""
+bytes are for training and the last 10% are held out, as in ``examples/train_with_trainer.py``."""
 
 from __future__ import annotations
 
@@ -66,11 +65,11 @@ class CharLSTM(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block (no dropout), causal for language models."""
+    """A pre-norm causal transformer block (no dropout)."""
 
-    def __init__(self, width: int, heads: int, causal: bool = True):
+    def __init__(self, width: int, heads: int):
         super().__init__()
-        self.heads, self.causal = heads, causal
+        self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
@@ -78,7 +77,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, w = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2).reshape(b, t, w)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, w)
         x = x + self.proj(attended)
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 
@@ -99,25 +98,3 @@ class TinyTransformer(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h))
-
-
-class TinyViT(nn.Module):
-    """A vision transformer for [B, 1, 28, 28] digits: 16 patches of 7x7 pixels embedded linearly plus learned
-    positions, ``layers`` non-causal blocks, a final norm, the mean over patches and a linear head over 10 classes."""
-
-    patch = 7
-
-    def __init__(self, width: int, layers: int, heads: int = 4):
-        super().__init__()
-        self.embed = nn.Linear(self.patch * self.patch, width)
-        self.position = nn.Embedding((28 // self.patch) ** 2, width)
-        self.blocks = nn.ModuleList(Block(width, heads, causal=False) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # [B, 16, 49]
-        h = self.embed(patches) + self.position.weight
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.norm(h).mean(1))
