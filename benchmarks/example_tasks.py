@@ -31,18 +31,26 @@ ADAMW_LRS = [1e-3, 3e-3, 1e-2]
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student's t, 97.5%
 
 
+def student_and_multiplier(optimizer: str) -> tuple[str, str]:
+    """``NAME@M``: the student NAME at group lr M (the integrations' ``lr_multiplier``); ``NAME``: at 1."""
+    student, _, multiplier = optimizer.partition("@")
+    return student, multiplier or "1"
+
+
 def trainer_argv(optimizer: str, seed: int, steps: int) -> list[str]:
     common = ["--steps", str(steps), "--seed", str(seed), "--threads", "1"]
     if optimizer.startswith("adamw:"):
         return [*common, "--optim", "adamw_torch", "--learning-rate", optimizer.split(":")[1]]
-    return [*common, "--optim-args", f"student={optimizer}"]
+    student, multiplier = student_and_multiplier(optimizer)
+    return [*common, "--optim-args", f"student={student},lr_multiplier={multiplier}"]
 
 
 def timm_argv(optimizer: str, seed: int, steps: int, model: str = "resnet10t") -> list[str]:
     common = ["--model", model, "--steps", str(steps), "--seed", str(seed), "--threads", "1"]
     if optimizer.startswith("adamw:"):
         return [*common, "--opt", "adamw", "--lr", optimizer.split(":")[1]]
-    return [*common, "--opt", "amalgam", "--student", optimizer]
+    student, multiplier = student_and_multiplier(optimizer)
+    return [*common, "--opt", "amalgam", "--student", student, "--lr-multiplier", multiplier]
 
 
 # task -> (example module, argv builder, the key of main()'s result holding the final held-out loss)
@@ -74,7 +82,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", default="example_tasks_cache.json")
-    parser.add_argument("--students", nargs="+", default=STUDENTS, help="bundled names, folders or Hub repo ids")
+    parser.add_argument("--students", nargs="+", default=STUDENTS,
+                        help="bundled names, folders or Hub repo ids; NAME@M runs NAME at group lr M (default 1)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), metavar="TASK",
                         help=f"default: all of {list(TASKS)}")
     args = parser.parse_args()

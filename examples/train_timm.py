@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps (the student warms up for 100)")
     parser.add_argument("--smoke", action="store_true", help="12 steps without the student's warm-up")
     parser.add_argument("--warmup-steps", type=int, default=None, help="student warm-up override (0 disables)")
+    parser.add_argument("--lr-multiplier", type=float, default=None, help="the student's group lr (default 1.0)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4, help="timm's lr: ignored by the student (logged)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         extra["warmup_steps"] = args.warmup_steps
     if args.student is not None:
         extra["student"] = args.student
+    if args.lr_multiplier is not None:
+        extra["lr_multiplier"] = args.lr_multiplier
     optimizer = timm.optim.create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **extra)
     # decays to a tenth of each group's lr (the student's groups hold a multiplier of 1.0, AdamW's its lr)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=0.1 * optimizer.param_groups[0]["lr"],

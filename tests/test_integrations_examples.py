@@ -56,6 +56,12 @@ def test_examples_run_the_adamw_baseline_of_benchmarks_example_tasks(script, fla
     assert max(lrs) <= 3e-3  # the schedule decays AdamW's lr (timm's floor is a tenth of it, not 0.1)
 
 
+def test_timm_example_runs_the_student_at_the_lr_multiplier_asked(paper_student_name, tmp_path):
+    flags = ["--smoke", "--student", paper_student_name, "--lr-multiplier", "0.5"]
+    done = run([sys.executable, str(EXAMPLES / "train_timm.py"), *flags], cwd=tmp_path)
+    assert "group lrs [0.5, 0.5]" in done.stdout
+
+
 SCRIPT = """\
 import sys
 
