@@ -76,9 +76,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: name at least one student or optimizer, or --replicates GLOB")
     for name in args.problems:
         PROBLEMS.lookup(name)
-        if name == "mix":
-            raise ValueError("problem 'mix' is a distribution to meta-train on, not one to evaluate: name its "
-                             "problems (train, mlp, wider, ...) instead")
     if not 1 <= args.seeds <= 1000 or args.steps < 1 or args.eval_every < 1:
         raise ValueError("--seeds must be in [1, 1000], --steps and --eval-every positive")
     out = Path(args.out)

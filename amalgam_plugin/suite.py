@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluate as ev
-from .problems import make_problem
+from .problems import PROBLEMS, make_problem
 from .teachers import parse_spec, torch_optimizer
 
 logger = logging.getLogger(__name__)
@@ -234,6 +234,10 @@ def run_suite(candidates: Sequence[Candidate], problems: Sequence[str], seeds: S
               forms: Sequence[str] = ("paper", "torch"), tune_seeds: int = 3, workers: int | None = None,
               data_root: str | None = None, progress: bool = True) -> SuiteResult:
     """Every candidate (and baseline, unless ``pool`` is None) on every problem and seed; results in ``out``."""
+    for name in problems:
+        if PROBLEMS.lookup(name)[0] == "mixture":  # its card evaluates its reference problem instead
+            raise ValueError(f"problem {name!r} is a distribution to meta-train on, not one to evaluate: name its "
+                             "problems (train, mlp, wider, ...) instead")
     labels = [c.label for c in candidates]
     duplicated = sorted({n for n in labels if labels.count(n) > 1})
     if duplicated:
