@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also put the tables and plots into the model card (README.md) of the student in FOLDER "
                         "(its section is replaced on a rerun; the plots are copied beside it)")
     e.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="worker processes, one torch thread each (default: one per CPU core)")
+                   help="runs at a time, each of one torch thread (1: in this process; default: one per CPU core)")
     e.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")
     e.set_defaults(func=_evaluate)
 

@@ -30,6 +30,7 @@ Library code here never changes the calling process's torch thread count; script
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -38,7 +39,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
@@ -622,11 +623,11 @@ def evaluate(
     interrupted evaluation resumes where it stopped (the key does not cover the optimizer's settings: use a
     fresh file when a factory changes under the same name).
 
-    ``workers``: ``None`` or 1 runs in this process, one run after another. ``workers >= 2`` runs the runs
-    not in the cache in that many worker processes (forks of this one, so factories may be closures), each
-    with one torch thread; this process's thread count is left as it is. A worker's run equals the in-process
-    run of the same seed exactly when this process also runs one thread (``torch.set_num_threads(1)``);
-    otherwise they may differ in the last bits. Where ``fork`` is unavailable (Windows) it runs in-process.
+    ``workers``: ``None`` runs in this process at its thread count, one run after another. ``workers = N``
+    runs every run with one torch thread: 1 in this process, N >= 2 in that many worker processes (forks of this
+    one, so factories may be closures), so the numbers do not depend on N; this process's thread count is left as
+    it is. A run at another thread count may differ in the last bits (matrix products sum in another order).
+    Where ``fork`` is unavailable (Windows) it runs in-process.
     """
     if not optimizers:
         raise ValueError("no optimizers to evaluate")
@@ -643,18 +644,31 @@ def evaluate(
     evaluation.runs = {n: [] for n in optimizers}
     jobs = [(n, s) for s in seeds for n in optimizers]  # seed-major: an interrupted run leaves whole seeds
     bar = tqdm(jobs, desc=f"evaluate on {problem.name}", disable=not progress)
-    for name, seed in bar:
-        key = _cache_key(name, seed, steps, eval_every, problem.name)
-        bar.set_postfix_str(f"{name} seed {seed}")
-        if key in stored:
-            result = RunResult.from_dict(stored[key])
-        else:
-            result = run(problem, optimizers[name], seed, steps, eval_every, name=name)
-            if cache_path is not None:
-                stored[key] = result.to_dict()
-                _save_cache(cache_path, stored)
-        evaluation.runs[name].append(result)
+    with _threads(1 if workers is not None else None):
+        for name, seed in bar:
+            key = _cache_key(name, seed, steps, eval_every, problem.name)
+            bar.set_postfix_str(f"{name} seed {seed}")
+            if key in stored:
+                result = RunResult.from_dict(stored[key])
+            else:
+                result = run(problem, optimizers[name], seed, steps, eval_every, name=name)
+                if cache_path is not None:
+                    stored[key] = result.to_dict()
+                    _save_cache(cache_path, stored)
+            evaluation.runs[name].append(result)
     return evaluation
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch threads (None: as is), the caller's count restored afterwards."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- baselines ----------------------------------------------------------------------------------------------

@@ -276,6 +276,26 @@ def test_workers_give_the_in_process_numbers(mlp, one_thread):
     assert torch.get_num_threads() == 1 and not multiprocessing.active_children()
 
 
+def test_one_worker_runs_in_this_process_with_one_thread_like_each_worker(mlp):
+    """``workers=1`` means one run at a time of one thread, as each of N workers runs, so the numbers do not depend
+    on N; ``None`` keeps the caller's thread count. Either way the caller's count is restored."""
+    threads_seen = []
+
+    def recording_sgd(params):
+        threads_seen.append(torch.get_num_threads())
+        return torch.optim.SGD(params, lr=0.1)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for workers in (1, None):
+            ev.evaluate(mlp, {"sgd": recording_sgd}, seeds=[0], steps=5, workers=workers, progress=False)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert threads_seen == [1, 2]
+
+
 def _refuse(params):
     raise AssertionError("a cached run was run again")
 
