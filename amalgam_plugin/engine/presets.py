@@ -1,4 +1,4 @@
-"""Recipes (docs/method.md#presets): ``paper`` (the full recipe, for a GPU or a long run), ``cpu`` (2 to 4
+"""Recipes (docs/method.md#presets): ``paper`` (the full recipe, for a GPU or a long run), ``cpu`` (about 4
 hours on 2 CPU cores, resumable) and ``quick`` (about 6 minutes on 2 CPU cores, evaluation included)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.descriptio
                     PAPER_STUDENT),
     "cpu": Preset(
         "cpu",
-        "2 to 4 hours on 2 CPU cores, resumable: the paper's schedules with first-order meta-gradients, "
+        "about 4 hours on 2 CPU cores, resumable: the paper's schedules with first-order meta-gradients, "
         "6 trajectories per period and at most 5 periods per stage",
         replace(PAPER_CHOICE, trajectories_per_period=6, second_order=False, max_repeat=1, meta_lr=2e-3),
         replace(PAPER_STUDENT, trajectories_per_period=6, validation_trajectories=2, min_periods=3, num_chances=2,
