@@ -644,7 +644,7 @@ def evaluate(
     evaluation.runs = {n: [] for n in optimizers}
     jobs = [(n, s) for s in seeds for n in optimizers]  # seed-major: an interrupted run leaves whole seeds
     bar = tqdm(jobs, desc=f"evaluate on {problem.name}", disable=not progress)
-    with _threads(1 if workers is not None else None):
+    with torch_threads(1 if workers is not None else None):
         for name, seed in bar:
             key = _cache_key(name, seed, steps, eval_every, problem.name)
             bar.set_postfix_str(f"{name} seed {seed}")
@@ -660,7 +660,7 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
+def torch_threads(count: int | None) -> Iterator[None]:
     """Run with ``count`` torch threads (None: as is), the caller's count restored afterwards."""
     before = torch.get_num_threads()
     if count is not None:

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..amalgamation import IMITATION_SCHEDULES, MECHANISMS
+from ..evaluate import torch_threads
 from ..problems import PROBLEMS, Problem, make_problem
 from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import POOLS, TEACHERS, Teacher, make_pool, pool_spec
@@ -97,14 +98,8 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
 def caller_state_kept(threads: int | None) -> Iterator[None]:
     """Run with ``threads`` torch threads (None: leave as is); afterwards the caller's thread count and global
     random state are as they were (modules built without a generator draw from the global one)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(threads or None), torch.random.fork_rng(devices=[]):
+        yield
 
 
 def _choice_pool(pool: str | list) -> list:
