@@ -38,6 +38,7 @@ def _amalgamate(args: argparse.Namespace) -> int:
                      imitation=args.imitation, evaluate=not args.no_eval, data_root=args.data_root,
                      threads=args.threads, student=args.student, full_eval=args.full_eval, workers=args.workers,
                      overwrite=args.overwrite, trajectories_per_step=args.trajectories_per_step, device=args.device,
+                     select=args.select,
                      perturbation=Perturbation(args.perturb, args.perturb_magnitude, args.perturb_steps))
     if out is None:
         print(f"stopped at a checkpoint (--max-minutes {args.max_minutes}); continue with the same command "
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"e.g. 'adam:lr=0.01+sgd' (teachers: {TEACHERS.valid()}, or a dotted "
                         "torch.optim.Optimizer class). Default: large")
     _choice(a, "--mechanism", MECHANISMS, "choice")
-    from .engine import DEFAULT_THREADS, PERTURBATIONS, PRESETS  # the engine loads only when needed
+    from .engine import DEFAULT_THREADS, PERTURBATIONS, PRESETS, SELECTIONS  # the engine loads only when needed
 
     _choice(a, "--preset", PRESETS, "quick")
     _choice(a, "--problem", PROBLEMS, "train", "training problem")
@@ -188,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trajectories whose meta-gradients are averaged into one meta-update (default: the "
                         "preset's 1, or the number of processes under torchrun / accelerate launch, which share "
                         "them out; the student does not depend on how many processes ran it)")
+    a.add_argument("--select", choices=SELECTIONS, default=None,
+                   help="how the student's final checkpoint is chosen (default: the preset's): best (the last "
+                        "stage's best validation), last (the final period) or horizon (of the stages' best "
+                        "checkpoints, the one that trains best over whole runs on validation digits; "
+                        "docs/method.md#horizon-selection)")
     a.add_argument("--device", default="cpu",
                    help="where meta-training runs: cpu (default) or cuda (under a launcher, each process its own "
                         "GPU); the card's evaluation runs on the CPU")

@@ -411,6 +411,7 @@ def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
     (dict(threads=0), "threads must be between 1 and"),
     (dict(trajectories_per_step=0), "trajectories per step must be between the number of processes (1) and 1000"),
     (dict(device="tpu"), "device must be 'cpu' or 'cuda[:N]'"),
+    (dict(select="bets"), "unknown select 'bets'; valid: best, last, horizon"),
     pytest.param(dict(device="cuda"), "is not available here", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a GPU is here")),
 ])
@@ -583,10 +584,56 @@ def test_bundled_students_cards_state_the_recipe_their_preset_has_today():
         for phase in ("choice", "student"):
             card = ast.literal_eval(next(line for line in lines if line.startswith(f"- `{phase}`: ")).split(": ", 1)[1])
             expected = asdict(getattr(preset, phase))
-            if phase == "student":
-                expected.update(imitation_schedule=provenance["imitation"])  # the mechanism is the provenance's
+            if phase == "student":  # the mechanism, imitation and a --select flag are the provenance's
+                expected.update(imitation_schedule=provenance["imitation"])
+                flag = re.search(r"--select (\w+)", provenance["command"])
+                expected.update(select=flag.group(1) if flag else expected["select"])
             assert {k: expected[k] for k in card if k != "mechanism"} == {k: v for k, v in card.items()
                                                                          if k != "mechanism"}, folder.name
             assert all(expected[k] == getattr(CurriculumConfig(), k) for k in expected.keys() - card.keys())
         checked += 1
     assert checked >= 3
+
+
+def test_horizon_selection_keeps_the_stage_whose_whole_runs_train_best(tmp_path):
+    """select="horizon": each stage's best checkpoint trains the problem over the horizon on validation digits
+    carved from the training digits; the scores are those runs' (recomputed here from the checkpoint's tensors)
+    and the final student is the lowest-scoring stage's checkpoint."""
+    from amalgam_plugin.engine.curriculum import HORIZON_FIRST_SEED
+    from amalgam_plugin.evaluate import run, student_factory
+    from amalgam_plugin.problems import selection_problem
+
+    problem = tiny_digit_problem(torch.float32)
+    cfg = CurriculumConfig(**{**TINY.__dict__, "select": "horizon", "horizon_steps": 30, "horizon_seeds": 2})
+    student = RNNProp()
+    Curriculum(student, problem, [], cfg, tmp_path, seed=0).run()
+    record = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
+    assert record["event"] == "horizon_selection" and record["seeds"] == [HORIZON_FIRST_SEED, HORIZON_FIRST_SEED + 1]
+    saved = load_file(tmp_path / "checkpoint.safetensors")
+    target = selection_problem(problem, n_val=len(problem.data.train_x) // 5)
+    for stage, score in enumerate(record["scores"]):
+        candidate = RNNProp()
+        candidate.load_state_dict({k.split("weights.", 1)[1]: v for k, v in saved.items()
+                                   if k.startswith(f"stage{stage}.weights.")})
+        runs = [run(target, student_factory(candidate), seed, 30) for seed in record["seeds"]]
+        assert score == pytest.approx(sum(r.best_log_heldout for r in runs) / 2, abs=1e-12)
+    chosen = min(range(2), key=lambda s: record["scores"][s])
+    assert record["chosen_stage"] == chosen
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(value, saved[f"stage{chosen}.weights.{name}"], rtol=0, atol=0)
+
+
+def test_an_unknown_selection_is_refused():
+    with pytest.raises(ValueError, match="unknown select 'bets'; valid: best, last, horizon"):
+        CurriculumConfig(select="bets")
+
+
+def test_select_flag_overrides_the_presets_choice_and_the_card_says_so(tmp_path):
+    out = amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=tmp_path / "s",
+                     select="horizon", evaluate=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["provenance"]["command"].endswith(" --select horizon")
+    log = [json.loads(line) for line in (out / "training" / "student" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["event"] == "horizon_selection" and len(log[-1]["scores"]) == 2
+    recipe = json.loads((out / "training" / "run_config.json").read_text())["student_recipe"]
+    assert recipe["select"] == "horizon"

@@ -29,7 +29,7 @@ from ..evaluate import torch_threads
 from ..problems import PROBLEMS, Problem, make_problem
 from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import POOLS, TEACHERS, Teacher, make_pool, pool_spec
-from .curriculum import Curriculum, CurriculumConfig
+from .curriculum import SELECTIONS, Curriculum, CurriculumConfig
 from .distributed import Group, agreed, launched_group, launched_world_size, resolve_device
 from .perturbations import PERTURBATIONS, Perturbation
 from .presets import PRESETS, Preset
@@ -37,8 +37,8 @@ from .unroll import frozen_choice_teacher
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_THREADS", "PERTURBATIONS", "PRESETS", "Curriculum", "CurriculumConfig", "Perturbation",
-           "amalgamate", "check_request"]
+__all__ = ["DEFAULT_THREADS", "PERTURBATIONS", "PRESETS", "SELECTIONS", "Curriculum", "CurriculumConfig",
+           "Perturbation", "amalgamate", "check_request"]
 
 DEFAULT_THREADS = 1
 """torch threads of meta-training. Measured on 2 cores (README, "Threads"): two threads are a third faster when
@@ -54,11 +54,13 @@ def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Pro
                   student: str = "rnnprop", out: str | os.PathLike | None = None, resume: bool = False,
                   overwrite: bool = False, max_minutes: float | None = None, threads: int | None = None,
                   perturbation: Perturbation | None = None, trajectories_per_step: int | None = None,
-                  device: str = "cpu") -> Preset:
+                  device: str = "cpu", select: str | None = None) -> Preset:
     """Every argument of an ``amalgamate`` call, checked before any work: a ValueError naming the bad value and
     the valid ones."""
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
+    if select is not None and select not in SELECTIONS:
+        raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECTIONS)}")
     resolve_device(device)
     processes = launched_world_size()
     if trajectories_per_step is not None and not processes <= trajectories_per_step <= 1000:
@@ -199,6 +201,7 @@ def amalgamate(
     perturbation: Perturbation | None = None,
     trajectories_per_step: int | None = None,
     device: str = "cpu",
+    select: str | None = None,
 ) -> Path | None:
     """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry) and write it to
     ``out`` in Hub layout, with a model card evaluating it on the held-out data.
@@ -218,13 +221,17 @@ def amalgamate(
     the other processes return ``out`` once meta-training is done.
     ``device``: where meta-training runs, ``cpu`` or ``cuda`` (each process its own GPU under a launcher, NCCL);
     the card's evaluation runs on the CPU.
+    ``select``: how the student's final checkpoint is chosen, one of ``SELECTIONS`` (None: the preset's;
+    docs/method.md#horizon-selection).
     """
     place = resolve_device(device)
     with launched_group(place) as group:
         recipe = agreed(group, lambda: check_request(pool, mechanism, preset, problem, imitation, student, out, resume,
                                                      overwrite, max_minutes, threads, perturbation,
-                                                     trajectories_per_step, device))
+                                                     trajectories_per_step, device, select))
         recipe = _spread(recipe, trajectories_per_step or (group.size if group.size > 1 else None))
+        if select is not None:
+            recipe = replace(recipe, student=replace(recipe.student, select=select))
         if perturbation is not None and perturbation.active:
             recipe = replace(recipe, student=replace(recipe.student, perturbation=perturbation.kind,
                                                      perturbation_magnitude=perturbation.epsilon,
@@ -360,6 +367,12 @@ def _per_step_flag(recipe: dict) -> str:
     return "" if per_step == 1 else f" --trajectories-per-step {per_step}"
 
 
+def _select_flag(config: dict) -> str:
+    select = config["student_recipe"].get("select", "best")
+    preset = PRESETS.get(config["preset"])
+    return "" if preset is None or preset.student.select == select else f" --select {select}"
+
+
 def _perturbation_flags(recipe: dict) -> str:
     p = _perturbation_of(recipe)
     if not p.active:
@@ -386,6 +399,7 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> dict:
                + ("" if config.get("student", "rnnprop") == "rnnprop" else f" --student {config['student']}")
                + (" --full-eval" if config.get("full_eval") else "")
                + _per_step_flag(config["student_recipe"])
+               + _select_flag(config)
                + ("" if config.get("device", "cpu") == "cpu" else f" --device {config['device']}")
                + _perturbation_flags(config["student_recipe"]))
     if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:

@@ -23,7 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..amalgamation import imitation_weight
-from ..problems import Problem
+from ..evaluate import run, student_factory
+from ..problems import Problem, selection_problem
 from ..teachers import Teacher
 from .distributed import Group, current_group
 from .estimator import Estimate, TruncatedEstimator
@@ -50,7 +51,11 @@ class CurriculumConfig:
     max_periods: int = 0  # a hard cap per stage for bounded recipes (0: none)
     max_repeat: int = 4
     repeat_threshold: float = 0.5
-    select: str = "best"  # "best": best-validation checkpoint of the last stage; "last": the final period
+    # "best": best-validation checkpoint of the last stage; "last": the final period; "horizon": of the stages'
+    # best-validation checkpoints, the one whose whole training runs reach the lowest validation loss
+    select: str = "best"
+    horizon_steps: int = 1000  # "horizon": steps of each run, the evaluation's horizon
+    horizon_seeds: int = 2  # "horizon": runs per checkpoint
     validation_seed: int = 12345
     imitation_schedule: str = "il_more"
     mechanism: str = "minmax"
@@ -63,6 +68,13 @@ class CurriculumConfig:
     perturbation_magnitude: float | None = None
     perturbation_steps: int = 1
 
+    def __post_init__(self):
+        if self.select not in SELECTIONS:
+            raise ValueError(f"unknown select {self.select!r}; valid: {', '.join(SELECTIONS)}")
+        if self.select == "horizon" and not (self.horizon_steps >= 1 and self.horizon_seeds >= 1):
+            raise ValueError(f"horizon selection needs positive steps and seeds, got {self.horizon_steps} and "
+                             f"{self.horizon_seeds}")
+
     def perturbation_spec(self) -> Perturbation:
         return Perturbation(self.perturbation, self.perturbation_magnitude, self.perturbation_steps)
 
@@ -74,6 +86,8 @@ class CurriculumConfig:
         return values[min(stage, len(values) - 1)]
 
 
+SELECTIONS = ("best", "last", "horizon")
+HORIZON_FIRST_SEED = 100  # the selection runs' seeds: apart from the evaluation's 0..9, so no draw is shared
 STATS = ("loss", "meta_loss", "imitation", "steps", "skipped", "finite")  # an Estimate's fields, in a table row
 
 
@@ -287,14 +301,40 @@ class Curriculum:
         if not self._stage_over():
             pr.period += 1
             return
-        if cfg.select == "best":  # stage transitions and the final model reload the stage's best period
+        if cfg.select != "last":  # stage transitions and the final model reload the stage's best period
             self.learner.restore(self.saved, "best.")
+        if cfg.select == "horizon":
+            self.saved.update(self.learner.snapshot(f"stage{pr.stage}."))
         if pr.stage == cfg.stages - 1:
             pr.done = True
+            if cfg.select == "horizon":
+                self._select_over_horizon()
             self.saved.update(self.learner.snapshot("final."))
             return
         pr.previous_stage_best = pr.best_validation
         pr.stage, pr.period, pr.best_validation, pr.best_period = pr.stage + 1, 0, math.inf, -1
+
+    def _select_over_horizon(self) -> None:
+        """docs/method.md#horizon-selection: a short validation truncation says little about a run as long as
+        the evaluation's, so each stage's best checkpoint trains the problem ``horizon_seeds`` times for
+        ``horizon_steps`` steps on validation digits carved from the training digits; the lowest mean best log
+        validation loss is kept (a diverged run counts as infinitely bad)."""
+        cfg, pr = self.cfg, self.progress
+        target = selection_problem(self.problem, n_val=min(1000, len(self.problem.data.train_x) // 5))
+        runs = [(stage, HORIZON_FIRST_SEED + k) for stage in range(cfg.stages) for k in range(cfg.horizon_seeds)]
+        scores = torch.zeros(len(runs), dtype=torch.float64)
+        for j, (stage, seed) in enumerate(runs):
+            if self.group.owns(j):
+                self.learner.restore(self.saved, f"stage{stage}.")
+                result = run(target, student_factory(self.student), seed, cfg.horizon_steps, name=f"stage {stage}")
+                scores[j] = math.inf if result.diverged else result.best_log_heldout
+        means = self.group.sum(scores).view(cfg.stages, cfg.horizon_seeds).mean(1).tolist()
+        chosen = min(range(cfg.stages), key=lambda stage: means[stage])
+        self.learner.restore(self.saved, f"stage{chosen}.")
+        record = dict(event="horizon_selection", phase=self.phase, steps=cfg.horizon_steps,
+                      seeds=[seed for _, seed in runs[: cfg.horizon_seeds]], scores=means, chosen_stage=chosen)
+        self._log(record)
+        pr.history.append(record)
 
     def _resume(self) -> bool:
         """Every process resumes from the same checkpoint, or none does (one clear error on every process)."""
