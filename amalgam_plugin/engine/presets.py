@@ -52,13 +52,11 @@ PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.descriptio
                 validation_depths=[5], second_order=False, max_repeat=0, meta_lr=3e-3),
         replace(PAPER_STUDENT, unroll_length=20, depths=[1, 2, 5], validation_depths=[2, 5, 10],
                 trajectories_per_period=8, validation_trajectories=1, min_periods=2, num_chances=1,
-                max_periods=3, second_order=False, max_repeat=0, meta_lr=3e-3, select="horizon"),
+                max_periods=3, second_order=False, max_repeat=0, meta_lr=3e-3),
         eval_seeds=3, eval_textbook=False,
         notes=["first-order meta-gradients (second-order terms dropped) for speed on a CPU",
                "truncations of 20 steps instead of 100; 3 short curriculum stages; no repeated periods",
                "meta learning rate 3e-3 (the paper: 1e-3) for the short budget",
-               "the student is the stage whose best checkpoint trains best over 1,000 steps on validation digits "
-               "(2 runs each; the paper: the last stage's best validation meta loss)",
                "reduced evaluation: 3 paired seeds, the pool in the paper's form and tuned torch Adam"],
     ),
     "smoke": Preset(
