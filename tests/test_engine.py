@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import pytest
@@ -466,7 +467,6 @@ def test_resume_with_another_thread_count_is_refused(tmp_path):
 def test_non_finite_optimizee_gradients_never_reach_the_student(tmp_path, bad):
     """Every 7th loss evaluation of the optimizee is poisoned: its gradient is NaN (or inf) everywhere. The
     student's weights, its checkpoint and its saved folder stay finite; the log counts the skipped steps."""
-    from dataclasses import replace as dc_replace
 
     from amalgam_plugin.engine.learner import load_checkpoint
     from amalgam_plugin.hub import load_folder, save_student
@@ -604,7 +604,7 @@ def test_horizon_selection_keeps_the_stage_whose_whole_runs_train_best(tmp_path)
     from amalgam_plugin.problems import selection_problem
 
     problem = tiny_digit_problem(torch.float32)
-    cfg = CurriculumConfig(**{**TINY.__dict__, "select": "horizon", "horizon_steps": 30, "horizon_seeds": 2})
+    cfg = dc_replace(TINY, select="horizon", horizon_steps=30, horizon_seeds=2)
     student = RNNProp()
     Curriculum(student, problem, [], cfg, tmp_path, seed=0).run()
     record = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]

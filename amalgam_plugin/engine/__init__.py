@@ -56,11 +56,9 @@ def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Pro
                   perturbation: Perturbation | None = None, trajectories_per_step: int | None = None,
                   device: str = "cpu", select: str | None = None) -> Preset:
     """Every argument of an ``amalgamate`` call, checked before any work: a ValueError naming the bad value and
-    the valid ones."""
+    the valid ones. Returns the preset's recipe with ``select`` applied (checked by ``CurriculumConfig``)."""
     if max_minutes is not None and not max_minutes > 0:
         raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
-    if select is not None and select not in SELECTIONS:
-        raise ValueError(f"unknown select {select!r}; valid: {', '.join(SELECTIONS)}")
     resolve_device(device)
     processes = launched_world_size()
     if trajectories_per_step is not None and not processes <= trajectories_per_step <= 1000:
@@ -82,7 +80,7 @@ def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Pro
     if perturbation is not None and perturbation.active and recipe.student.perturbation != "none":
         raise ValueError(f"preset {recipe.name!r} already perturbs ({recipe.student.perturbation}); pass one or "
                          "the other")
-    return recipe
+    return recipe if select is None else replace(recipe, student=replace(recipe.student, select=select))
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -100,7 +98,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
 def caller_state_kept(threads: int | None) -> Iterator[None]:
     """Run with ``threads`` torch threads (None: leave as is); afterwards the caller's thread count and global
     random state are as they were (modules built without a generator draw from the global one)."""
-    with torch_threads(threads or None), torch.random.fork_rng(devices=[]):
+    with torch_threads(threads), torch.random.fork_rng(devices=[]):
         yield
 
 
@@ -230,8 +228,6 @@ def amalgamate(
                                                      overwrite, max_minutes, threads, perturbation,
                                                      trajectories_per_step, device, select))
         recipe = _spread(recipe, trajectories_per_step or (group.size if group.size > 1 else None))
-        if select is not None:
-            recipe = replace(recipe, student=replace(recipe.student, select=select))
         if perturbation is not None and perturbation.active:
             recipe = replace(recipe, student=replace(recipe.student, perturbation=perturbation.kind,
                                                      perturbation_magnitude=perturbation.epsilon,
