@@ -2,10 +2,12 @@
 teacher), min-max against the large pool and the choice phase (the choice network meta-trained alone), first- and
 second-order, the inner steps per second of one truncation with its meta-gradient, and the ratio of one inner
 step to one plain forward+backward of the optimizee at the same batch size (measured in between, so machine noise
-hits both). Medians over repeats. ``--profile`` prints the top of torch.profiler's table for each setting.
+hits both). Medians over repeats. ``--profile`` prints the top of torch.profiler's table for each setting;
+``--floor`` prints, for the first-order settings, what one inner step cannot skip, part by part, in the same unit.
 
     python benchmarks/meta_throughput.py                  # Train CNN, 20-step truncations, 5 repeats
     python benchmarks/meta_throughput.py --profile --repeats 2
+    python benchmarks/meta_throughput.py --floor
     python benchmarks/meta_throughput.py --device cuda      # on a GPU (benchmarks/gpu_smoke.sh)
 """
 
@@ -18,7 +20,7 @@ import time
 import torch
 
 from amalgam_plugin.engine.estimator import TruncatedEstimator
-from amalgam_plugin.engine.unroll import frozen_choice_teacher
+from amalgam_plugin.engine.unroll import flat_grad, flat_loss, frozen_choice_teacher
 from amalgam_plugin.problems import Problem, make_problem
 from amalgam_plugin.students import ChoiceConfig, ChoiceNet, RNNProp
 from amalgam_plugin.teachers import POOLS, make_pool
@@ -65,6 +67,47 @@ def truncation(estimator: TruncatedEstimator, seed: int, alpha: float) -> float:
     return time.perf_counter() - start
 
 
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor_parts(estimator: TruncatedEstimator, repeats: int) -> dict[str, float]:
+    """Seconds of each part of a first-order inner step that no rewrite of the loop can skip: the optimizee's
+    pass at the student's point, the meta loss's reference loss (a forward pass), each teacher's pass at its own
+    point, the teachers' own networks (a frozen choice network), and the student's network over every coordinate,
+    forward with its graph and backward into its weights."""
+    problem, device = estimator.problem, estimator.problem.device
+    traj = estimator.trajectory(torch.Generator().manual_seed(0), 0, with_teachers=bool(estimator.teachers))
+    batch = next(traj.batches)
+    theta = (traj.scale * traj.params).detach()
+    grad = flat_grad(problem, traj.layout, theta, batch)
+
+    def student_pass():
+        delta, _ = estimator.student(grad, traj.state, traj.ranks)
+        delta.sum().backward()
+
+    parts = {
+        "optimizee fwd+bwd": timed(lambda: flat_grad(problem, traj.layout, theta, batch), repeats, device),
+        "reference loss (fwd)": timed(lambda: flat_loss(problem, traj.layout, theta, batch).item(), repeats, device),
+        "student network fwd+bwd": timed(student_pass, repeats, device),
+    }
+    for k, teacher in enumerate(traj.teachers):
+        parts["teachers' fwd+bwd"] = parts.get("teachers' fwd+bwd", 0.0) + parts["optimizee fwd+bwd"]
+        if k == 0 and estimator.mechanism == "choice":
+            state = traj.teacher_states[0]
+            parts["choice network fwd (teacher)"] = timed(lambda: teacher.update(grad, state), repeats, device)
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problem", default="train")
@@ -72,6 +115,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per setting")
+    parser.add_argument("--floor", action="store_true", help="print the parts a first-order inner step cannot skip")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,6 +142,11 @@ def main() -> None:
             step, fb = statistics.median(steps), statistics.median(passes)
             order = "second" if second_order else "first"
             print(f"{name:34} {order:6} {1 / step:13.1f} {step / fb:15.2f} {1000 * fb:11.2f}", flush=True)
+            if args.floor and not second_order:
+                parts = floor_parts(estimator, 4 * args.repeats)
+                unit = parts["optimizee fwd+bwd"]
+                print("    floor: " + " + ".join(f"{k} {v / unit:.2f}" for k, v in parts.items())
+                      + f" = {sum(parts.values()) / unit:.2f} plain passes", flush=True)
             if args.profile:
                 traj = estimator.trajectory(torch.Generator().manual_seed(0), 0, with_teachers=alpha > 0)
                 activities = [torch.profiler.ProfilerActivity.CPU]

@@ -363,13 +363,19 @@ def test_amalgamate_benchmark_runs_end_to_end(tmp_path):
     assert (tmp_path / "bundle" / "README.md").exists()
 
 
-def test_meta_throughput_benchmark_prints_every_setting():
+def test_meta_throughput_benchmark_prints_every_setting_and_the_floor_of_each_first_order_step():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_throughput.py"
-    result = subprocess.run([sys.executable, str(script), "--problem", "mlp", "--unroll", "2", "--repeats", "1"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(script), "--problem", "mlp", "--unroll", "2", "--repeats", "1",
+                             "--floor"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.split()[-4:-3] in (["first"], ["second"])]
     assert len(rows) == 6 and all(float(line.split()[-3]) > 0 for line in rows)
+    floors = [line for line in result.stdout.splitlines() if line.strip().startswith("floor:")]
+    assert len(floors) == 3 and all(line.count("optimizee fwd+bwd 1.00") == 1 for line in floors)
+    for line in floors:  # the total is the sum of the parts, in units of one plain pass
+        parts = [float(x) for x in re.findall(r" (\d+\.\d+)(?= \+| =)", line)]
+        assert sum(parts) == pytest.approx(float(re.search(r"= (\d+\.\d+)", line).group(1)), abs=0.03)
+    assert "teachers' fwd+bwd 6.00" in floors[1] and "choice network fwd (teacher)" in floors[0]
 
 
 def test_step_overhead_short_table_runs_bf16_here():
