@@ -83,8 +83,8 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 def floor_parts(estimator: TruncatedEstimator, repeats: int) -> dict[str, float]:
     """Seconds of each part of a first-order inner step that no rewrite of the loop can skip: the optimizee's
     pass at the student's point, the meta loss's reference loss (a forward pass), each teacher's pass at its own
-    point, the teachers' own networks (a frozen choice network), and the student's network over every coordinate,
-    forward with its graph and backward into its weights."""
+    point, a frozen choice teacher's network, and the student's network over every coordinate, forward with its
+    graph and backward into its weights."""
     problem, device = estimator.problem, estimator.problem.device
     traj = estimator.trajectory(torch.Generator().manual_seed(0), 0, with_teachers=bool(estimator.teachers))
     batch = next(traj.batches)
@@ -100,11 +100,11 @@ def floor_parts(estimator: TruncatedEstimator, repeats: int) -> dict[str, float]
         "reference loss (fwd)": timed(lambda: flat_loss(problem, traj.layout, theta, batch).item(), repeats, device),
         "student network fwd+bwd": timed(student_pass, repeats, device),
     }
-    for k, teacher in enumerate(traj.teachers):
-        parts["teachers' fwd+bwd"] = parts.get("teachers' fwd+bwd", 0.0) + parts["optimizee fwd+bwd"]
-        if k == 0 and estimator.mechanism == "choice":
-            state = traj.teacher_states[0]
-            parts["choice network fwd (teacher)"] = timed(lambda: teacher.update(grad, state), repeats, device)
+    if traj.teachers:  # a teacher's pass at its own point costs what the student's does
+        parts["teachers' fwd+bwd"] = len(traj.teachers) * parts["optimizee fwd+bwd"]
+    if traj.teachers and estimator.mechanism == "choice":
+        teacher, state = traj.teachers[0], traj.teacher_states[0]
+        parts["choice network fwd (teacher)"] = timed(lambda: teacher.update(grad, state), repeats, device)
     return parts
 
 
