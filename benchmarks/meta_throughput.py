@@ -50,34 +50,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_pass(problem: Problem, params: list[torch.Tensor], batch) -> float:
-    synchronize(problem.device)
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of one ``fn()`` on ``device`` (its queued GPU work included)."""
+    synchronize(device)
     start = time.perf_counter()
-    problem.loss(params, batch).backward()
-    synchronize(problem.device)
+    fn()
+    synchronize(device)
     return time.perf_counter() - start
+
+
+def plain_pass(problem: Problem, params: list[torch.Tensor], batch) -> float:
+    return seconds(lambda: problem.loss(params, batch).backward(), problem.device)
 
 
 def truncation(estimator: TruncatedEstimator, seed: int, alpha: float) -> float:
     traj = estimator.trajectory(torch.Generator().manual_seed(seed), 0, with_teachers=alpha > 0)
-    synchronize(estimator.problem.device)
-    start = time.perf_counter()
-    estimator.estimate(traj, alpha)
-    synchronize(estimator.problem.device)
-    return time.perf_counter() - start
+    return seconds(lambda: estimator.estimate(traj, alpha), estimator.problem.device)
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of ``fn()`` after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
 def floor_parts(estimator: TruncatedEstimator, repeats: int) -> dict[str, float]:

@@ -473,7 +473,6 @@ def test_resume_with_another_thread_count_is_refused(tmp_path):
 def test_non_finite_optimizee_gradients_never_reach_the_student(tmp_path, bad):
     """Every 7th loss evaluation of the optimizee is poisoned: its gradient is NaN (or inf) everywhere. The
     student's weights, its checkpoint and its saved folder stay finite; the log counts the skipped steps."""
-
     from amalgam_plugin.engine.learner import load_checkpoint
     from amalgam_plugin.hub import load_folder, save_student
 
