@@ -1,5 +1,5 @@
-"""Recipes (docs/method.md#presets): ``paper`` (the full recipe, for a GPU or a long run), ``cpu`` (about 4
-hours on 2 CPU cores, resumable) and ``quick`` (about 6 minutes on 2 CPU cores, evaluation included)."""
+"""Recipes (docs/method.md#presets): ``paper`` (the full recipe, for a GPU or a long run), ``cpu`` (about 1
+hour on 2 CPU cores, resumable) and ``quick`` (about 6 minutes on 2 CPU cores), both evaluation included."""
 
 from __future__ import annotations
 
@@ -35,15 +35,20 @@ PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.descriptio
                     PAPER_STUDENT),
     "cpu": Preset(
         "cpu",
-        "about 4 hours on 2 CPU cores, resumable: the paper's schedules with first-order meta-gradients, "
-        "6 trajectories per period and at most 5 periods per stage",
-        replace(PAPER_CHOICE, trajectories_per_period=6, second_order=False, max_repeat=1, meta_lr=2e-3),
-        replace(PAPER_STUDENT, trajectories_per_period=6, validation_trajectories=2, min_periods=3, num_chances=2,
-                max_periods=5, second_order=False, max_repeat=1, meta_lr=2e-3),
+        "about 1 hour on 2 CPU cores, resumable, including the full evaluation: quick's 20-step truncations "
+        "over the paper's four curriculum stages, 12 trajectories per period, horizon selection",
+        replace(PAPER_CHOICE, unroll_length=20, trajectories_per_period=12, validation_depths=[5],
+                second_order=False, max_repeat=0, meta_lr=3e-3),
+        replace(PAPER_STUDENT, unroll_length=20, trajectories_per_period=12, validation_trajectories=2,
+                min_periods=4, num_chances=0, max_periods=4, second_order=False, max_repeat=0, meta_lr=3e-3,
+                select="horizon"),
         notes=["first-order meta-gradients (second-order terms dropped) for speed on a CPU",
-               "6 trajectories per period (the paper: 10), 2 validation trajectories (10), 3 to 5 periods per "
-               "stage (at least 6), at most 1 repeat of a period (4)",
-               "meta learning rate 2e-3 (the paper: 1e-3) for the shorter budget"],
+               "truncations of 20 steps instead of 100, over the paper's stages (depths 1, 2, 5, 10)",
+               "12 trajectories per period (the paper: 10), 2 validation trajectories (10), exactly 4 periods per "
+               "stage (at least 6), no repeated periods (up to 4)",
+               "horizon selection: the stage whose best checkpoint's 1000-step runs reach the lowest validation "
+               "loss (the paper: the last stage's best)",
+               "meta learning rate 3e-3 (the paper: 1e-3) for the short budget"],
     ),
     "quick": Preset(
         "quick",
