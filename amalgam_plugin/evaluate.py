@@ -30,7 +30,6 @@ Library code here never changes the calling process's torch thread count; script
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -39,7 +38,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
@@ -51,8 +50,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .files import write_text_atomically
 from .problems import Problem, selection_problem
 from .teachers import Teacher, TeacherOptimizer, make_pool
+from .threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -463,9 +464,7 @@ def _load_cache(path: Path | None) -> dict:
 
 
 def _save_cache(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data))
 
 
 def _cache_key(name: str, seed: int, steps: int, eval_every: int, problem: str) -> str:
@@ -657,18 +656,6 @@ def evaluate(
                     _save_cache(cache_path, stored)
             evaluation.runs[name].append(result)
     return evaluation
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` torch threads (None: as is), the caller's count restored afterwards."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --- baselines ----------------------------------------------------------------------------------------------

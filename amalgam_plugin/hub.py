@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import write_atomically
 from .students import STUDENTS
 from .students.base import FORMAT_VERSION, PAPER_URL
 
@@ -534,25 +535,18 @@ def save_student(
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
     # one metadata key only: safetensors writes its metadata map in no fixed order, and a bundled file
     # should be byte-identical when rebuilt
-    _replace_with(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     plot_name = None
     if evaluation is not None and evaluation.runs:
         title = f"{folder.name}: held-out loss on {evaluation.problem}"
-        _replace_with(folder / PLOT_NAME, lambda tmp: evaluation.plot(tmp, title, reference or evaluation.reference))
+        write_atomically(folder / PLOT_NAME, lambda tmp: evaluation.plot(tmp, title, reference or evaluation.reference))
         plot_name = PLOT_NAME
     card_text = render_card(config, card, evaluation, plot_name, reference)
-    _replace_with(folder / CARD_NAME, lambda tmp: tmp.write_text(card_text))
+    write_atomically(folder / CARD_NAME, lambda tmp: tmp.write_text(card_text))
     config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _replace_with(folder / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
+    write_atomically(folder / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
     logger.info("saved %s student to %s", config["student_type"], folder)
     return folder
-
-
-def _replace_with(path: Path, write) -> None:
-    """``write(tmp)`` beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def push_folder(

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluate as ev
+from .files import copy_atomically, write_text_atomically
 from .problems import PROBLEMS, make_problem
 from .teachers import parse_spec, torch_optimizer
 
@@ -343,7 +343,7 @@ def embed_in_card(result: SuiteResult, out: Path, folder: Path) -> Path:
                                 ("best log held-out loss per optimizer", "bars"),
                                 ("held-out loss against training time", "time")):
             name = f"evaluate-{problem}-{suffix}.png"
-            shutil.copyfile(out / "plots" / f"{problem}-{suffix}.png", folder / name)
+            copy_atomically(out / "plots" / f"{problem}-{suffix}.png", folder / name)
             plots[problem][caption] = name
     body = markdown(result, plots).replace("\n## ", "\n### ")
     body = body.replace("# amalgam evaluate", "## Evaluation across problems (`amalgam evaluate`)", 1)
@@ -353,7 +353,5 @@ def embed_in_card(result: SuiteResult, out: Path, folder: Path) -> Path:
         text = text[: text.index(CARD_BEGIN)] + section + text[text.index(CARD_END) + len(CARD_END):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = card.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, card)
+    write_text_atomically(card, text)
     return card

@@ -45,7 +45,7 @@ elif point == "checkpoint_write":  # the new checkpoint is half written when the
     dies_on_call(learner, "save_file", 2,
                  before_death=lambda tensors, path, **kw: os.truncate(path, os.path.getsize(path) // 2))
 elif point == "final_save":
-    dies_on_call(hub, "_replace_with", 2)  # the weights are written, the card and config.json are not
+    dies_on_call(hub, "write_atomically", 2)  # the weights are written, the card and config.json are not
 elif point == "evaluation":
     dies_on_call(evaluate, "run", 3, after=False)
 from amalgam_plugin.engine import amalgamate

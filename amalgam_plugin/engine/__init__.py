@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..amalgamation import IMITATION_SCHEDULES, MECHANISMS
-from ..evaluate import torch_threads
 from ..problems import PROBLEMS, Problem, make_problem
 from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import POOLS, TEACHERS, Teacher, make_pool, pool_spec
+from ..threads import torch_threads
 from .curriculum import SELECTIONS, Curriculum, CurriculumConfig
 from .distributed import Group, agreed, launched_group, launched_world_size, resolve_device
 from .perturbations import PERTURBATIONS, Perturbation

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 from ..amalgamation import adaptive_clip_
+from ..files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,9 @@ def previous(path: Path) -> Path:
 def save_checkpoint(path: Path, progress: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     """Atomic: write beside, keep the last checkpoint as ``*.prev``, then rename the new one into place. A kill at
     any point leaves at least one complete checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"progress": json.dumps(progress)})
-    if path.exists():
-        os.replace(path, previous(path))
-    os.replace(tmp, path)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"progress": json.dumps(progress)}),
+                     keep_previous=previous(path))
 
 
 def resume_from_latest(path: Path, restore: Callable[[dict[str, Any], dict[str, Tensor]], None]) -> bool:
