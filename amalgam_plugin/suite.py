@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluate as ev
-from .files import copy_atomically, write_text_atomically
+from .cards import embed_evaluation
 from .problems import PROBLEMS, make_problem
 from .teachers import parse_spec, torch_optimizer
 
@@ -326,32 +326,7 @@ def write_outputs(result: SuiteResult, out: Path) -> None:
     (out / "results.md").write_text(markdown(result, relative))
 
 
-CARD_BEGIN, CARD_END = "<!-- amalgam evaluate: begin -->", "<!-- amalgam evaluate: end -->"
-
-
 def embed_in_card(result: SuiteResult, out: Path, folder: Path) -> Path:
-    """Put the evaluation (tables and plots) into the model card of the student in ``folder``: the plots are
-    copied beside it as ``evaluate-*.png`` (pushed with the card) and the section between the markers is
-    replaced, or appended when the card has none. Returns the card's path."""
-    card = folder / "README.md"
-    if not card.is_file():
-        raise ValueError(f"--card {str(folder)!r} holds no model card (README.md)")
-    plots = {}
-    for problem in result.problems:
-        plots[problem] = {}
-        for caption, suffix in (("held-out loss against steps", "curves"),
-                                ("best log held-out loss per optimizer", "bars"),
-                                ("held-out loss against training time", "time")):
-            name = f"evaluate-{problem}-{suffix}.png"
-            copy_atomically(out / "plots" / f"{problem}-{suffix}.png", folder / name)
-            plots[problem][caption] = name
-    body = markdown(result, plots).replace("\n## ", "\n### ")
-    body = body.replace("# amalgam evaluate", "## Evaluation across problems (`amalgam evaluate`)", 1)
-    section = f"{CARD_BEGIN}\n{body}\n{CARD_END}"
-    text = card.read_text()
-    if CARD_BEGIN in text and CARD_END in text:
-        text = text[: text.index(CARD_BEGIN)] + section + text[text.index(CARD_END) + len(CARD_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    write_text_atomically(card, text)
-    return card
+    """Put the evaluation (tables and plots) into the model card of the student in ``folder``
+    (:func:`amalgam_plugin.cards.embed_evaluation`). Returns the card's path."""
+    return embed_evaluation(folder, out / "plots", result.problems, lambda plots: markdown(result, plots))

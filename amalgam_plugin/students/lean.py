@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -29,12 +30,14 @@ INIT_GAIN = 0.05  # the initial rule's step: 0.1 · 0.05 · m₂/√v, about Ada
 
 @dataclass
 class LeanConfig(StudentConfig):
+    student_type: ClassVar[str] = "lean"
+    card_fields: ClassVar[tuple[str, ...]] = ("hidden_size", "output_scale", "betas", "beta2", "epsilon")
+
     hidden_size: int = 16
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.99])
     beta2: float = 0.99
     epsilon: float = 1e-12
     output_scale: float = 0.1
-    student_type: str = "lean"
 
     def validate(self) -> None:
         super().validate()
@@ -58,7 +61,7 @@ def rank_feature(rank: int | Tensor | None, like: Tensor) -> Tensor:
 class Lean(nn.Module, HubStudent):
     """Coordinate-wise on flat ``[n]`` tensors, like every student."""
 
-    student_type = "lean"
+    config_class = LeanConfig
     inputs = 5
 
     def __init__(self, config: LeanConfig | None = None):
