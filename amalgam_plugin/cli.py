@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .amalgamation import IMITATION_SCHEDULES, MECHANISMS
-from .problems import PROBLEMS
+from .problems import PROBLEMS, evaluable_problem
 from .registry import Registry
 from .students import STUDENTS
 from .teachers import POOLS, TEACHERS
@@ -76,7 +76,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not args.optimizers and not args.replicates:
         raise ValueError("nothing to evaluate: name at least one student or optimizer, or --replicates GLOB")
     for name in args.problems:
-        PROBLEMS.lookup(name)
+        evaluable_problem(name)
     if not 1 <= args.seeds <= 1000 or args.steps < 1 or args.eval_every < 1:
         raise ValueError("--seeds must be in [1, 1000], --steps and --eval-every positive")
     out = Path(args.out)

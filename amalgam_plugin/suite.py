@@ -27,7 +27,7 @@ import numpy as np
 
 from . import evaluate as ev
 from .cards import embed_evaluation
-from .problems import PROBLEMS, make_problem
+from .problems import evaluable_problem, make_problem
 from .teachers import parse_spec, torch_optimizer
 
 logger = logging.getLogger(__name__)
@@ -235,9 +235,7 @@ def run_suite(candidates: Sequence[Candidate], problems: Sequence[str], seeds: S
               data_root: str | None = None, progress: bool = True) -> SuiteResult:
     """Every candidate (and baseline, unless ``pool`` is None) on every problem and seed; results in ``out``."""
     for name in problems:
-        if PROBLEMS.lookup(name)[0] == "mixture":  # its card evaluates its reference problem instead
-            raise ValueError(f"problem {name!r} is a distribution to meta-train on, not one to evaluate: name its "
-                             "problems (train, mlp, wider, ...) instead")
+        evaluable_problem(name)
     labels = [c.label for c in candidates]
     duplicated = sorted({n for n in labels if labels.count(n) > 1})
     if duplicated:

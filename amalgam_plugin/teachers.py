@@ -181,42 +181,60 @@ def torch_teacher(optimizer_cls: type[torch.optim.Optimizer], name: str | None =
     return Teacher(label, init, update, dict(kwargs), differentiable=False)
 
 
-# --- names and pools ---------------------------------------------------------------------------------------
+# --- the registries of named teachers and pools --------------------------------------------------------------------
 
-TEACHERS: Registry[Callable[..., Teacher]] = Registry("teacher", {
-    "adam": (adam, "paper form: constant bias correction, ε inside the root"),
-    "rmsprop": (rmsprop, "paper form: no bias correction, no momentum"),
-    "sgd": (sgd, "plain gradient descent"),
-    "momentum": (momentum, "paper form: EMA momentum, 10x smaller than torch's at equal lr"),
-    "addsign": (addsign, "paper form: smooth AddSign"),
-    "powersign": (powersign, "paper form: smooth PowerSign"),
-    "adam-textbook": (adam_textbook, "torch.optim.Adam"),
-    "rmsprop-textbook": (rmsprop_textbook, "torch.optim.RMSprop"),
-    "sgd-textbook": (sgd_textbook, "torch.optim.SGD"),
-    "momentum-textbook": (momentum_textbook, "torch.optim.SGD(momentum=beta)"),
+@dataclass(frozen=True)
+class TeacherRule:
+    """A registry entry: the rule's factory (its hyper-parameters as keyword arguments, the Teacher out)."""
+
+    make: Callable[..., Teacher]
+
+
+TEACHERS: Registry[TeacherRule] = Registry("teacher", {
+    "adam": (TeacherRule(adam), "paper form: constant bias correction, ε inside the root"),
+    "rmsprop": (TeacherRule(rmsprop), "paper form: no bias correction, no momentum"),
+    "sgd": (TeacherRule(sgd), "plain gradient descent"),
+    "momentum": (TeacherRule(momentum), "paper form: EMA momentum, 10x smaller than torch's at equal lr"),
+    "addsign": (TeacherRule(addsign), "paper form: smooth AddSign"),
+    "powersign": (TeacherRule(powersign), "paper form: smooth PowerSign"),
+    "adam-textbook": (TeacherRule(adam_textbook), "torch.optim.Adam"),
+    "rmsprop-textbook": (TeacherRule(rmsprop_textbook), "torch.optim.RMSprop"),
+    "sgd-textbook": (TeacherRule(sgd_textbook), "torch.optim.SGD"),
+    "momentum-textbook": (TeacherRule(momentum_textbook), "torch.optim.SGD(momentum=beta)"),
 })
 
+
+@dataclass(frozen=True)
+class Pool:
+    """A registry entry: the pool's members as ``(teacher name, hyper-parameters)`` pairs."""
+
+    members: tuple[tuple[str, dict], ...]
+
+    def teachers(self) -> list[Teacher]:
+        return [TEACHERS[name].make(**kw) for name, kw in self.members]
+
+
 # Pools with the paper's hyper-parameters (docs/method.md#teachers, #choice-pools).
-POOLS: Registry[list[tuple[str, dict]]] = Registry("pool", {
-    "small": ([("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005))], "Adam 0.005, RMSProp 0.005"),
-    "large": ([
+POOLS: Registry[Pool] = Registry("pool", {
+    "small": (Pool((("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005)))), "Adam 0.005, RMSProp 0.005"),
+    "large": (Pool((
         ("adam", dict(lr=0.005)),
         ("rmsprop", dict(lr=0.005)),
         ("sgd", dict(lr=0.2)),
         ("momentum", dict(lr=0.5)),
         ("addsign", dict(lr=0.1)),
         ("powersign", dict(lr=0.1)),
-    ], "small + SGD 0.2, Momentum 0.5, AddSign 0.1, PowerSign 0.1"),
-    "choice-small": ([("rmsprop", dict(lr=0.005, eps=1e-7)), ("adam", dict(lr=0.02))],
+    )), "small + SGD 0.2, Momentum 0.5, AddSign 0.1, PowerSign 0.1"),
+    "choice-small": (Pool((("rmsprop", dict(lr=0.005, eps=1e-7)), ("adam", dict(lr=0.02)))),
                      "the small choice network's own pool"),
-    "choice-large": ([
+    "choice-large": (Pool((
         ("sgd", dict(lr=2.0)),
         ("momentum", dict(lr=2.0)),
         ("rmsprop", dict(lr=0.005, eps=1e-7)),
         ("adam", dict(lr=0.02)),
         ("powersign", dict(lr=1.0)),
         ("addsign", dict(lr=1.0)),
-    ], "the large choice network's own pool"),
+    )), "the large choice network's own pool"),
 })
 
 
@@ -281,7 +299,7 @@ def make_teacher(spec: str) -> Teacher:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"teacher {name!r}: {key}={value!r} is not a finite number")
     try:
-        return TEACHERS[name](**kwargs)
+        return TEACHERS[name].make(**kwargs)
     except TypeError as err:
         raise ValueError(f"bad hyper-parameters for teacher {name!r}: {err}") from err
 
@@ -291,7 +309,7 @@ def make_pool(spec: str | Sequence[str | Teacher]) -> list[Teacher]:
     of teacher specs (``"adam:lr=0.01+sgd"``), or a sequence of specs or Teachers."""
     if isinstance(spec, str):
         if spec in POOLS:
-            return [TEACHERS[name](**kw) for name, kw in POOLS[spec]]
+            return POOLS[spec].teachers()
         parts = [s for s in spec.split("+") if s.strip()]
         if not parts:
             raise ValueError(f"empty pool {spec!r}")

@@ -29,13 +29,13 @@ from amalgam_plugin.teachers import POOLS, make_pool
 def settings(problem: Problem) -> dict[str, tuple[torch.nn.Module, list, str]]:
     """name -> (student, teachers, mechanism), each student and network freshly initialised (seed 0)."""
     gen = torch.Generator().manual_seed(0)
-    chooser = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
+    chooser = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"].members]))
     chooser.reset_parameters(gen)
     chooser.requires_grad_(False).eval().to(problem.device)
     student = RNNProp()
     student.reset_parameters(gen)
     student.to(problem.device)
-    phase = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
+    phase = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"].members]))
     phase.reset_parameters(gen)
     phase.to(problem.device)
     return {

@@ -106,7 +106,7 @@ def _choice_pool(pool: str | list) -> list:
     """The choice network's own pool (docs/method.md#choice-pools) for a preset pool name; a custom pool is used
     as given."""
     if isinstance(pool, str) and f"choice-{pool}" in POOLS:
-        return [[n, dict(kw)] for n, kw in POOLS[f"choice-{pool}"]]
+        return [[n, dict(kw)] for n, kw in POOLS[f"choice-{pool}"].members]
     teachers = make_pool(pool)
     for t in teachers:
         if t.name not in TEACHERS:

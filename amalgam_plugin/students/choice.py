@@ -24,7 +24,7 @@ class ChoiceConfig(StudentConfig):
     student_type: ClassVar[str] = "choice"
     card_fields: ClassVar[tuple[str, ...]] = ("hidden_sizes", "time_scale")
 
-    pool: list = field(default_factory=lambda: [[n, dict(kw)] for n, kw in POOLS["choice-large"]])
+    pool: list = field(default_factory=lambda: [[n, dict(kw)] for n, kw in POOLS["choice-large"].members])
     hidden_sizes: list[int] = field(default_factory=lambda: [20, 20])
     time_scale: float = 2000.0
 
@@ -58,7 +58,7 @@ class ChoiceNet(nn.Module, HubStudent):
     def __init__(self, config: ChoiceConfig | None = None):
         super().__init__()
         self.config = config or ChoiceConfig()
-        self.pool: list[Teacher] = [TEACHERS.lookup(name)(**kw) for name, kw in self.config.pool]  # built once
+        self.pool: list[Teacher] = [TEACHERS.lookup(name).make(**kw) for name, kw in self.config.pool]  # built once
         sizes = list(self.config.hidden_sizes)
         self.recurrent = lstm_stack(sizes, input_size=len(self.config.pool) + 4)
         self.choice = Dense(sizes[-1], len(self.config.pool))
