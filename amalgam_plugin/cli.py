@@ -80,8 +80,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not 1 <= args.seeds <= 1000 or args.steps < 1 or args.eval_every < 1:
         raise ValueError("--seeds must be in [1, 1000], --steps and --eval-every positive")
     out = Path(args.out)
-    if args.card and not (Path(args.card) / "README.md").is_file():
-        raise ValueError(f"--card {args.card!r} holds no model card (README.md)")
+    if args.card:
+        _check_card_folder(Path(args.card))
     if out.exists() and any(out.iterdir()) and not (out / "cache.json").exists() and not args.overwrite:
         raise ValueError(f"output folder {str(out)!r} is not empty and holds no amalgam evaluate run; choose a new "
                          "folder, or pass --overwrite")
@@ -97,6 +97,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.card:
         print(f"model card updated: {suite.embed_in_card(result, out, Path(args.card))}")
     return 0
+
+
+def _check_card_folder(folder: Path) -> None:
+    """``--card`` names a student's folder: a model card beside a config.json and model.safetensors that load."""
+    from .hub import load_folder
+
+    try:
+        load_folder(folder)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"--card {str(folder)!r} is not a student folder: {err}") from err
+    if not (folder / "README.md").is_file():
+        raise ValueError(f"--card {str(folder)!r} holds no model card (README.md)")
 
 
 def _list(args: argparse.Namespace) -> int:
