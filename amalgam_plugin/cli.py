@@ -103,12 +103,12 @@ def _check_card_folder(folder: Path) -> None:
     """``--card`` names a student's folder: a model card beside a config.json and model.safetensors that load."""
     from .hub import load_folder
 
+    if not (folder / "README.md").is_file():
+        raise ValueError(f"--card {str(folder)!r} holds no model card (README.md)")
     try:
         load_folder(folder)
     except (ValueError, OSError) as err:
         raise ValueError(f"--card {str(folder)!r} is not a student folder: {err}") from err
-    if not (folder / "README.md").is_file():
-        raise ValueError(f"--card {str(folder)!r} holds no model card (README.md)")
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cards import Card
 from ..students import STUDENTS, RNNProp, RNNPropConfig
 from ..students.format import read_folder, write_folder
 from ..students.sources import load
@@ -42,18 +40,12 @@ def load_student(
     return load(name_or_path, registered_class, revision, cache_dir, local_files_only)
 
 
-def save_student(
-    student: nn.Module,
-    folder: str | os.PathLike,
-    card: Card | Mapping[str, Any] | None = None,
-    evaluation: Any = None,
-    reference: str | None = None,
-) -> Path:
-    """Write a student of a registered type to ``folder`` in the Hub format (``students/format.py``'s
-    :func:`~amalgam_plugin.students.format.write_folder`: config.json, model.safetensors, the model card and, with
-    an evaluation, its plot). Returns the folder."""
+def save_student(student: nn.Module, folder: str | os.PathLike, **card_and_evaluation: Any) -> Path:
+    """Write a student of a registered type to ``folder`` in the Hub format: config.json, model.safetensors, the
+    model card and, with an evaluation, its plot. Keywords ``card``, ``evaluation``, ``reference``: those of
+    :func:`~amalgam_plugin.students.format.write_folder`. Returns the folder."""
     STUDENTS.lookup(getattr(getattr(student, "config", None), "student_type", type(student).__name__))
-    return write_folder(student, folder, card, evaluation, reference)
+    return write_folder(student, folder, **card_and_evaluation)
 
 
 def student_from_npz(path: str | os.PathLike, config: RNNPropConfig | None = None) -> nn.Module:
