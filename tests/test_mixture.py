@@ -1,6 +1,7 @@
 """Meta-training on a mixture of problems: each trajectory draws its family and sizes from its own generator; every
 family gives a finite meta-gradient, with the frozen choice teacher seeing each drawn problem's tensor ranks."""
 
+import pytest
 import torch
 
 from amalgam_plugin.engine.estimator import TruncatedEstimator
@@ -50,3 +51,25 @@ def test_byte_windows_label_each_position_with_the_next_byte():
     assert text.train_x.shape == (4000, CONTEXT) and text.train_x.dtype == torch.long
     assert torch.equal(text.train_y[:, :-1], text.train_x[:, 1:])
     assert int(text.train_x.max()) < 256
+
+
+def test_whether_a_problem_can_be_evaluated_is_its_registry_entry_s_field(tmp_path, monkeypatch, capsys):
+    """``evaluable`` on the entry, not a problem's name, decides: the mixture and any other non-evaluable problem are
+    refused by ``amalgam evaluate`` in one line, before anything runs."""
+    from dataclasses import replace
+
+    from amalgam_plugin.cli import main
+    from amalgam_plugin.problems import PROBLEMS, evaluable_problem
+    from amalgam_plugin.suite import run_suite
+
+    out = tmp_path / "never-written"
+    assert not PROBLEMS["mix"].evaluable and PROBLEMS["train"].evaluable
+    monkeypatch.setitem(PROBLEMS, "mlp", replace(PROBLEMS["mlp"], evaluable=False))
+    for name in ("mix", "mlp"):
+        with pytest.raises(ValueError, match=f"problem '{name}' is a distribution to meta-train on"):
+            evaluable_problem(name)
+        with pytest.raises(ValueError, match="not one to evaluate"):
+            run_suite([], [name], [0], out)
+        assert main(["evaluate", "torch.optim.SGD:lr=0.1", "--problems", name, "--out", str(out)]) == 2
+        assert "not one to evaluate" in capsys.readouterr().err
+    assert evaluable_problem("train") == "train" and not out.exists()
