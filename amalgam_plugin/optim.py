@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .students import STUDENTS
+from .optim_checks import check_options, checked_params
 from .students.kernel import RuntimeKernel, flatten_state
 
 logger = logging.getLogger(__name__)
@@ -131,25 +132,19 @@ class AmalgamOptimizer(Optimizer):
         capturable: bool = False,
         fused: bool | None = None,
     ):
-        if not float(lr) >= 0:  # NaN fails too
-            raise ValueError(f"lr must be >= 0, got {float(lr)}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        check_options(dict(lr=lr, weight_decay=weight_decay, fallback_lr=fallback_lr, eps=eps, betas=betas,
+                           warmup_steps=warmup_steps, chunk_size=chunk_size))
+        if differentiable or capturable or fused:
+            raise ValueError(
+                "AmalgamOptimizer supports differentiable=False, capturable=False, fused=None/False only: "
+                "the student runs frozen under torch.no_grad"
+            )
         if 0 < float(lr) < 0.05:
             warnings.warn(
                 f"AmalgamOptimizer's lr multiplies the student's own update (1.0 = as trained): lr={float(lr):g} "
                 f"makes every update {1 / float(lr):.0f}x smaller; an AdamW-style learning rate is not needed",
                 stacklevel=2,
             )
-        if warmup_steps is not None and warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0 or None, got {warmup_steps}")
-        if differentiable or capturable or fused:
-            raise ValueError(
-                "AmalgamOptimizer supports differentiable=False, capturable=False, fused=None/False only: "
-                "the student runs frozen under torch.no_grad"
-            )
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
         self.student = _resolve_student(student, revision)
         self.student.requires_grad_(False)
@@ -191,21 +186,19 @@ class AmalgamOptimizer(Optimizer):
         """Move parameters chosen by ``fallback`` into sibling groups marked ``use_fallback=True``."""
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of tensors or dicts, not a Tensor")
+        if isinstance(params, nn.Module):
+            checked_params(params)  # raises: the model instead of its parameters
         items = list(params)
         if not items:
             raise ValueError("optimizer got an empty parameter list")
         groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
-        for group in groups:  # materialised: a group's params may be a generator
-            ps = group["params"] = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
-            if any((p[1] if isinstance(p, tuple) else p).is_complex() for p in ps):
-                raise ValueError("complex parameters are not supported (their imaginary part would be lost); "
-                                 "optimize torch.view_as_real(p) instead")
+        for group in groups:  # materialised (a group's params may be a generator) and checked before ``fallback``
+            group["params"] = checked_params(group["params"])
         if self._fallback is None:
             return groups
         out = []
         for group in groups:
             ps = group["params"]
-            ps = [ps] if isinstance(ps, Tensor) else list(ps)
             if group.get("use_fallback") or not ps:
                 out.append(group)
                 continue
@@ -227,6 +220,13 @@ class AmalgamOptimizer(Optimizer):
                     new["param_names"] = [names[i] for i, _ in part]
                 out.append(new)
         return out or groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, after checking the group's parameters and options (one clear error each, before any change)."""
+        if isinstance(param_group, dict) and "params" in param_group:
+            param_group["params"] = checked_params(param_group["params"])
+            check_options({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     def _floats_per_coordinate(self) -> int:
         flat = flatten_state(self.student.init_state(1, torch.zeros(1)))
@@ -344,9 +344,26 @@ class AmalgamOptimizer(Optimizer):
 
     # --- the step ----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every parameter that has a gradient. ``closure`` (optional) re-evaluates the loss."""
+        """One update of every parameter that has a gradient. ``closure`` (optional) re-evaluates the loss.
+
+        Under ``torch.compile`` (``torch.compile(lambda: opt.step())``, as for AdamW) the step runs eagerly, a
+        graph break, with one warning: it is host-side bookkeeping around kernels that are fast (or compiled)
+        already, and Dynamo cannot trace its per-parameter Python state."""
+        if torch.compiler.is_compiling():
+            self._warn_compiled_once()
+        return self._eager_step(closure)
+
+    @torch.compiler.disable
+    def _warn_compiled_once(self) -> None:
+        if not getattr(self, "_warned_compiled", False):
+            self._warned_compiled = True
+            warnings.warn("AmalgamOptimizer.step runs eagerly under torch.compile (a graph break); the rest of "
+                          "the compiled function is unaffected", stacklevel=3)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _eager_step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
