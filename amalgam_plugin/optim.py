@@ -23,7 +23,6 @@ fused LSTM step per chunk; any other student runs through its ``forward`` once p
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
@@ -35,8 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .students import STUDENTS
 from .optim_checks import check_options, checked_params
+from .optim_state import local_state, restore_value, sharded_state
+from .students import STUDENTS
 from .students.kernel import RuntimeKernel, flatten_state
 
 logger = logging.getLogger(__name__)
@@ -270,26 +270,7 @@ class AmalgamOptimizer(Optimizer):
 
     @staticmethod
     def _sharded_state(opt: AmalgamOptimizer, state_dict: dict) -> dict:
-        """A sharded (DTensor) parameter's student state leaves as DTensors shaped like the parameter (plus the
-        state's own trailing dimensions) and sharded like it, so distributed checkpointing saves each process's
-        shard, as it does AdamW's ``exp_avg``; ``_stash_state`` takes them back to the local flat layout."""
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for index, saved in state_dict["state"].items():
-            p = params[index]
-            if not hasattr(p, "to_local") or p not in opt.state or "exp_avg" in saved:
-                continue
-            from torch.distributed.tensor import DTensor
-
-            local, shared = p.to_local(), dict(saved)  # ``saved`` is the live state: never modify it
-            for key, value in saved.items():
-                if isinstance(value, Tensor) and key != "step":
-                    rest = tuple(value.shape[1:])
-                    shared[key] = DTensor.from_local(value.reshape(*local.shape, *rest), p.device_mesh,
-                                                     p.placements, run_check=False,
-                                                     shape=torch.Size((*p.shape, *rest)),
-                                                     stride=_contiguous_strides((*p.shape, *rest)))
-            state_dict["state"][index] = shared
-        return state_dict
+        return sharded_state(state_dict, [p for g in opt.param_groups for p in g["params"]], opt.state)
 
     @staticmethod
     def _stash_state(opt: AmalgamOptimizer, state_dict: dict) -> dict:
@@ -313,7 +294,7 @@ class AmalgamOptimizer(Optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         for saved_id, group, p in zip(saved_ids, groups, params, strict=False):  # torch checks the sizes
             if saved_id in state_dict["state"]:
-                saved = state_dict["state"][saved_id] = _local_state(state_dict["state"][saved_id], group, p)
+                saved = state_dict["state"][saved_id] = local_state(state_dict["state"][saved_id], group, p)
                 opt._check_saved_state(saved, group, p)
         opt._stashed = (state_dict["state"], saved_ids)
         return {**state_dict, "state": {}}
@@ -340,7 +321,7 @@ class AmalgamOptimizer(Optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params, strict=True):  # torch maps ids to params by position
             if saved_id in stashed:
-                opt.state[p] = {k: _restore_value(k, v, p) for k, v in stashed[saved_id].items()}
+                opt.state[p] = {k: restore_value(k, v, p) for k, v in stashed[saved_id].items()}
 
     # --- the step ----------------------------------------------------------------------------------------
 
@@ -476,23 +457,6 @@ def _by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:
     return list(groups.values())
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
-
-
-def _local_state(saved: dict, group: dict, p: Tensor) -> dict:
-    """A sharded parameter's saved student state (DTensors shaped like it) back in the local flat layout."""
-    if group["use_fallback"] or not hasattr(p, "to_local"):
-        return saved
-    local_n = p.to_local().numel()
-    return {k: v.to_local().reshape(local_n, *v.shape[p.dim():]) if hasattr(v, "to_local") else v
-            for k, v in saved.items()}
-
-
 def _local(t: Tensor) -> Tensor:
     """The tensor itself, or a sharded (DTensor, FSDP2) tensor's local shard: the student is elementwise, so each
     process steps its own shard with its own state."""
@@ -516,12 +480,3 @@ def _write_back(params: list[Tensor], flats: list[Tensor]) -> None:
 def _flat_grad(p: Tensor, sign: float) -> Tensor:
     g = _local(p.grad).reshape(-1).to(torch.float32)
     return -g if sign < 0 else g
-
-
-def _restore_value(key: str, value: Any, p: Tensor) -> Any:
-    if not isinstance(value, Tensor):
-        return copy.deepcopy(value)
-    if key == "step":  # counters stay on the CPU so reading them never syncs an accelerator
-        return value.to("cpu", torch.float32, copy=True)
-    dtype = torch.float32 if value.is_floating_point() else value.dtype
-    return value.to(device=p.device, dtype=dtype, copy=True)
