@@ -225,6 +225,8 @@ class AmalgamOptimizer(Optimizer):
         """torch's, after checking the group's parameters and options (one clear error each, before any change)."""
         if isinstance(param_group, dict) and "params" in param_group:
             param_group["params"] = checked_params(param_group["params"])
+            if "warmup_steps" in param_group and param_group["warmup_steps"] is None:  # as in the constructor
+                del param_group["warmup_steps"]
             check_options({**self.defaults, **param_group})
         super().add_param_group(param_group)
 

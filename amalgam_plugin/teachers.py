@@ -320,6 +320,8 @@ def make_pool(spec: str | Sequence[str | Teacher]) -> list[Teacher]:
         try:
             return [make_teacher(s) for s in parts]
         except ValueError as err:
+            if len(parts) > 1:  # a list of teachers, one of them bad: no preset name was meant
+                raise ValueError(f"pool {spec!r}: {err}") from err
             raise ValueError(f"unknown pool {spec!r} ({err}); preset pools: {POOLS.valid()}") from err
     return [t if isinstance(t, Teacher) else make_teacher(t) for t in spec]
 

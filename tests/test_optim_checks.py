@@ -71,9 +71,15 @@ def test_add_param_group_checks_like_the_constructor(paper_student):
         opt.add_param_group({"params": list(extra.parameters()), "use_fallback": True, "fallback_lr": math.inf})
     with pytest.raises(ValueError, match="complex parameters"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.complex64))]})
+    with pytest.raises(TypeError, match="warmup_steps must be an integer"):
+        opt.add_param_group({"params": extra.parameters(), "warmup_steps": "10"})
     assert len(opt.param_groups) == 1  # nothing half-added
-    opt.add_param_group({"params": extra.parameters(), "lr": 0.5})
+    opt.add_param_group({"params": extra.parameters(), "lr": 0.5, "warmup_steps": None})  # None: the default
     assert opt.param_groups[1]["lr"] == 0.5 and len(opt.param_groups[1]["params"]) == 2
+    assert opt.param_groups[1]["warmup_steps"] == opt.defaults["warmup_steps"]
+    for p in opt.param_groups[1]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.step()
 
 
 def test_a_one_element_tensor_lr_is_still_accepted(paper_student):

@@ -137,10 +137,10 @@ def test_optimizers_that_need_a_closure_or_sparse_gradients_are_refused_up_front
     line, whether as a teacher or as an evaluated optimizer (both resolve through torch_optimizer)."""
     from amalgam_plugin.suite import optimizer_candidate
 
-    for resolve in (make_teacher, make_pool, optimizer_candidate):
+    for resolve, spec in ((make_teacher, name), (make_pool, f"adam+{name}"), (optimizer_candidate, name)):
         with pytest.raises(ValueError, match=f"{name} cannot be used here.*{reason}") as err:
-            resolve(f"{name}:lr=0.1")
-        assert "\n" not in str(err.value)
+            resolve(f"{spec}:lr=0.1")
+        assert "\n" not in str(err.value) and "unknown pool" not in str(err.value)
 
 
 def test_a_dotted_name_never_imports_a_module_of_the_working_folder(tmp_path, monkeypatch):
