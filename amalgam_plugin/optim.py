@@ -13,6 +13,8 @@ The rules (one each, everywhere):
   dtype and survives ``load_state_dict`` bit-exactly (torch would cast it to the parameter dtype).
 * A parameter whose gradient holds a NaN or an inf is skipped for that step, warm-up or not: its value and
   state stay as they were (torch's optimizers would write the NaN into it); ``skipped_updates`` counts them.
+* Under ``torch.compile`` (``torch.compile(lambda: opt.step())``) the step runs eagerly, a graph break with one
+  warning, and gives the numbers of an uncompiled step.
 * Every param group records ``student_id`` (name, revision, content hash); loading a state dict produced by
   another student raises ``ValueError``.
 
