@@ -9,7 +9,9 @@ square root, EMA momentum, smooth AddSign/PowerSign); the *textbook* forms match
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,8 +255,19 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def _installed(module_name: str) -> bool:
+    """Whether importing ``module_name`` runs only code of an installed distribution (or nothing new): a module
+    that merely lies in the working folder or on ``PYTHONPATH`` is not imported by name."""
+    top = module_name.partition(".")[0]
+    return top in sys.modules or top in importlib.metadata.packages_distributions()
+
+
 def _import_optimizer(path: str) -> type[torch.optim.Optimizer]:
     module_name, _, attr = path.rpartition(".")
+    if module_name and not _installed(module_name):
+        raise ValueError(f"cannot import optimizer class {path!r}: {module_name.partition('.')[0]!r} is not an "
+                         "installed package (modules of the working folder are not imported by name); install it, "
+                         "or pass the class itself: torch_teacher(cls) or an optimizer factory")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
@@ -277,13 +290,22 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def torch_optimizer(name: str, kwargs: dict[str, Any]) -> type[torch.optim.Optimizer]:
-    """The ``torch.optim.Optimizer`` class at dotted ``name``, its arguments checked by the class itself now
-    rather than at its first step."""
+    """The ``torch.optim.Optimizer`` class at dotted ``name``, checked now rather than at its first step: its
+    arguments by the class itself, and that it can step as teachers and evaluations step it, with a dense
+    gradient and no closure (which refuses LBFGS, whose step needs a closure, and SparseAdam, which needs sparse
+    gradients, and any other optimizer with either need)."""
     cls = _import_optimizer(name)
+    probe = torch.nn.Parameter(torch.zeros(1))
     try:
-        cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+        optimizer = cls([probe], **kwargs)
     except Exception as err:  # noqa: BLE001 (any class's own complaint about its arguments)
         raise ValueError(f"bad arguments for {name}: {err}") from err
+    probe.grad = torch.ones(1)
+    try:
+        optimizer.step()
+    except Exception as err:  # noqa: BLE001 (the class's own reason; a missing closure is a TypeError)
+        raise ValueError(f"{name} cannot be used here: it must step on a dense gradient without a closure, as "
+                         f"teachers and evaluated optimizers do ({err})") from err
     return cls
 
 
@@ -316,6 +338,8 @@ def make_pool(spec: str | Sequence[str | Teacher]) -> list[Teacher]:
         try:
             return [make_teacher(s) for s in parts]
         except ValueError as err:
+            if len(parts) > 1:  # a list of teachers, one of them bad: no preset name was meant
+                raise ValueError(f"pool {spec!r}: {err}") from err
             raise ValueError(f"unknown pool {spec!r} ({err}); preset pools: {POOLS.valid()}") from err
     return [t if isinstance(t, Teacher) else make_teacher(t) for t in spec]
 

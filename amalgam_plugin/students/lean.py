@@ -185,6 +185,8 @@ class LeanKernel:
         lr_t = torch.tensor(lr, dtype=torch.float32, device=flats[0].device)
         workspace = None if compiled is not None else self._workspace(max(f.numel() for f in flats), flats[0].device)
         for p, g, s, rank in zip(flats, grads, states, ranks, strict=True):
+            if p.numel() == 0:  # no coordinate to update (and the chunks of the eager path would be empty)
+                continue
             matrix = 1.0 if rank >= 2 else 0.0
             if compiled is not None:
                 compiled(p, g, s["m0"], s["m1"], s["m2"], s["v"], lr_t, matrix, self.constants)
