@@ -15,8 +15,10 @@ import pytest
 
 from amalgam_plugin import evaluate as ev
 from amalgam_plugin.cli import main
+from amalgam_plugin.evaluate import runs
+from amalgam_plugin.evaluate.metrics import gaussian_smooth, optimization_stability
+from amalgam_plugin.evaluate.statistics import variance_components
 from amalgam_plugin.hub import bundled_root
-from amalgam_plugin.suite import gaussian_smooth, optimization_stability, variance_components
 
 
 def brute_force_smooth(x, sigma):
@@ -139,7 +141,7 @@ def test_amalgam_evaluate_end_to_end(tmp_path, capsys, monkeypatch):
     assert "![held-out loss against steps](plots/mlp-curves.png)" in (out / "results.md").read_text()
 
     # resumed: every run comes from the cache
-    monkeypatch.setattr(ev, "run", lambda *a, **k: pytest.fail("a cached run was run again"))
+    monkeypatch.setattr(runs, "run", lambda *a, **k: pytest.fail("a cached run was run again"))
     assert main(["evaluate", "torch.optim.SGD:lr=0.1", "--replicates", str(reps / "r*"), *TINY,
                  "--out", str(out)]) == 0
 
@@ -180,7 +182,7 @@ def test_a_changed_student_is_re_run(tmp_path, caplog):
     (["torch.optim.SGD:lr=-1"], "bad arguments for torch.optim.SGD"),
     (["torch.optim.SGD:lr=0.1", "--problems", "cifar"], "unknown problem 'cifar'; valid problems: train"),
     (["torch.optim.SGD:lr=0.1", "--problems", "mix"], "problem 'mix' is a distribution to meta-train on"),
-    (["torch.optim.SGD:lr=0.1", "--seeds", "0"], "--seeds must be in [1, 1000]"),
+    (["torch.optim.SGD:lr=0.1", "--seeds", "0"], "--seeds must be in [1, 100]"),
     (["--replicates", "no/such/folders*"], "matches 0 student folder(s)"),
 ])
 def test_amalgam_evaluate_errors_are_one_line(args, message, capsys, tmp_path):
