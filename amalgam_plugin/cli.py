@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         return _evaluate_suite(args)
     except KeyboardInterrupt:  # finished runs are in OUT/cache.json: the same command resumes from them
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not turn the line into a traceback
         print("amalgam evaluate: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 

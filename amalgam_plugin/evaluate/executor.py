@@ -125,7 +125,7 @@ def run_parallel(jobs: list[Job], workers: int, stored: dict, save: Callable[[],
     """Run the ``jobs`` whose key is not in ``stored`` (once per key) in up to ``workers`` forked worker processes
     (one thread each), writing each result into ``stored`` as it arrives and calling ``save`` then; the progress
     bar counts every key, the cached ones as done. A run's exception is raised here with its own type and message;
-    on any exception, Ctrl+C included, the remaining runs are cancelled and the workers terminated."""
+    on any exception, Ctrl+C included, the workers are terminated and the remaining runs dropped."""
     first: dict[str, int] = {}
     for i, job in enumerate(jobs):
         first.setdefault(job.key, i)
@@ -151,8 +151,8 @@ def run_parallel(jobs: list[Job], workers: int, stored: dict, save: Callable[[],
                         bar.set_postfix_str(f"{job.name} seed {job.seed}")
                         bar.update(1)
             except BaseException:
-                for future in pending:
-                    future.cancel()
+                # no future.cancel() first: the pool, broken by the terminated workers, then fails every pending
+                # future, and a cancelled one would raise InvalidStateError in its thread (a traceback on Ctrl+C)
                 _stop_workers(pool)
                 raise
     finally:
