@@ -325,8 +325,9 @@ def _reuse_known_runs(cache: Path, problem: str) -> dict | None:
     if not KNOWN_RUNS.exists():
         return None
     record = json.loads(KNOWN_RUNS.read_text())
-    known = {k: v for k, v in record["runs"].items()
-             if k.rsplit("|problem=", 1)[-1] in (problem, f"{problem}-selection")}
+    from ..evaluate import runs_on
+
+    known = runs_on(record["runs"], (problem, f"{problem}-selection"))
     if not known:
         return None
     stored = json.loads(cache.read_text()) if cache.exists() else {}
