@@ -234,7 +234,7 @@ def test_amalgamate_restores_threads_and_reuses_recorded_baseline_runs(tmp_path,
 
 def test_cli_prints_a_summary(tmp_path):
     result = amalgam_cli("amalgamate", "--pool", "small", "--mechanism", "mean", "--preset", "smoke", "--problem",
-                         "mlp", "--out", str(tmp_path / "s"), "--workers", "2")
+                         "mlp", "--out", str(tmp_path / "s"), "--workers", str(min(2, os.cpu_count() or 1)))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and lines[0].startswith(f"student: {tmp_path / 's'}/")

@@ -91,7 +91,7 @@ def check_request(request: AmalgamateRequest) -> None:
         choice_pool(r.pool)
     if r.perturbation is not None and not isinstance(r.perturbation, Perturbation):
         raise ValueError(f"perturbation must be a Perturbation, got {r.perturbation!r}")
-    if r.perturbation is not None and r.perturbation.kind == "none" and r.perturbation.magnitude is not None:
+    if r.perturbation is not None and r.perturbation.kind == "none" and (r.perturbation.magnitude or 0) > 0:
         raise ValueError("a perturbation magnitude was given without a perturbation kind (--perturb)")
     recipe_of(r, processes)
     check_out(Path(r.out), r.overwrite)
