@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ascent steps of an adversarial perturbation before each meta-step (default 1)")
     a.add_argument("--out", default="amalgam-student", help="output folder (default ./amalgam-student)")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--resume", action="store_true", help="continue from OUT/training's checkpoints")
+    a.add_argument("--resume", action="store_true",
+                   help="continue from OUT/training's checkpoints (a non-empty OUT must hold an amalgamate run)")
     a.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty OUT that holds no earlier run (refused otherwise)")
     a.add_argument("--max-minutes", type=float, default=None,
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--full-eval", action="store_true",
                    help="the card's full evaluation: 10 paired seeds, both forms of every teacher, nothing reused")
     a.add_argument("--workers", type=int, default=None,
-                   help="evaluation worker processes, one torch thread each (default: one per CPU core)")
+                   help="evaluation worker processes, one torch thread each, at most one per CPU core (default: "
+                        "one per CPU core)")
     a.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")
     a.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help=f"torch threads of meta-training (default {DEFAULT_THREADS})")

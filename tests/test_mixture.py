@@ -4,7 +4,7 @@ family gives a finite meta-gradient, with the frozen choice teacher seeing each 
 import pytest
 import torch
 
-from amalgam_plugin.engine.estimator import TruncatedEstimator
+from amalgam_plugin.engine.estimator import EstimatorConfig, TruncatedEstimator
 from amalgam_plugin.engine.unroll import frozen_choice_teacher
 from amalgam_plugin.problems import make_problem
 from amalgam_plugin.problems.text import CONTEXT, stdlib_windows
@@ -31,8 +31,8 @@ def test_every_family_gives_a_finite_meta_gradient_against_the_choice_teacher():
     mix = make_problem("mix")
     student = Lean()
     student.reset_parameters(torch.Generator().manual_seed(0))
-    estimator = TruncatedEstimator(student, mix, [frozen_choice_teacher(ChoiceNet().requires_grad_(False))], 3,
-                                   "choice", second_order=False, warmup_lr=0.05, random_scale=True)
+    estimator = TruncatedEstimator(student, mix, [frozen_choice_teacher(ChoiceNet().requires_grad_(False))],
+                                   EstimatorConfig(unroll_length=3, mechanism="choice", second_order=False))
     seen = set()
     for seed in range(40):
         traj = estimator.trajectory(torch.Generator().manual_seed(seed), 3, with_teachers=True)

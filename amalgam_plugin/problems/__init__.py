@@ -184,12 +184,14 @@ def evaluable_problem(name: str) -> str:
 
 def selection_problem(problem: Problem, n_val: int = 1000, seed: int = 1) -> Problem:
     """The same problem with a validation set carved out of its *training* digits, standing in for the held-out
-    set wherever a choice is made (a replicate, a learning rate): held-out digits are for reporting only."""
+    set wherever a choice is made (a replicate, a learning rate): held-out digits are for reporting only. It stays
+    on ``problem``'s device, where its training digits already are."""
     x, y = problem.data.train_x, problem.data.train_y
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     fit, val = perm[n_val:], perm[:n_val]
     split = DigitSplit(f"{problem.data.name}-selection", x[fit], y[fit], x[val], y[val])
-    return Problem(f"{problem.name}-selection", problem.architecture, split, problem.batch_size, problem.loss_fn)
+    return Problem(f"{problem.name}-selection", problem.architecture, split, problem.batch_size, problem.loss_fn,
+                   problem.device)
 
 
 def module_problem(
