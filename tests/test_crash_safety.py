@@ -36,7 +36,8 @@ def dies_on_call(module, name, nth, after=True, before_death=None):
     setattr(module, name, wrapper)
 
 import amalgam_plugin.engine.curriculum as curriculum, amalgam_plugin.engine.estimator as estimator
-import amalgam_plugin.engine.learner as learner, amalgam_plugin.evaluate.runs as runs, amalgam_plugin.hub as hub
+import amalgam_plugin.engine.learner as learner, amalgam_plugin.evaluate.runs as runs
+import amalgam_plugin.students.format as student_format
 if point == "meta_step":
     dies_on_call(estimator, "unroll", 3)  # after the unroll, before its backward and the meta-update
 elif point == "between_periods":
@@ -45,7 +46,7 @@ elif point == "checkpoint_write":  # the new checkpoint is half written when the
     dies_on_call(learner, "save_file", 2,
                  before_death=lambda tensors, path, **kw: os.truncate(path, os.path.getsize(path) // 2))
 elif point == "final_save":
-    dies_on_call(hub, "write_atomically", 2)  # the weights are written, the card and config.json are not
+    dies_on_call(student_format, "write_text_atomically", 1, after=False)  # the weights are written, not the card
 elif point == "evaluation":
     dies_on_call(runs, "run", 3, after=False)
 from amalgam_plugin.engine import amalgamate
