@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .amalgamation import IMITATION_SCHEDULES, MECHANISMS
+from .heldout import cli as heldout_cli
 from .problems import PROBLEMS
 from .registry import Registry
 from .students import STUDENTS
@@ -73,6 +74,8 @@ def summary_text(summary: dict) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     from . import suite
 
+    if args.suite == "heldout":
+        return heldout_cli.evaluate(args)
     if not args.optimizers and not args.replicates:
         raise ValueError("nothing to evaluate: name at least one student or optimizer, or --replicates GLOB")
     for name in args.problems:
@@ -225,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="runs at a time, each of one torch thread (1: in this process; default: one per CPU core)")
     e.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")
+    heldout_cli.add_arguments(e)
     e.set_defaults(func=_evaluate)
 
     lst = sub.add_parser("list", help="print the bundled students, one 'NAME<TAB>description' per line")
