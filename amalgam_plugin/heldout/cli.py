@@ -32,7 +32,10 @@ def load_task(spec: str) -> HeldoutTask:
             raise ValueError(f"task {spec!r}: cannot import {where!r} ({err})") from None
     if not callable(getattr(module, function, None)):
         raise ValueError(f"task {spec!r}: {where!r} has no function {function!r}")
-    task = getattr(module, function)()
+    try:
+        task = getattr(module, function)()
+    except Exception as err:  # the user's code: its error, in one line
+        raise ValueError(f"task {spec!r}: {function}() failed: {type(err).__name__}: {err}") from None
     if not isinstance(task, HeldoutTask):
         raise ValueError(f"task {spec!r}: {function}() returned {type(task).__name__}, not a HeldoutTask")
     return task

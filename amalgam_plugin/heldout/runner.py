@@ -3,7 +3,7 @@ result cached under the run's full specification, then one table per task agains
 learning rates and AdamW at its default.
 
 Each run is forked into its own process of one torch thread, so its ``ru_maxrss`` is its own peak: the suite
-reports that peak's growth over the fork point beside the optimizer's state bytes.
+reports that peak beside the optimizer's state bytes.
 """
 
 from __future__ import annotations
@@ -93,12 +93,23 @@ def load_cache(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _prepare(jobs: Sequence[Job]) -> None:
+    """Load every task's data and the libraries its runs import once, here, so forked runs share them."""
+    from .. import optim  # noqa: F401 (the students' optimizer)
+
+    for task in {id(job.task): job.task for job in jobs}.values():
+        task.data()
+        if task.trainer:
+            import transformers.trainer  # noqa: F401
+
+
 def run_jobs(jobs: Sequence[Job], cache_path: Path, workers: int = 1, max_minutes: float | None = None,
              progress: Callable[[str], None] = print) -> tuple[dict, bool]:
     """Run every job not in the cache, ``workers`` at a time, saving the cache after each; with ``max_minutes``,
     no run starts after that time. Returns ``(cache, complete)``; a failed run stops all with a ValueError."""
     cache = load_cache(cache_path)
     pending = [job for job in jobs if job.key() not in cache]
+    _prepare(pending)
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     running: dict = {}
     done = len(jobs) - len(pending)
@@ -178,7 +189,6 @@ def summarize_task(task: HeldoutTask, students: Sequence[str], seeds: Sequence[i
             "vs_adamw_default": _difference(values, default_best),
             "seconds_per_step": seconds, "time_ratio": seconds / adamw_seconds,
             "state_bytes": max(r["state_bytes"] for r in runs[key]),
-            "rss_growth_bytes": max(r["rss_growth_bytes"] for r in runs[key]),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs[key]),
             "diverged": sum(r["diverged"] for r in runs[key]),
         })
@@ -203,7 +213,8 @@ def markdown(summaries: dict, seeds: int) -> str:
     lines = [f"## Held-out suite ({seeds} paired seeds)", "",
              "Δ = optimizer - AdamW in best log held-out loss (negative: the optimizer is better), mean over paired "
              "seeds with its 95% t interval. Time per step against AdamW at 1e-3; state: the optimizer's state "
-             "bytes; memory: growth of the run's process's peak resident set (ru_maxrss) over the fork point.", ""]
+             "bytes; peak memory: the peak resident set (ru_maxrss) of the run's own process, forked from the runner with "
+             "the data and libraries loaded (the same base for every optimizer of a task).", ""]
     for name, s in summaries.items():
         edge = " **(at the grid's edge: widen --lrs)**" if s["tuned_lr_at_edge"] else ""
         grid = ", ".join(f"{lr}: {'n/a' if m is None else f'{m:.3f}'}" for lr, m in s["adamw_grid"].items())
@@ -213,14 +224,14 @@ def markdown(summaries: dict, seeds: int) -> str:
                   f"{'yes' if s['in_mixture'] else 'no'}.", "",
                   f"AdamW grid (lr: mean best log held-out): {grid}; tuned lr {s['tuned_lr']:g}{edge}.", "",
                   "| optimizer | best log held-out | Δ vs tuned AdamW | Δ vs AdamW 1e-3 | ms/step (x AdamW) "
-                  "| state KiB | memory MiB | diverged |",
+                  "| state KiB | peak memory MiB | diverged |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
             mean = "n/a" if r["mean"] is None else f"{r['mean']:.3f}" + ("" if r["sd"] is None else f" ± {r['sd']:.3f}")
             lines.append(f"| {r['optimizer']} | {mean} | {_interval(r['vs_tuned_adamw'])} | "
                          f"{_interval(r['vs_adamw_default'])} | {1000 * r['seconds_per_step']:.1f} "
                          f"({r['time_ratio']:.1f}x) | {r['state_bytes'] / 1024:.0f} | "
-                         f"{r['rss_growth_bytes'] / 2**20:.0f} | {r['diverged']} |")
+                         f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['diverged']} |")
         lines.append("")
     return "\n".join(lines)
 

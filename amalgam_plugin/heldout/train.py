@@ -183,14 +183,12 @@ def _train_with_trainer(task: HeldoutTask, model: nn.Module, optimizer: torch.op
 def train_run(task: HeldoutTask, spec: dict, seed: int) -> dict:
     """Train ``task`` with the optimizer ``spec`` from seed ``seed``: the held-out curve, its best and final log
     loss, time per training step, the optimizer's state bytes and the process's peak resident memory."""
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.manual_seed(seed)
     model = task.model()
     optimizer = build_optimizer(spec, task, model)
     recorder = _Recorder(task, model)
     (_train_with_trainer if task.trainer else _train_plain)(task, model, optimizer, seed, recorder)
     logs = [math.log(v) for _, v in recorder.curve if math.isfinite(v) and v > 0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "curve": [(step, value if math.isfinite(value) else None) for step, value in recorder.curve],
         "best_log_heldout": min(logs) if logs else None,  # None: no finite held-out loss (JSON has no NaN)
@@ -199,7 +197,6 @@ def train_run(task: HeldoutTask, spec: dict, seed: int) -> dict:
         "steps_done": recorder.steps_done,
         "seconds_per_step": recorder.train_seconds / max(1, recorder.steps_done),
         "state_bytes": state_bytes(optimizer),
-        "peak_rss_bytes": peak,
-        "rss_growth_bytes": peak - rss_before,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         "parameters": sum(p.numel() for p in model.parameters()),
     }
