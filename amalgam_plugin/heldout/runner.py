@@ -213,8 +213,8 @@ def markdown(summaries: dict, seeds: int) -> str:
     lines = [f"## Held-out suite ({seeds} paired seeds)", "",
              "Δ = optimizer - AdamW in best log held-out loss (negative: the optimizer is better), mean over paired "
              "seeds with its 95% t interval. Time per step against AdamW at 1e-3; state: the optimizer's state "
-             "bytes; peak memory: the peak resident set (ru_maxrss) of the run's own process, forked from the runner with "
-             "the data and libraries loaded (the same base for every optimizer of a task).", ""]
+             "bytes; peak memory: the peak resident set (ru_maxrss) of the run's own process, forked from the runner "
+             "with the data and libraries loaded (the same base for every optimizer of a task).", ""]
     for name, s in summaries.items():
         edge = " **(at the grid's edge: widen --lrs)**" if s["tuned_lr_at_edge"] else ""
         grid = ", ".join(f"{lr}: {'n/a' if m is None else f'{m:.3f}'}" for lr, m in s["adamw_grid"].items())

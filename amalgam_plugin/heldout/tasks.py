@@ -115,8 +115,8 @@ def flat_digits() -> TaskData:
 def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
 def bert() -> nn.Module:
@@ -180,7 +180,8 @@ regress = supervised_loss(F.mse_loss)
 _TASKS = [
     HeldoutTask("gpt2-trainer", "causal transformer LM (kin: the mixture's byte-level transformers)",
                 "GPT-2 (2 layers, width 32) on standard-library bytes through transformers.Trainer, warm-up + cosine",
-                gpt2, stdlib_text, lm_loss, 300, 32, 25, "warmup-cosine", 30, in_mixture=True, trainer=True, output_layers=("lm_head",)),
+                gpt2, stdlib_text, lm_loss, 300, 32, 25, "warmup-cosine", 30, in_mixture=True, trainer=True,
+                output_layers=("lm_head",)),
     HeldoutTask("bert-mlm", "bidirectional transformer, masked LM",
                 "BERT (2 layers, width 32) masked LM on standard-library bytes, warm-up + cosine",
                 bert, masked_text, lm_loss, 300, 32, 25, "warmup-cosine", 30, output_layers=("cls.",)),
