@@ -1,4 +1,4 @@
-"""The held-out suite's runner (docs/heldout.md#runner): every task x optimizer x seed in a fresh process, its
+"""The held-out suite's runner (docs/heldout.md#runs): every task x optimizer x seed in a fresh process, its
 result cached under the run's full specification, then one table per task against AdamW tuned over a grid of
 learning rates and AdamW at its default.
 
