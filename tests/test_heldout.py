@@ -108,7 +108,7 @@ def _by_hand(task, lr: float, seed: int) -> float:
 
 def test_runner_pairs_seeds_and_matches_runs_by_hand(tmp_path):
     task = _tiny_task()
-    result = run_suite([task], [], [0, 1], tmp_path, lrs=(1e-3, 1e-1), progress=lambda line: None)
+    result = run_suite([task], [], [0, 1], tmp_path, lrs=(1e-3, 1e-1), progress=lambda line: None, widenings=0)
     summary = result["tasks"]["tiny-linear"]
     by_hand = {lr: [_by_hand(task, lr, seed) for seed in (0, 1)] for lr in (1e-3, 1e-1)}
     for lr, values in by_hand.items():
@@ -128,7 +128,7 @@ def test_runner_pairs_seeds_and_matches_runs_by_hand(tmp_path):
 def test_cache_resumes_without_rerunning(tmp_path):
     task = _tiny_task(steps=10)
     lines: list[str] = []
-    run_suite([task], [], [0, 1], tmp_path, lrs=(1e-3, 1e-2), progress=lines.append)
+    run_suite([task], [], [0, 1], tmp_path, lrs=(1e-3, 1e-2), progress=lines.append, widenings=0)
     assert len(lines) == 6  # AdamW at 2 learning rates and Lion, 2 seeds each
     cache = json.loads((tmp_path / "cache.json").read_text())
     key = Job(task, {"kind": "lion", "lr": 1e-4}, 1).key()
@@ -136,8 +136,19 @@ def test_cache_resumes_without_rerunning(tmp_path):
     del cache[key]
     (tmp_path / "cache.json").write_text(json.dumps(cache))
     lines.clear()
-    run_suite([task], [], [0, 1], tmp_path, lrs=(1e-3, 1e-2), progress=lines.append)
+    run_suite([task], [], [0, 1], tmp_path, lrs=(1e-3, 1e-2), progress=lines.append, widenings=0)
     assert len(lines) == 1 and "Lion" in lines[0] and "seed 1" in lines[0]
+
+
+def test_grid_grows_past_the_edge_where_the_best_rate_sits(tmp_path):
+    task = _tiny_task(steps=10)  # 10 steps of a linear regression: the larger the rate the better, up to ~0.1
+    result = run_suite([task], [], [0, 1], tmp_path, lrs=(1e-4, 3e-4), progress=lambda line: None, widenings=2)
+    summary = result["tasks"]["tiny-linear"]
+    assert list(summary["adamw_grid"]) == ["0.0001", "0.0003", "0.0009", "0.0027"]
+    assert summary["tuned_lr"] == 0.0027 and summary["tuned_lr_at_edge"]
+    means = {lr: np.mean([_by_hand(task, lr, seed) for seed in (0, 1)]) for lr in (9e-4, 2.7e-3)}
+    assert [summary["adamw_grid"][k] for k in ("0.0009", "0.0027")] == pytest.approx(list(means.values()))
+    assert "still at the grid's edge" in (tmp_path / "results.md").read_text()
 
 
 def test_max_minutes_stops_before_any_run_and_writes_no_results(tmp_path):

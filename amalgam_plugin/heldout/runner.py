@@ -30,6 +30,7 @@ ADAMW_DEFAULT = {"kind": "adamw", "lr": 1e-3}  # the untuned user: torch's defau
 LION = {"kind": "lion", "lr": 1e-4}  # timm's default (the Lion paper: 3-10x below AdamW's)
 MUON = {"kind": "muon", "lr": 0.02}  # the Muon authors' setting; AdamW at its default for the rest
 CACHE_VERSION = 1
+WIDENINGS = 2  # learning rates a task's grid may grow by, one at a time, while its best sits at an edge
 
 
 def canonical_json(value) -> str:  # noqa: ANN001 (any JSON value)
@@ -167,9 +168,8 @@ def summarize_task(task: HeldoutTask, students: Sequence[str], seeds: Sequence[i
     specs = task_optimizers(task, students, lrs)
     runs = {canonical_json(s): [cache[Job(task, s, seed).key()] for seed in seeds] for s in specs}
     best = {k: [_best(r) for r in rs] for k, rs in runs.items()}
-    grid = [s for s in specs if s["kind"] == "adamw" and s["lr"] in lrs]
-    grid_means = {s["lr"]: float(np.nanmean(best[canonical_json(s)])) for s in grid}
-    tuned_lr = min(grid_means, key=lambda lr: grid_means[lr] if math.isfinite(grid_means[lr]) else math.inf)
+    means = grid_means(task, seeds, lrs, cache)
+    tuned_lr = tuned_rate(means)
     tuned = {"kind": "adamw", "lr": tuned_lr}
     tuned_best, default_best = best[canonical_json(tuned)], best[canonical_json(ADAMW_DEFAULT)]
     adamw_seconds = float(np.mean([r["seconds_per_step"] for r in runs[canonical_json(ADAMW_DEFAULT)]]))
@@ -195,10 +195,30 @@ def summarize_task(task: HeldoutTask, students: Sequence[str], seeds: Sequence[i
     return {
         "task": task.specification(), "family": task.family, "description": task.description,
         "in_mixture": task.in_mixture, "parameters": runs[canonical_json(ADAMW_DEFAULT)][0]["parameters"],
-        "adamw_grid": {f"{lr:g}": _number(m) for lr, m in grid_means.items()}, "tuned_lr": tuned_lr,
+        "adamw_grid": {f"{lr:g}": _number(m) for lr, m in means.items()}, "tuned_lr": tuned_lr,
         "tuned_lr_at_edge": tuned_lr in (min(lrs), max(lrs)), "rows": rows,
         "runs": runs,
     }
+
+
+def grid_means(task: HeldoutTask, seeds: Sequence[int], lrs: Sequence[float], cache: dict) -> dict[float, float]:
+    """AdamW's mean best log held-out loss at each learning rate of the grid."""
+    return {lr: float(np.nanmean([_best(cache[Job(task, {"kind": "adamw", "lr": lr}, seed).key()]) for seed in seeds]))
+            for lr in sorted(lrs)}
+
+
+def tuned_rate(means: dict[float, float]) -> float:
+    return min(means, key=lambda lr: means[lr] if math.isfinite(means[lr]) else math.inf)
+
+
+def beyond_edge(lrs: Sequence[float], tuned: float) -> float | None:
+    """The next learning rate past the grid's edge where the tuned one sits, at the edge's own spacing."""
+    lrs = sorted(lrs)
+    if tuned == lrs[0]:
+        return float(f"{lrs[0] ** 2 / lrs[1]:.3g}")
+    if tuned == lrs[-1]:
+        return float(f"{lrs[-1] ** 2 / lrs[-2]:.3g}")
+    return None
 
 
 def _interval(d: dict) -> str:
@@ -216,7 +236,7 @@ def markdown(summaries: dict, seeds: int) -> str:
              "bytes; peak memory: the peak resident set (ru_maxrss) of the run's own process, forked from the runner "
              "with the data and libraries loaded (the same base for every optimizer of a task).", ""]
     for name, s in summaries.items():
-        edge = " **(at the grid's edge: widen --lrs)**" if s["tuned_lr_at_edge"] else ""
+        edge = " **(still at the grid's edge after widening it: widen --lrs)**" if s["tuned_lr_at_edge"] else ""
         grid = ", ".join(f"{lr}: {'n/a' if m is None else f'{m:.3f}'}" for lr, m in s["adamw_grid"].items())
         lines += [f"### {name}: {s['description']}", "",
                   f"{s['parameters']:,} parameters; {s['task']['steps']} steps, batch {s['task']['batch_size']}, "
@@ -238,16 +258,31 @@ def markdown(summaries: dict, seeds: int) -> str:
 
 def run_suite(tasks: Sequence[HeldoutTask], students: Sequence[str], seeds: Sequence[int], out: Path,
               lrs: Sequence[float] = DEFAULT_LRS, workers: int = 1, max_minutes: float | None = None,
-              progress: Callable[[str], None] = print) -> dict | None:
+              progress: Callable[[str], None] = print, widenings: int = WIDENINGS) -> dict | None:
     """Run (or resume) the suite into ``out``: ``cache.json`` as it goes, then ``results.md`` and
-    ``results.json``. None when ``max_minutes`` stopped it first (rerun the same command to continue)."""
+    ``results.json``. Where AdamW's best learning rate sits at an edge of the grid, the task's grid grows past
+    that edge, up to ``widenings`` rates. None when ``max_minutes`` stopped it first (rerun the same command to
+    continue)."""
     if len(lrs) < 2 or min(lrs) <= 0:
         raise ValueError("the AdamW grid needs at least 2 positive learning rates")
     out.mkdir(parents=True, exist_ok=True)
-    cache, complete = run_jobs(plan(tasks, students, seeds, lrs), out / "cache.json", workers, max_minutes, progress)
-    if not complete:
-        return None
-    summaries = {t.name: summarize_task(t, students, seeds, lrs, cache) for t in tasks}
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    grids = {task.name: sorted(lrs) for task in tasks}
+    for widening in range(widenings + 1):
+        jobs = [job for task in tasks for job in plan([task], students, seeds, grids[task.name])]
+        minutes = None if deadline is None else max(0.0, deadline - time.monotonic()) / 60
+        cache, complete = run_jobs(jobs, out / "cache.json", workers, minutes, progress)
+        if not complete:
+            return None
+        grown = False
+        for task in tasks:
+            grid = grids[task.name]
+            extra = beyond_edge(grid, tuned_rate(grid_means(task, seeds, grid, cache)))
+            if extra is not None and widening < widenings:
+                grids[task.name], grown = sorted([*grid, extra]), True
+        if not grown:
+            break
+    summaries = {t.name: summarize_task(t, students, seeds, grids[t.name], cache) for t in tasks}
     result = {"seeds": list(seeds), "lrs": list(lrs), "students": list(students), "tasks": summaries}
     write_text_atomically(out / "results.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
     write_text_atomically(out / "results.md", markdown(summaries, len(seeds)))
