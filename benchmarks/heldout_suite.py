@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {r['task']} | {r['parameters']:,} | {r['steps']} x {r['batch_size']} | {r['run_seconds']} | "
               f"{r['ms_per_step']} | {r['best_log_heldout']:.3f} | {r['runs_per_seed']} |" for r in rows]
     total = sum(r["run_seconds"] * r["runs_per_seed"] for r in rows)
-    lines += ["", f"At AdamW's cost per run, the whole suite is about {total / 60:.0f} CPU-minutes per seed "
-              "(students' steps cost more: see the suite's own time ratios)."]
+    lines += ["", f"At AdamW's cost per run, the whole suite takes one worker about {total / 60:.0f} minutes (wall) "
+              "per seed on this machine as loaded then (students' steps cost more: see the suite's time ratios)."]
     write_text_atomically(args.out / "timings.json", json.dumps(rows, indent=1) + "\n")
     write_text_atomically(args.out / "timings.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
