@@ -76,6 +76,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.suite == "heldout":
         return heldout_cli.evaluate(args)
+    heldout_cli.refuse_its_options(args)
     if not args.optimizers and not args.replicates:
         raise ValueError("nothing to evaluate: name at least one student or optimizer, or --replicates GLOB")
     for name in args.problems:

@@ -173,6 +173,13 @@ def test_bad_task_is_one_line_and_exit_2(tmp_path, capsys, spec, message):
     assert not out.exists()
 
 
+def test_heldout_options_without_the_suite_are_refused(tmp_path, capsys):
+    code = main(["evaluate", "torch.optim.AdamW", "--task", "vit", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "amalgam evaluate: --task, --lrs and --max-minutes apply to --suite heldout only\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_users_own_task_from_a_file(tmp_path, capsys):
     task = load_task(f"{EXAMPLE}:make_task")
     assert task.name == "breast-cancer-mlp" and len(task.data().heldout[0]) == 119

@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --suite heldout, start no run after this many minutes (rerun to resume)")
 
 
+def refuse_its_options(args: argparse.Namespace) -> None:
+    """Without ``--suite heldout``, its options would do nothing: refuse them rather than ignore them."""
+    if args.tasks or args.lrs != DEFAULT_LRS or args.max_minutes is not None:
+        raise ValueError("--task, --lrs and --max-minutes apply to --suite heldout only")
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """Run the held-out suite for ``amalgam evaluate --suite heldout``."""
     from ..hub import load_student
