@@ -3,6 +3,7 @@
     python benchmarks/step_overhead.py            # 1M, 10M, 25M parameters (a few minutes on 2 cores)
     python benchmarks/step_overhead.py --quick    # small sizes, few repeats (< 1 minute)
     python benchmarks/step_overhead.py --student lean   # the lean student: compiled and eager steps vs AdamW
+    python benchmarks/step_overhead.py --student normalized --threads 1   # the normalized student vs AdamW
     python benchmarks/step_overhead.py --device cuda --dtype bfloat16   # both students vs AdamW on a GPU
 
 Only the optimizer step is timed (gradients are fixed random tensors; no forward/backward), after warm-up
@@ -34,6 +35,7 @@ from torch import nn
 from amalgam_plugin.hub import load_student
 from amalgam_plugin.optim import AmalgamOptimizer
 from amalgam_plugin.students import Lean, RNNProp
+from amalgam_plugin.students.normalized import Normalized, NormalizedConfig
 from amalgam_plugin.students.rnnprop_kernel import CPU_CHUNK, RNNPropKernel
 
 MB = 1024**2
@@ -196,6 +198,44 @@ def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
         gc.collect()
 
 
+def bench_normalized(params: list[torch.Tensor], repeats: int) -> dict[str, float]:
+    """AdamW (foreach), the normalized student bare and with its whole harness, on the same parameters and
+    gradients; every time the median of ``repeats`` steps."""
+    set_grads(params)
+    out = {"n": sum(p.numel() for p in params)}
+    makers = {"adamw": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True),
+              "bare": lambda: AmalgamOptimizer(params, student=Normalized()),
+              "harness": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(
+                  orthogonalize=True, adamw_1d=True, weight_decay=0.1)))}
+    for name, make in makers.items():
+        opt = make()
+        opt.step()  # the state
+        out[f"{name}_s"] = median_time(opt.step, repeats, warm=1)
+        out[f"{name}_temp_mb"] = peak_temp_mb(opt.step)
+        out[f"{name}_state_bpp"] = state_bytes(opt) / out["n"]
+        del opt
+        gc.collect()
+    return out
+
+
+def main_normalized(models: list[tuple[int, int]], repeats: int) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); normalized student (4 floats of state "
+          f"per parameter); each time the median of {repeats} steps, side by side")
+    header = (f"{'params':>10} {'adamw ms':>9} {'bare ms':>8} {'ratio':>6} {'harness ms':>10} {'ratio':>6} "
+              f"{'state B/p':>9} {'adamw':>6} {'ratio':>6} {'temp MB':>8} {'adamw':>6}")
+    print(header)
+    print("-" * len(header))
+    for width, depth in models:
+        model = mlp(width, depth)
+        r = bench_normalized(list(model.parameters()), repeats)
+        print(f"{r['n']:>10,} {r['adamw_s'] * 1e3:>9.1f} {r['bare_s'] * 1e3:>8.1f} {r['bare_s'] / r['adamw_s']:>6.2f} "
+              f"{r['harness_s'] * 1e3:>10.1f} {r['harness_s'] / r['adamw_s']:>6.2f} {r['bare_state_bpp']:>9.0f} "
+              f"{r['adamw_state_bpp']:>6.0f} {r['bare_state_bpp'] / r['adamw_state_bpp']:>6.2f} "
+              f"{r['bare_temp_mb']:>8.1f} {r['adamw_temp_mb']:>6.1f}")
+        del model
+        gc.collect()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -256,7 +296,8 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 1 minute)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--student", choices=("rnnprop", "lean"), default="rnnprop")
+    parser.add_argument("--student", choices=("rnnprop", "lean", "normalized"), default="rnnprop")
+    parser.add_argument("--repeats", type=int, default=None, help="steps timed per median (default 3; 2 quick)")
     parser.add_argument("--device", default="cpu", help="cpu (the detailed tables) or cuda (both students vs AdamW)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter dtype; other than float32, or on cuda, the short table of both students")
@@ -269,10 +310,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     student = paper_student()
-    repeats = 2 if args.quick else 3
+    repeats = args.repeats or (2 if args.quick else 3)
     models = [(256, 4), (512, 4)] if args.quick else [(512, 4), (1024, 10), (1600, 10)]
     if args.student == "lean":
         return main_lean(models, repeats)
+    if args.student == "normalized":
+        return main_normalized(models, repeats)
 
     fl = floors(student, CPU_CHUNK, repeats=5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), chunk {CPU_CHUNK}")

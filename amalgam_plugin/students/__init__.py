@@ -18,6 +18,7 @@ from .base import Student, StudentConfig
 from .choice import ChoiceConfig, ChoiceNet
 from .kernel import ModuleKernel, RuntimeKernel
 from .lean import Lean, LeanConfig, LeanKernel
+from .normalized import Normalized, NormalizedConfig, NormalizedKernel
 from .rnnprop import RNNProp, RNNPropConfig
 from .rnnprop_kernel import RNNPropKernel
 
@@ -35,6 +36,9 @@ STUDENTS: Registry[StudentType] = Registry("student type", {
                 "RNNProp: 2-layer coordinate-wise LSTM, 82 floats of state per parameter"),
     "lean": (StudentType(Lean, LeanConfig, LeanKernel),
              "lean: a 16-unit MLP over 3 momenta and a second moment, 4 floats of state per parameter"),
+    "normalized": (StudentType(Normalized, NormalizedConfig, NormalizedKernel),
+                   "normalized: lean's MLP with its update RMS-normalized per tensor (lr is AdamW's), optional "
+                   "Celo2-style harness, 4 floats of state per parameter"),
     "choice": (StudentType(ChoiceNet, ChoiceConfig, trainable=False),
                "the choice network: a learned soft choice among a pool's updates (choice amalgamation)"),
 })
