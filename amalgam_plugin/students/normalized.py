@@ -18,8 +18,8 @@ Its inputs are ratios already, so unlike Celo2 they need no per-tensor input nor
 
 The harness (Celo2's), each part a switch in ``config.json``, all off by default:
 
-* ``orthogonalize``: tensors of rank ≥ 2 get ``u`` orthogonalized by Newton-Schulz (as Muon; a rank > 2 tensor as
-  the matrix ``[shape[0], rest]``), then RMS-normalized;
+* ``orthogonalize``: tensors of rank ≥ 2 get ``y`` orthogonalized by Newton-Schulz (as Muon; a rank > 2 tensor as
+  the matrix ``[shape[0], rest]``), then RMS-normalized (coordinates that never had a gradient still stay put);
 * ``adamw_1d``: tensors of rank ≤ 1 (biases, norms) get AdamW's update ``lr · m̂₂/(√v̂ + ε)`` from the same state
   (β₁ = betas[1] = 0.9, β₂ = 0.999, ε = 1e-8: torch's defaults). Embeddings are matrices: pass them to the
   optimizer's ``fallback=`` (AdamW groups) by name;
@@ -184,17 +184,18 @@ class Normalized(nn.Module, HubStudent):
         x = torch.stack([grad / denom, *(m / denom for m in moments), matrix], dim=-1)
         y = self.delta(torch.relu(self.hidden(x))).squeeze(-1) * (new["v"] > 0)
         adam = moments[1] / denom
-        parts = [self._harness(y_t, a_t, shape)
-                 for y_t, a_t, shape in zip(y.split(sizes), adam.split(sizes), shapes, strict=True)]
+        touched = new["v"] > 0
+        parts = [self._harness(*pieces, shape) for *pieces, shape
+                 in zip(y.split(sizes), adam.split(sizes), touched.split(sizes), shapes, strict=True)]
         return cfg.lr * torch.cat(parts), new
 
-    def _harness(self, y: Tensor, adam: Tensor, shape: tuple[int, ...]) -> Tensor:
+    def _harness(self, y: Tensor, adam: Tensor, touched: Tensor, shape: tuple[int, ...]) -> Tensor:
         """One tensor's unit update: AdamW's direction, the orthogonalized or the plain normalized rule."""
         cfg = self.config
         if cfg.adamw_1d and len(shape) <= 1:
             return adam
-        if cfg.orthogonalize and len(shape) >= 2:
-            y = newton_schulz(y, shape, cfg.ns_steps)
+        if cfg.orthogonalize and len(shape) >= 2:  # it mixes coordinates: masked again
+            y = newton_schulz(y, shape, cfg.ns_steps) * touched
         return rms_normalized(y)
 
 
@@ -204,10 +205,11 @@ EAGER_CHUNK = 2**14
 
 
 def fused_rule(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Tensor, scales: Tensor,
-               matrix: float, c: dict) -> Tensor:
+               matrix: float, c: dict) -> None:
     """One tensor's accumulators (in place) and the MLP's output into ``out`` in elementwise arithmetic, the MLP
-    unrolled into scalars; returns ``Σ y²``. ``scales``: the bias corrections folded as in ``_rule``
-    (a tensor, so a new step count is no new graph). Compiled, one loop with no temporaries."""
+    unrolled into scalars. ``scales``: the bias corrections folded as in ``_rule`` (a tensor, so a new step count
+    is no new graph). Compiled, one loop with no temporaries; its sum of squares is left out (a reduction would
+    specialise the graph to tensor sizes)."""
     b0, b1, b2 = c["betas"]
     m0n, m1n, m2n = b0 * m0 + (1 - b0) * g, b1 * m1 + (1 - b1) * g, b2 * m2 + (1 - b2) * g
     vn = c["beta2"] * v + (1 - c["beta2"]) * g * g
@@ -224,7 +226,6 @@ def fused_rule(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Te
     m2.copy_(m2n)
     v.copy_(vn)
     out.copy_(y)
-    return (y * y).sum()
 
 
 class NormalizedKernel:
@@ -300,12 +301,13 @@ class NormalizedKernel:
             return
         matrix = float(len(shape) >= 2)
         if compiled is not None:
-            sum_sq = compiled(g, s["m0"], s["m1"], s["m2"], s["v"], out,
-                              self._scales(moment_fixes, second_fix), matrix, self.constants)
+            compiled(g, s["m0"], s["m1"], s["m2"], s["v"], out, self._scales(moment_fixes, second_fix), matrix,
+                     self.constants)
+            sum_sq = torch.dot(out, out)
         else:
             sum_sq = self._rule(g, s, moment_fixes, second_fix, matrix, out, work)
         if cfg.orthogonalize and len(shape) >= 2:
-            out = newton_schulz(out, shape, cfg.ns_steps)
+            out = newton_schulz(out, shape, cfg.ns_steps).mul_(s["v"] > 0)
             sum_sq = out.square().sum()
         if lr != 0.0:
             p.addcmul_(out, torch.rsqrt(sum_sq / p.numel() + NORM_EPS), value=-lr)
