@@ -36,11 +36,11 @@ STUDENTS: Registry[StudentType] = Registry("student type", {
                 "RNNProp: 2-layer coordinate-wise LSTM, 82 floats of state per parameter"),
     "lean": (StudentType(Lean, LeanConfig, LeanKernel),
              "lean: a 16-unit MLP over 3 momenta and a second moment, 4 floats of state per parameter"),
+    "choice": (StudentType(ChoiceNet, ChoiceConfig, trainable=False),
+               "the choice network: a learned soft choice among a pool's updates (choice amalgamation)"),
     "normalized": (StudentType(Normalized, NormalizedConfig, NormalizedKernel),
                    "normalized: lean's MLP with its update RMS-normalized per tensor (lr is AdamW's), optional "
                    "Celo2-style harness, 4 floats of state per parameter"),
-    "choice": (StudentType(ChoiceNet, ChoiceConfig, trainable=False),
-               "the choice network: a learned soft choice among a pool's updates (choice amalgamation)"),
 })
 
 
