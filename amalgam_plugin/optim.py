@@ -4,10 +4,9 @@ The rules (one each, everywhere):
 
 * ``lr`` multiplies the student's own update (1.0 = as trained); ``lr = 0`` leaves the parameters unchanged
   (the state may still advance), so LR schedulers and DCP's ``lr = 0`` state initialisation work. A student
-  whose config has an ``lr`` (the normalized student: an update of RMS 1 per tensor) takes AdamW's ``lr``, and
-  that value is its default.
-* ``weight_decay`` is decoupled and in AdamW units: ``p -= lr * weight_decay * decay_ref_lr * p``; its default is
-  the student config's ``weight_decay`` where it has one, else 0.
+  whose config has an ``lr`` (normalized: RMS 1 per tensor) takes AdamW's ``lr``, that value its default.
+* ``weight_decay`` is decoupled and in AdamW units: ``p -= lr * weight_decay * decay_ref_lr * p`` (default: the
+  student config's ``weight_decay``, else 0).
 * Warm-up: the first ``warmup_steps`` steps of every parameter are plain SGD at the student's ``warmup_lr``
   (times ``lr``); the student's moments advance, its LSTM state stays frozen.
 * Fallback groups (``use_fallback=True``, or parameters picked by ``fallback=``) run AdamW at
@@ -101,8 +100,8 @@ class AmalgamOptimizer(Optimizer):
         params: tensors, ``(name, tensor)`` pairs or param-group dicts, as for any torch optimizer.
         student: an ``nn.Module`` student, or a bundled name, folder or Hub repo id (resolved by
             ``amalgam_plugin.hub.load_student``). Default: :data:`DEFAULT_STUDENT`.
-        lr: multiplier on the student's update (1.0 = as trained, the default); for a student whose config
-            has an ``lr``, AdamW's learning rate (default: that ``lr``).
+        lr: multiplier on the student's update (1.0 = as trained, the default); AdamW's lr for a student whose
+            config has an ``lr`` (default: that ``lr``).
         weight_decay: decoupled, AdamW units (scaled by the student's ``decay_ref_lr``); ``None`` = the
             student config's ``weight_decay``, or 0.
         warmup_steps: SGD warm-up length per parameter; ``None`` = the student's config, 0 disables.
