@@ -180,22 +180,30 @@ def bench_lean(params: list[torch.Tensor], repeats: int) -> dict[str, float]:
     return out
 
 
-def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); lean student (4 floats of state per "
-          "parameter); each row: medians of the same steps, side by side")
-    header = (f"{'params':>10} {'adamw ms':>9} {'lean compiled ms':>16} {'ratio':>6} {'lean eager ms':>13} "
-              f"{'ratio':>6} {'state B/p lean':>14} {'adamw':>6} {'temp MB lean':>12} {'adamw':>6}")
+def table(title: str, header: str, models: list[tuple[int, int]], bench, row) -> None:
+    """One row per MLP of ``models``: ``row(bench(its parameters))``."""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {title}")
     print(header)
     print("-" * len(header))
     for width, depth in models:
         model = mlp(width, depth)
-        r = bench_lean(list(model.parameters()), repeats)
-        print(f"{r['n']:>10,} {r['adamw_s'] * 1e3:>9.1f} {r['compiled_s'] * 1e3:>16.1f} "
-              f"{r['compiled_s'] / r['adamw_s']:>6.2f} {r['eager_s'] * 1e3:>13.1f} {r['eager_s'] / r['adamw_s']:>6.2f} "
-              f"{r['compiled_state_bpp']:>14.0f} {r['adamw_state_bpp']:>6.0f} {r['compiled_temp_mb']:>12.1f} "
-              f"{r['adamw_temp_mb']:>6.1f}")
+        print(row(bench(list(model.parameters()))))
         del model
         gc.collect()
+
+
+def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
+    header = (f"{'params':>10} {'adamw ms':>9} {'lean compiled ms':>16} {'ratio':>6} {'lean eager ms':>13} "
+              f"{'ratio':>6} {'state B/p lean':>14} {'adamw':>6} {'temp MB lean':>12} {'adamw':>6}")
+
+    def row(r: dict) -> str:
+        return (f"{r['n']:>10,} {r['adamw_s'] * 1e3:>9.1f} {r['compiled_s'] * 1e3:>16.1f} "
+                f"{r['compiled_s'] / r['adamw_s']:>6.2f} {r['eager_s'] * 1e3:>13.1f} "
+                f"{r['eager_s'] / r['adamw_s']:>6.2f} {r['compiled_state_bpp']:>14.0f} {r['adamw_state_bpp']:>6.0f} "
+                f"{r['compiled_temp_mb']:>12.1f} {r['adamw_temp_mb']:>6.1f}")
+
+    table("lean student (4 floats of state per parameter); each row: medians of the same steps, side by side",
+          header, models, lambda params: bench_lean(params, repeats), row)
 
 
 def bench_normalized(params: list[torch.Tensor], repeats: int) -> dict[str, float]:
@@ -219,21 +227,22 @@ def bench_normalized(params: list[torch.Tensor], repeats: int) -> dict[str, floa
 
 
 def main_normalized(models: list[tuple[int, int]], repeats: int) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); normalized student (4 floats of state "
-          f"per parameter); each time the median of {repeats} steps, side by side")
     header = (f"{'params':>10} {'adamw ms':>9} {'bare ms':>8} {'ratio':>6} {'harness ms':>10} {'ratio':>6} "
               f"{'state B/p':>9} {'adamw':>6} {'ratio':>6} {'temp MB':>8} {'adamw':>6}")
-    print(header)
-    print("-" * len(header))
-    for width, depth in models:
-        model = mlp(width, depth)
-        r = bench_normalized(list(model.parameters()), repeats)
-        print(f"{r['n']:>10,} {r['adamw_s'] * 1e3:>9.1f} {r['bare_s'] * 1e3:>8.1f} {r['bare_s'] / r['adamw_s']:>6.2f} "
-              f"{r['harness_s'] * 1e3:>10.1f} {r['harness_s'] / r['adamw_s']:>6.2f} {r['bare_state_bpp']:>9.0f} "
-              f"{r['adamw_state_bpp']:>6.0f} {r['bare_state_bpp'] / r['adamw_state_bpp']:>6.2f} "
-              f"{r['bare_temp_mb']:>8.1f} {r['adamw_temp_mb']:>6.1f}")
-        del model
-        gc.collect()
+
+    def row(r: dict) -> str:
+        ms = {k: r[f"{k}_s"] * 1e3 for k in ("adamw", "bare", "harness")}
+        cells = [f"{r['n']:>10,}", f"{ms['adamw']:>9.1f}"]
+        for name, width in (("bare", 8), ("harness", 10)):
+            cells += [f"{ms[name]:>{width}.1f}", f"{ms[name] / ms['adamw']:>6.2f}"]
+        state = (r["bare_state_bpp"], r["adamw_state_bpp"])
+        cells += [f"{state[0]:>9.0f}", f"{state[1]:>6.0f}", f"{state[0] / state[1]:>6.2f}",
+                  f"{r['bare_temp_mb']:>8.1f}", f"{r['adamw_temp_mb']:>6.1f}"]
+        return " ".join(cells)
+
+    table(f"normalized student (4 floats of state per parameter), bare and with its whole harness; each time the "
+          f"median of {repeats} steps, side by side", header, models, lambda params: bench_normalized(params, repeats),
+          row)
 
 
 def synchronize(device: torch.device) -> None:

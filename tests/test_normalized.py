@@ -68,15 +68,15 @@ def reference(net: Normalized, g, state, shapes, lr):
 
 
 def inputs(shapes=SHAPES, seed=0, step=3):
+    """A gradient over 5 decades and a state after ``step`` steps; the first 7 coordinates never had a gradient
+    (v = 0), so they must not move."""
     n = sum(math.prod(s) for s in shapes)
     gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(n, generator=gen) * 10 ** torch.empty(n).uniform_(-4, 1, generator=gen)
-    g[:7] = 0.0  # never-touched coordinates (v stays 0) must not move
-    state = {k: torch.randn(n, generator=gen) * 1e-2 for k in ("m0", "m1", "m2")}
-    state["v"] = torch.rand(n, generator=gen) * 1e-2
-    state["v"][:7] = 0.0
-    state["m0"][:7] = state["m1"][:7] = state["m2"][:7] = 0.0
-    state["step"] = step
+    g, m0, m1, m2, v = torch.randn(5, n, generator=gen) * torch.tensor([[1.0], [1e-2], [1e-2], [1e-2], [1e-1]])
+    g *= 10 ** torch.empty(n).uniform_(-4, 1, generator=gen)
+    state = {"m0": m0, "m1": m1, "m2": m2, "v": v.square(), "step": step}
+    for t in (g, m0, m1, m2, state["v"]):
+        t[:7] = 0.0
     return g, state
 
 
@@ -313,3 +313,11 @@ def test_meta_trained_saved_loaded_and_used(tmp_path):
         opt.step()
         opt.zero_grad()
     assert rms(model.weight.detach() - before) > 0 and torch.isfinite(model.weight).all()
+
+
+def test_an_empty_parameter_is_stepped_with_the_others():
+    empty, weight = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.ones(4, 3))
+    opt = AmalgamOptimizer([empty, weight], student=student())
+    empty.grad, weight.grad = torch.zeros(0), torch.full((4, 3), 0.5)
+    opt.step()
+    assert rms(1 - weight.detach()) == pytest.approx(1e-3, rel=1e-4) and empty.numel() == 0

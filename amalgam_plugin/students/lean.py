@@ -38,14 +38,50 @@ class LeanConfig(StudentConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_int("hidden_size", self.hidden_size, 2, 256)
-        if not isinstance(self.betas, list) or len(self.betas) != 3:
-            raise ValueError(f"betas must be a list of 3 momentum decays, got {self.betas!r}")
-        for i, beta in enumerate(self.betas):
-            check_real(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
-        check_real("beta2", self.beta2, 0.0, 1.0, high_open=True)
-        check_real("epsilon", self.epsilon, 0.0, 1.0, low_open=True)
+        check_moments(self)
         check_real("output_scale", self.output_scale, 0.0, 100.0, low_open=True)
+
+
+def check_moments(config: StudentConfig) -> None:
+    """The fields of a small MLP over three momenta and a second moment (the lean and normalized students)."""
+    check_int("hidden_size", config.hidden_size, 2, 256)
+    if not isinstance(config.betas, list) or len(config.betas) != 3:
+        raise ValueError(f"betas must be a list of 3 momentum decays, got {config.betas!r}")
+    for i, beta in enumerate(config.betas):
+        check_real(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    check_real("beta2", config.beta2, 0.0, 1.0, high_open=True)
+    check_real("epsilon", config.epsilon, 0.0, 1.0, low_open=True)
+
+
+def start_at_momentum_(hidden: Dense, delta: Dense, generator: torch.Generator | None, gain: float) -> None:
+    """The MLP's output starts at ``gain · x₂`` (the β = 0.9 momentum feature): hidden units 0 and 1 carry ±x₂
+    and the output reads their difference; the other units start random with small output weights."""
+    hidden.reset_parameters(generator)
+    delta.reset_parameters(generator)
+    with torch.no_grad():
+        delta.kernel.mul_(0.1)
+        hidden.kernel[:, :2] = 0.0
+        hidden.kernel[2, 0], hidden.kernel[2, 1] = 1.0, -1.0
+        delta.kernel[0, 0], delta.kernel[1, 0] = gain, -gain
+
+
+def mlp_weights(student: nn.Module, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``W₁, b₁, w₂ (flat), b₂`` of a lean-style student in float32 on ``device``, for a runtime kernel."""
+    return tuple(t.detach().to(device, torch.float32) for t in (
+        student.hidden.kernel, student.hidden.bias, student.delta.kernel.flatten(), student.delta.bias))
+
+
+def compiled_or_false(function, probe: tuple, name: str):
+    """``function`` compiled by ``torch.compile`` and run once on ``probe``, or False (with a warning) where no
+    compiler works: the caller's eager path computes the same."""
+    try:
+        compiled = torch.compile(function, dynamic=True, fullgraph=True)
+        compiled(*probe)
+        return compiled
+    except Exception as err:  # noqa: BLE001 (no compiler here)
+        logger.warning("torch.compile unavailable for the %s student's step (%s); using the eager path", name,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return False
 
 
 def rank_feature(rank: int | Tensor | None, like: Tensor) -> Tensor:
@@ -72,13 +108,7 @@ class Lean(nn.Module, HubStudent):
         """Start at a momentum rule, Δ ≈ 0.1·tanh(INIT_GAIN · m₂/√v) (β 0.9): hidden units 0 and 1 carry ±m₂/√v
         and the output reads their difference; the other units start random with small output weights.
         Meta-training from a random MLP first spends its budget escaping diverging rules."""
-        self.hidden.reset_parameters(generator)
-        self.delta.reset_parameters(generator)
-        with torch.no_grad():
-            self.delta.kernel.mul_(0.1)
-            self.hidden.kernel[:, :2] = 0.0
-            self.hidden.kernel[2, 0], self.hidden.kernel[2, 1] = 1.0, -1.0
-            self.delta.kernel[0, 0], self.delta.kernel[1, 0] = INIT_GAIN, -INIT_GAIN
+        start_at_momentum_(self.hidden, self.delta, generator, INIT_GAIN)
 
     def init_state(self, n: int, like: Tensor) -> State:
         return {k: like.new_zeros(n) for k in STATE_KEYS}
@@ -156,10 +186,7 @@ class LeanKernel:
     def __init__(self, student: Lean, device: torch.device, chunk_size: int | None = None):
         self.config = student.config
         self.constants = _constants(student)
-        self.w1 = student.hidden.kernel.detach().to(device, torch.float32)
-        self.b1 = student.hidden.bias.detach().to(device, torch.float32)
-        self.w2 = student.delta.kernel.detach().to(device, torch.float32).flatten()
-        self.b2 = student.delta.bias.detach().to(device, torch.float32)
+        self.w1, self.b1, self.w2, self.b2 = mlp_weights(student, device)
         self.chunk = chunk_size or EAGER_CHUNK
         self.mode = _compiler_mode()
         self._compiled = None  # built on first use; False once a compiler failed
@@ -192,15 +219,10 @@ class LeanKernel:
 
     def _compiled_step(self):
         if self._compiled is None:
-            try:
-                step = torch.compile(elementwise_step, dynamic=True, fullgraph=True)
-                probe = [torch.zeros(4, device=self.w1.device) for _ in range(6)]
-                step(*probe, torch.tensor(0.0, device=self.w1.device), 0.0, self.constants)
-                self._compiled = step
-            except Exception as err:  # noqa: BLE001 (no compiler here: the eager path computes the same)
-                logger.warning("torch.compile unavailable for the lean student's step (%s); using the eager "
-                               "path", str(err).splitlines()[0] if str(err) else type(err).__name__)
-                self._compiled = False
+            device = self.w1.device
+            probe = (*(torch.zeros(4, device=device) for _ in range(6)), torch.tensor(0.0, device=device), 0.0,
+                     self.constants)
+            self._compiled = compiled_or_false(elementwise_step, probe, "lean")
         return self._compiled or None
 
     def _workspace(self, largest: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

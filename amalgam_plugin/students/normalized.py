@@ -33,7 +33,6 @@ The student works per tensor, so it takes the tensors' shapes where coordinate-w
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,9 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Dense, HubStudent, State, StudentConfig, check_int, check_real
-from .lean import COMPILE_MIN, _compiler_mode
-
-logger = logging.getLogger(__name__)
+from .lean import COMPILE_MIN, _compiler_mode, check_moments, compiled_or_false, mlp_weights, start_at_momentum_
 
 STATE_KEYS = ("m0", "m1", "m2", "v")
 ADAM_MOMENT = "m1"  # the momentum at β = 0.9: AdamW's first moment in the harness
@@ -70,13 +67,7 @@ class NormalizedConfig(StudentConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_int("hidden_size", self.hidden_size, 2, 256)
-        if not isinstance(self.betas, list) or len(self.betas) != 3:
-            raise ValueError(f"betas must be a list of 3 momentum decays, got {self.betas!r}")
-        for i, beta in enumerate(self.betas):
-            check_real(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
-        check_real("beta2", self.beta2, 0.0, 1.0, high_open=True)
-        check_real("epsilon", self.epsilon, 0.0, 1.0, low_open=True)
+        check_moments(self)
         check_real("lr", self.lr, 0.0, 10.0, low_open=True)
         for name in ("orthogonalize", "adamw_1d"):
             if not isinstance(getattr(self, name), bool):
@@ -143,13 +134,7 @@ class Normalized(nn.Module, HubStudent):
         """Start at normalized Adam, ``y = m̂₂/d``: hidden units 0 and 1 carry ±m̂₂/d and the output reads their
         difference; the other units start random with small output weights (a random MLP first spends
         meta-training escaping diverging rules, docs/method.md#lean)."""
-        self.hidden.reset_parameters(generator)
-        self.delta.reset_parameters(generator)
-        with torch.no_grad():
-            self.delta.kernel.mul_(0.1)
-            self.hidden.kernel[:, :2] = 0.0
-            self.hidden.kernel[2, 0], self.hidden.kernel[2, 1] = 1.0, -1.0
-            self.delta.kernel[0, 0], self.delta.kernel[1, 0] = 1.0, -1.0
+        start_at_momentum_(self.hidden, self.delta, generator, 1.0)
 
     def init_state(self, n: int, like: Tensor) -> State:
         return {k: like.new_zeros(n) for k in STATE_KEYS}
@@ -240,10 +225,7 @@ class NormalizedKernel:
 
     def __init__(self, student: Normalized, device: torch.device, chunk_size: int | None = None):
         self.config = student.config
-        self.w1 = student.hidden.kernel.detach().to(device, torch.float32)
-        self.b1 = student.hidden.bias.detach().to(device, torch.float32)
-        self.w2 = student.delta.kernel.detach().to(device, torch.float32).flatten()
-        self.b2 = student.delta.bias.detach().to(device, torch.float32)
+        self.w1, self.b1, self.w2, self.b2 = mlp_weights(student, device)
         self.chunk = chunk_size or EAGER_CHUNK
         self.constants = {"betas": [float(b) for b in self.config.betas], "beta2": float(self.config.beta2),
                           "w1": student.hidden.kernel.detach().double().tolist(),
@@ -277,20 +259,17 @@ class NormalizedKernel:
 
     def _compiled_rule(self):
         if self._compiled is None:
-            try:
-                rule = torch.compile(fused_rule, dynamic=True, fullgraph=True)
-                probe = [torch.zeros(4, device=self.w1.device) for _ in range(6)]
-                rule(*probe, torch.ones(5, device=self.w1.device), 0.0, self.constants)
-                self._compiled = rule
-            except Exception as err:  # noqa: BLE001 (no compiler here: the eager path computes the same)
-                logger.warning("torch.compile unavailable for the normalized student's step (%s); using the eager "
-                               "path", str(err).splitlines()[0] if str(err) else type(err).__name__)
-                self._compiled = False
+            device = self.w1.device
+            probe = (*(torch.zeros(4, device=device) for _ in range(6)), torch.ones(5, device=device), 0.0,
+                     self.constants)
+            self._compiled = compiled_or_false(fused_rule, probe, "normalized")
         return self._compiled or None
 
     def _one(self, p: Tensor, g: Tensor, s: State, lr: float, shape: tuple[int, ...], out: Tensor,
              work: tuple[Tensor, Tensor] | None, compiled) -> None:
         cfg = self.config
+        if p.numel() == 0:  # nothing to update (nor an RMS to take)
+            return
         step = int(s["step"])  # the optimizer's count, this step included
         moment_fixes, second_fix = corrections(cfg, step)
         if cfg.adamw_1d and len(shape) <= 1:  # AdamW as torch.optim.AdamW computes it
