@@ -4,6 +4,7 @@
     python benchmarks/step_overhead.py --quick    # small sizes, few repeats (< 1 minute)
     python benchmarks/step_overhead.py --student lean   # the lean student: compiled and eager steps vs AdamW
     python benchmarks/step_overhead.py --student normalized --threads 1   # the normalized student vs AdamW
+    python benchmarks/step_overhead.py --student normalized --harness     # ... and with its harness (Muon-like cost)
     python benchmarks/step_overhead.py --device cuda --dtype bfloat16   # both students vs AdamW on a GPU
 
 Only the optimizer step is timed (gradients are fixed random tensors; no forward/backward), after warm-up
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import statistics
 import time
@@ -206,15 +208,17 @@ def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
           header, models, lambda params: bench_lean(params, repeats), row)
 
 
-def bench_normalized(params: list[torch.Tensor], repeats: int) -> dict[str, float]:
-    """AdamW (foreach), the normalized student bare and with its whole harness, on the same parameters and
-    gradients; every time the median of ``repeats`` steps."""
+def bench_normalized(params: list[torch.Tensor], repeats: int, harness: bool) -> dict[str, float]:
+    """AdamW (foreach), the normalized student bare and (``harness``) with its whole harness, on the same
+    parameters and gradients; every time the median of ``repeats`` steps."""
     set_grads(params)
-    out = {"n": sum(p.numel() for p in params)}
+    out = {"n": sum(p.numel() for p in params), "harness_s": math.nan}
     makers = {"adamw": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True),
               "bare": lambda: AmalgamOptimizer(params, student=Normalized()),
               "harness": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(
                   orthogonalize=True, adamw_1d=True, weight_decay=0.1)))}
+    if not harness:
+        makers.pop("harness")
     for name, make in makers.items():
         opt = make()
         opt.step()  # the state
@@ -226,7 +230,7 @@ def bench_normalized(params: list[torch.Tensor], repeats: int) -> dict[str, floa
     return out
 
 
-def main_normalized(models: list[tuple[int, int]], repeats: int) -> None:
+def main_normalized(models: list[tuple[int, int]], repeats: int, harness: bool) -> None:
     header = (f"{'params':>10} {'adamw ms':>9} {'bare ms':>8} {'ratio':>6} {'harness ms':>10} {'ratio':>6} "
               f"{'state B/p':>9} {'adamw':>6} {'ratio':>6} {'temp MB':>8} {'adamw':>6}")
 
@@ -241,8 +245,8 @@ def main_normalized(models: list[tuple[int, int]], repeats: int) -> None:
         return " ".join(cells)
 
     table(f"normalized student (4 floats of state per parameter), bare and with its whole harness; each time the "
-          f"median of {repeats} steps, side by side", header, models, lambda params: bench_normalized(params, repeats),
-          row)
+          f"median of {repeats} steps, side by side", header, models,
+          lambda params: bench_normalized(params, repeats, harness), row)
 
 
 def synchronize(device: torch.device) -> None:
@@ -306,6 +310,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 1 minute)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--student", choices=("rnnprop", "lean", "normalized"), default="rnnprop")
+    parser.add_argument("--harness", action="store_true",
+                        help="--student normalized: also time its harness (Newton-Schulz: minutes per step at 25M)")
     parser.add_argument("--repeats", type=int, default=None, help="steps timed per median (default 3; 2 quick)")
     parser.add_argument("--device", default="cpu", help="cpu (the detailed tables) or cuda (both students vs AdamW)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -324,7 +330,7 @@ def main() -> None:
     if args.student == "lean":
         return main_lean(models, repeats)
     if args.student == "normalized":
-        return main_normalized(models, repeats)
+        return main_normalized(models, repeats, args.harness)
 
     fl = floors(student, CPU_CHUNK, repeats=5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), chunk {CPU_CHUNK}")
