@@ -321,3 +321,11 @@ def test_an_empty_parameter_is_stepped_with_the_others():
     empty.grad, weight.grad = torch.zeros(0), torch.full((4, 3), 0.5)
     opt.step()
     assert rms(1 - weight.detach()) == pytest.approx(1e-3, rel=1e-4) and empty.numel() == 0
+
+
+def test_the_meta_gradient_is_finite_where_a_coordinate_never_had_a_gradient():
+    net, (g, state) = student(), inputs()
+    g = g.clone().requires_grad_(True)  # second-order meta-training: the update is differentiated through g
+    delta, _ = net(g, state, SHAPES)
+    delta.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters()) and torch.isfinite(g.grad).all()

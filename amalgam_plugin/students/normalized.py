@@ -162,7 +162,8 @@ class Normalized(nn.Module, HubStudent):
         self.check_parameters(shapes)
         new = self.warmup_step(grad, state)
         moment_fixes, second_fix = corrections(cfg, new["step"])
-        denom = torch.sqrt(new["v"] / second_fix) + cfg.epsilon
+        # the floor keeps the meta-gradient finite where v = 0 (d√v/dv = inf); √1e-30 is far below ε
+        denom = torch.sqrt(new["v"].clamp_min(1e-30) / second_fix) + cfg.epsilon
         moments = [new[f"m{i}"] / fix for i, fix in enumerate(moment_fixes)]
         sizes = [math.prod(s) for s in shapes]
         matrix = torch.cat([grad.new_full((n,), float(len(s) >= 2)) for n, s in zip(sizes, shapes, strict=True)])
