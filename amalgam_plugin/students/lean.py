@@ -28,29 +28,38 @@ INIT_GAIN = 0.05  # the initial rule's step: 0.1 · 0.05 · m₂/√v, about Ada
 
 
 @dataclass
-class LeanConfig(StudentConfig):
+class MomentsConfig(StudentConfig):
+    """The fields of a small MLP over three momenta and a second moment (the lean and normalized students)."""
+
     hidden_size: int = 16
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.99])
     beta2: float = 0.99
     epsilon: float = 1e-12
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("hidden_size", self.hidden_size, 2, 256)
+        if not isinstance(self.betas, list) or len(self.betas) != 3:
+            raise ValueError(f"betas must be a list of 3 momentum decays, got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            check_real(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        check_real("beta2", self.beta2, 0.0, 1.0, high_open=True)
+        check_real("epsilon", self.epsilon, 0.0, 1.0, low_open=True)
+
+
+@dataclass
+class LeanConfig(MomentsConfig):
     output_scale: float = 0.1
     student_type: str = "lean"
 
     def validate(self) -> None:
         super().validate()
-        check_moments(self)
         check_real("output_scale", self.output_scale, 0.0, 100.0, low_open=True)
 
 
-def check_moments(config: StudentConfig) -> None:
-    """The fields of a small MLP over three momenta and a second moment (the lean and normalized students)."""
-    check_int("hidden_size", config.hidden_size, 2, 256)
-    if not isinstance(config.betas, list) or len(config.betas) != 3:
-        raise ValueError(f"betas must be a list of 3 momentum decays, got {config.betas!r}")
-    for i, beta in enumerate(config.betas):
-        check_real(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
-    check_real("beta2", config.beta2, 0.0, 1.0, high_open=True)
-    check_real("epsilon", config.epsilon, 0.0, 1.0, low_open=True)
+def mlp_layers(hidden_size: int, inputs: int = 5) -> tuple[Dense, Dense]:
+    """A lean-style student's MLP: ``inputs`` features → ``hidden_size`` units → one output."""
+    return Dense(inputs, hidden_size), Dense(hidden_size, 1)
 
 
 def start_at_momentum_(hidden: Dense, delta: Dense, generator: torch.Generator | None, gain: float) -> None:
@@ -71,12 +80,12 @@ def mlp_weights(student: nn.Module, device: torch.device) -> tuple[Tensor, Tenso
         student.hidden.kernel, student.hidden.bias, student.delta.kernel.flatten(), student.delta.bias))
 
 
-def compiled_or_false(function, probe: tuple, name: str):
-    """``function`` compiled by ``torch.compile`` and run once on ``probe``, or False (with a warning) where no
-    compiler works: the caller's eager path computes the same."""
+def compiled_or_false(function, tensor: Tensor, constants: dict, name: str):
+    """``function(6 tensors, tensor, matrix, constants)`` compiled by ``torch.compile`` and run once on a probe, or
+    False (with a warning) where no compiler works: the caller's eager path computes the same."""
     try:
         compiled = torch.compile(function, dynamic=True, fullgraph=True)
-        compiled(*probe)
+        compiled(*(torch.zeros(4, device=tensor.device) for _ in range(6)), tensor, 0.0, constants)
         return compiled
     except Exception as err:  # noqa: BLE001 (no compiler here)
         logger.warning("torch.compile unavailable for the %s student's step (%s); using the eager path", name,
@@ -100,8 +109,7 @@ class Lean(nn.Module, HubStudent):
     def __init__(self, config: LeanConfig | None = None):
         super().__init__()
         self.config = config or LeanConfig()
-        self.hidden = Dense(self.inputs, self.config.hidden_size)
-        self.delta = Dense(self.config.hidden_size, 1)
+        self.hidden, self.delta = mlp_layers(self.config.hidden_size, self.inputs)
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -219,10 +227,8 @@ class LeanKernel:
 
     def _compiled_step(self):
         if self._compiled is None:
-            device = self.w1.device
-            probe = (*(torch.zeros(4, device=device) for _ in range(6)), torch.tensor(0.0, device=device), 0.0,
-                     self.constants)
-            self._compiled = compiled_or_false(elementwise_step, probe, "lean")
+            lr = torch.tensor(0.0, device=self.w1.device)
+            self._compiled = compiled_or_false(elementwise_step, lr, self.constants, "lean")
         return self._compiled or None
 
     def _workspace(self, largest: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -34,14 +34,22 @@ The student works per tensor, so it takes the tensors' shapes where coordinate-w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import Dense, HubStudent, State, StudentConfig, check_int, check_real
-from .lean import COMPILE_MIN, _compiler_mode, check_moments, compiled_or_false, mlp_weights, start_at_momentum_
+from .base import HubStudent, State, check_int, check_real
+from .lean import (
+    COMPILE_MIN,
+    MomentsConfig,
+    _compiler_mode,
+    compiled_or_false,
+    mlp_layers,
+    mlp_weights,
+    start_at_momentum_,
+)
 
 STATE_KEYS = ("m0", "m1", "m2", "v")
 ADAM_MOMENT = "m1"  # the momentum at β = 0.9: AdamW's first moment in the harness
@@ -51,9 +59,7 @@ Shapes = list[tuple[int, ...]]
 
 
 @dataclass
-class NormalizedConfig(StudentConfig):
-    hidden_size: int = 16
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.99])
+class NormalizedConfig(MomentsConfig):
     beta2: float = 0.999
     epsilon: float = 1e-8
     lr: float = 1e-3  # meta-training's step RMS, and the optimizer's default lr
@@ -67,7 +73,6 @@ class NormalizedConfig(StudentConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_moments(self)
         check_real("lr", self.lr, 0.0, 10.0, low_open=True)
         for name in ("orthogonalize", "adamw_1d"):
             if not isinstance(getattr(self, name), bool):
@@ -121,13 +126,11 @@ class Normalized(nn.Module, HubStudent):
 
     student_type = "normalized"
     per_tensor = True  # takes the tensors' shapes where coordinate-wise students take ranks
-    inputs = 5
 
     def __init__(self, config: NormalizedConfig | None = None):
         super().__init__()
         self.config = config or NormalizedConfig()
-        self.hidden = Dense(self.inputs, self.config.hidden_size)
-        self.delta = Dense(self.config.hidden_size, 1)
+        self.hidden, self.delta = mlp_layers(self.config.hidden_size)  # the lean student's: 5 features
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -259,11 +262,9 @@ class NormalizedKernel:
             self._one(p, g, s, lr, shape, out[: p.numel()], work, compiled)
 
     def _compiled_rule(self):
-        if self._compiled is None:
-            device = self.w1.device
-            probe = (*(torch.zeros(4, device=device) for _ in range(6)), torch.ones(5, device=device), 0.0,
-                     self.constants)
-            self._compiled = compiled_or_false(fused_rule, probe, "normalized")
+        if self._compiled is None:  # probed with the scales of step 1
+            scales = self._scales(*corrections(self.config, 1))
+            self._compiled = compiled_or_false(fused_rule, scales, self.constants, "normalized")
         return self._compiled or None
 
     def _one(self, p: Tensor, g: Tensor, s: State, lr: float, shape: tuple[int, ...], out: Tensor,
