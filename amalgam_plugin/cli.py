@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .amalgamation import IMITATION_SCHEDULES, MECHANISMS
+from .heldout import cli as heldout_cli
 from .problems import PROBLEMS, evaluable_problem
 from .registry import Registry
 from .students import STUDENTS
@@ -86,6 +87,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _evaluate_suite(args: argparse.Namespace) -> int:
     from . import suite
 
+    if args.suite == "heldout":
+        return heldout_cli.evaluate(args)
+    heldout_cli.refuse_its_options(args)
     if not args.optimizers and not args.replicates:
         raise ValueError("nothing to evaluate: name at least one student or optimizer, or --replicates GLOB")
     for name in args.problems:
@@ -256,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at a time, each of one torch thread (1: in this process; default and most: one per CPU "
                         "core)")
     e.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")
+    heldout_cli.add_arguments(e)
     e.set_defaults(func=_evaluate)
 
     lst = sub.add_parser("list", help="print the bundled students, one 'NAME<TAB>description' per line")

@@ -3,8 +3,10 @@
 The rules (one each, everywhere):
 
 * ``lr`` multiplies the student's own update (1.0 = as trained); ``lr = 0`` leaves the parameters unchanged
-  (the state may still advance), so LR schedulers and DCP's ``lr = 0`` state initialisation work.
-* ``weight_decay`` is decoupled and in AdamW units: ``p -= lr * weight_decay * decay_ref_lr * p``.
+  (the state may still advance), so LR schedulers and DCP's ``lr = 0`` state initialisation work. A student
+  whose config has an ``lr`` (normalized: RMS 1 per tensor) takes AdamW's ``lr``, that value its default.
+* ``weight_decay`` is decoupled and in AdamW units: ``p -= lr * weight_decay * decay_ref_lr * p`` (default: the
+  student config's ``weight_decay``, else 0).
 * Warm-up: the first ``warmup_steps`` steps of every parameter are plain SGD at the student's ``warmup_lr``
   (times ``lr``); the student's moments advance, its LSTM state stays frozen.
 * Fallback groups (``use_fallback=True``, or parameters picked by ``fallback=``) run AdamW at
@@ -98,8 +100,10 @@ class AmalgamOptimizer(Optimizer):
         params: tensors, ``(name, tensor)`` pairs or param-group dicts, as for any torch optimizer.
         student: an ``nn.Module`` student, or a bundled name, folder or Hub repo id (resolved by
             ``amalgam_plugin.hub.load_student``). Default: :data:`DEFAULT_STUDENT`.
-        lr: multiplier on the student's update (1.0 = as trained).
-        weight_decay: decoupled, AdamW units (scaled by the student's ``decay_ref_lr``).
+        lr: multiplier on the student's update (1.0 = as trained, the default); AdamW's lr for a student whose
+            config has an ``lr`` (default: that ``lr``).
+        weight_decay: decoupled, AdamW units (scaled by the student's ``decay_ref_lr``); ``None`` = the
+            student config's ``weight_decay``, or 0.
         warmup_steps: SGD warm-up length per parameter; ``None`` = the student's config, 0 disables.
         maximize: ascend instead of descend.
         fallback: predicate ``(name, param) -> bool`` (or ``(param) -> bool`` without names) choosing
@@ -118,8 +122,8 @@ class AmalgamOptimizer(Optimizer):
         self,
         params: Iterable,
         student: nn.Module | str | os.PathLike = DEFAULT_STUDENT,
-        lr: float | Tensor = 1.0,
-        weight_decay: float = 0.0,
+        lr: float | Tensor | None = None,
+        weight_decay: float | None = None,
         warmup_steps: int | None = None,
         maximize: bool = False,
         fallback: Callable[..., bool] | None = None,
@@ -134,21 +138,26 @@ class AmalgamOptimizer(Optimizer):
         capturable: bool = False,
         fused: bool | None = None,
     ):
-        check_options(dict(lr=lr, weight_decay=weight_decay, fallback_lr=fallback_lr, eps=eps, betas=betas,
-                           warmup_steps=warmup_steps, chunk_size=chunk_size))
+        given = dict(lr=lr, weight_decay=weight_decay, fallback_lr=fallback_lr, eps=eps, betas=betas,
+                     warmup_steps=warmup_steps, chunk_size=chunk_size)
+        check_options({k: v for k, v in given.items() if v is not None})  # None: the student's own default
         if differentiable or capturable or fused:
             raise ValueError(
                 "AmalgamOptimizer supports differentiable=False, capturable=False, fused=None/False only: "
                 "the student runs frozen under torch.no_grad"
             )
-        if 0 < float(lr) < 0.05:
+
+        self.student = _resolve_student(student, revision)
+        own_lr = getattr(self.student.config, "lr", None)  # the student's update is normalized: lr is AdamW's
+        lr = (1.0 if own_lr is None else own_lr) if lr is None else lr
+        if own_lr is None and 0 < float(lr) < 0.05:
             warnings.warn(
                 f"AmalgamOptimizer's lr multiplies the student's own update (1.0 = as trained): lr={float(lr):g} "
                 f"makes every update {1 / float(lr):.0f}x smaller; an AdamW-style learning rate is not needed",
                 stacklevel=2,
             )
-
-        self.student = _resolve_student(student, revision)
+        if weight_decay is None:
+            weight_decay = float(getattr(self.student.config, "weight_decay", 0.0))
         self.student.requires_grad_(False)
         self.student.eval()
         self.chunk_size = chunk_size
@@ -173,6 +182,9 @@ class AmalgamOptimizer(Optimizer):
             student_id=self._student_id,
         )
         super().__init__(self._split_fallback(params), defaults)
+        check = getattr(self.student, "check_parameters", None)  # a student that cannot step these tensors
+        if check is not None:
+            check([tuple(_local(p).shape) for g in self.param_groups if not g["use_fallback"] for p in g["params"]])
         self._register_hooks()
         self._warn_if_state_large()
 
@@ -449,8 +461,10 @@ class AmalgamOptimizer(Optimizer):
             _write_back(same, flats)
         for same in _by_device_and_dtype(learned):
             flats, grads = [_flat_view(p) for p in same], [_flat_grad(p, sign) for p in same]
-            self._kernel(same[0].device).step(flats, grads, [self.state[p] for p in same], lr,
-                                              [p.dim() for p in same])
+            kernel = self._kernel(same[0].device)
+            # a per-tensor kernel (normalizing whole tensors) gets their shapes where others get ranks
+            structure = [tuple(_local(p).shape) if getattr(kernel, "per_tensor", False) else p.dim() for p in same]
+            kernel.step(flats, grads, [self.state[p] for p in same], lr, structure)
             _write_back(same, flats)
 
 

@@ -3,6 +3,8 @@
     python benchmarks/step_overhead.py            # 1M, 10M, 25M parameters (a few minutes on 2 cores)
     python benchmarks/step_overhead.py --quick    # small sizes, few repeats (< 1 minute)
     python benchmarks/step_overhead.py --student lean   # the lean student: compiled and eager steps vs AdamW
+    python benchmarks/step_overhead.py --student normalized --threads 1   # the normalized student vs AdamW
+    python benchmarks/step_overhead.py --student normalized --harness     # ... and with its harness (Muon-like cost)
     python benchmarks/step_overhead.py --device cuda --dtype bfloat16   # both students vs AdamW on a GPU
 
 Only the optimizer step is timed (gradients are fixed random tensors; no forward/backward), after warm-up
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import statistics
 import time
@@ -34,6 +37,7 @@ from torch import nn
 from amalgam_plugin.hub import load_student
 from amalgam_plugin.optim import AmalgamOptimizer
 from amalgam_plugin.students import Lean, RNNProp
+from amalgam_plugin.students.normalized import Normalized, NormalizedConfig
 from amalgam_plugin.students.rnnprop_kernel import CPU_CHUNK, RNNPropKernel
 
 MB = 1024**2
@@ -178,22 +182,71 @@ def bench_lean(params: list[torch.Tensor], repeats: int) -> dict[str, float]:
     return out
 
 
-def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); lean student (4 floats of state per "
-          "parameter); each row: medians of the same steps, side by side")
-    header = (f"{'params':>10} {'adamw ms':>9} {'lean compiled ms':>16} {'ratio':>6} {'lean eager ms':>13} "
-              f"{'ratio':>6} {'state B/p lean':>14} {'adamw':>6} {'temp MB lean':>12} {'adamw':>6}")
+def table(title: str, header: str, models: list[tuple[int, int]], bench, row) -> None:
+    """One row per MLP of ``models``: ``row(bench(its parameters))``."""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {title}")
     print(header)
     print("-" * len(header))
     for width, depth in models:
         model = mlp(width, depth)
-        r = bench_lean(list(model.parameters()), repeats)
-        print(f"{r['n']:>10,} {r['adamw_s'] * 1e3:>9.1f} {r['compiled_s'] * 1e3:>16.1f} "
-              f"{r['compiled_s'] / r['adamw_s']:>6.2f} {r['eager_s'] * 1e3:>13.1f} {r['eager_s'] / r['adamw_s']:>6.2f} "
-              f"{r['compiled_state_bpp']:>14.0f} {r['adamw_state_bpp']:>6.0f} {r['compiled_temp_mb']:>12.1f} "
-              f"{r['adamw_temp_mb']:>6.1f}")
+        print(row(bench(list(model.parameters()))))
         del model
         gc.collect()
+
+
+def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
+    header = (f"{'params':>10} {'adamw ms':>9} {'lean compiled ms':>16} {'ratio':>6} {'lean eager ms':>13} "
+              f"{'ratio':>6} {'state B/p lean':>14} {'adamw':>6} {'temp MB lean':>12} {'adamw':>6}")
+
+    def row(r: dict) -> str:
+        return (f"{r['n']:>10,} {r['adamw_s'] * 1e3:>9.1f} {r['compiled_s'] * 1e3:>16.1f} "
+                f"{r['compiled_s'] / r['adamw_s']:>6.2f} {r['eager_s'] * 1e3:>13.1f} "
+                f"{r['eager_s'] / r['adamw_s']:>6.2f} {r['compiled_state_bpp']:>14.0f} {r['adamw_state_bpp']:>6.0f} "
+                f"{r['compiled_temp_mb']:>12.1f} {r['adamw_temp_mb']:>6.1f}")
+
+    table("lean student (4 floats of state per parameter); each row: medians of the same steps, side by side",
+          header, models, lambda params: bench_lean(params, repeats), row)
+
+
+def bench_normalized(params: list[torch.Tensor], repeats: int, harness: bool) -> dict[str, float]:
+    """AdamW (foreach), the normalized student bare and (``harness``) with its whole harness, on the same
+    parameters and gradients; every time the median of ``repeats`` steps."""
+    set_grads(params)
+    out = {"n": sum(p.numel() for p in params), "harness_s": math.nan}
+    makers = {"adamw": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True),
+              "bare": lambda: AmalgamOptimizer(params, student=Normalized()),
+              "harness": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(
+                  orthogonalize=True, adamw_1d=True, weight_decay=0.1)))}
+    if not harness:
+        makers.pop("harness")
+    for name, make in makers.items():
+        opt = make()
+        opt.step()  # the state
+        out[f"{name}_s"] = median_time(opt.step, repeats, warm=1)
+        out[f"{name}_temp_mb"] = peak_temp_mb(opt.step)
+        out[f"{name}_state_bpp"] = state_bytes(opt) / out["n"]
+        del opt
+        gc.collect()
+    return out
+
+
+def main_normalized(models: list[tuple[int, int]], repeats: int, harness: bool) -> None:
+    header = (f"{'params':>10} {'adamw ms':>9} {'bare ms':>8} {'ratio':>6} {'harness ms':>10} {'ratio':>6} "
+              f"{'state B/p':>9} {'adamw':>6} {'ratio':>6} {'temp MB':>8} {'adamw':>6}")
+
+    def row(r: dict) -> str:
+        ms = {k: r[f"{k}_s"] * 1e3 for k in ("adamw", "bare", "harness")}
+        cells = [f"{r['n']:>10,}", f"{ms['adamw']:>9.1f}"]
+        for name, width in (("bare", 8), ("harness", 10)):
+            cells += [f"{ms[name]:>{width}.1f}", f"{ms[name] / ms['adamw']:>6.2f}"]
+        state = (r["bare_state_bpp"], r["adamw_state_bpp"])
+        cells += [f"{state[0]:>9.0f}", f"{state[1]:>6.0f}", f"{state[0] / state[1]:>6.2f}",
+                  f"{r['bare_temp_mb']:>8.1f}", f"{r['adamw_temp_mb']:>6.1f}"]
+        return " ".join(cells)
+
+    table(f"normalized student (4 floats of state per parameter), bare and with its whole harness; each time the "
+          f"median of {repeats} steps, side by side", header, models,
+          lambda params: bench_normalized(params, repeats, harness), row)
 
 
 def synchronize(device: torch.device) -> None:
@@ -256,7 +309,10 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 1 minute)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--student", choices=("rnnprop", "lean"), default="rnnprop")
+    parser.add_argument("--student", choices=("rnnprop", "lean", "normalized"), default="rnnprop")
+    parser.add_argument("--harness", action="store_true",
+                        help="--student normalized: also time its harness (Newton-Schulz: minutes per step at 25M)")
+    parser.add_argument("--repeats", type=int, default=None, help="steps timed per median (default 3; 2 quick)")
     parser.add_argument("--device", default="cpu", help="cpu (the detailed tables) or cuda (both students vs AdamW)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter dtype; other than float32, or on cuda, the short table of both students")
@@ -269,10 +325,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     student = paper_student()
-    repeats = 2 if args.quick else 3
+    repeats = args.repeats or (2 if args.quick else 3)
     models = [(256, 4), (512, 4)] if args.quick else [(512, 4), (1024, 10), (1600, 10)]
     if args.student == "lean":
         return main_lean(models, repeats)
+    if args.student == "normalized":
+        return main_normalized(models, repeats, args.harness)
 
     fl = floors(student, CPU_CHUNK, repeats=5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), chunk {CPU_CHUNK}")

@@ -79,6 +79,12 @@ class Trajectory:
     skipped_steps: int = 0
     noise: torch.Generator | None = None  # the random perturbations' draws along this trajectory
     problem: Problem | None = None  # the problem it runs on (a mixture's draw)
+    per_tensor: bool = False  # the student takes the tensors' shapes, not the coordinates' ranks
+
+    def structure(self) -> Tensor | list[torch.Size]:
+        """The student's third argument: the coordinates' ranks, or the tensors' shapes for a student that
+        works per tensor (``per_tensor``: it normalizes or orthogonalizes whole tensors)."""
+        return self.layout.shapes if self.per_tensor else self.ranks
 
 
 def new_trajectory(
@@ -122,6 +128,7 @@ def new_trajectory(
     return Trajectory(
         layout, ranks, scale, params, state, batches, list(teachers),
         [params.clone() for _ in teachers], teacher_states, problem=problem,
+        per_tensor=getattr(student, "per_tensor", False),
     )
 
 
@@ -189,7 +196,7 @@ def unroll(
             reference = flat_loss(problem, traj.layout, theta_start, batch)
         log_terms.append(log_improvement(objective if differentiable else objective.detach(), reference))
         ran += 1
-        delta, new_state = student(grad, state, traj.ranks)
+        delta, new_state = student(grad, state, traj.structure())
         if _finite(delta):
             params, state = params - delta, new_state
         else:

@@ -19,6 +19,7 @@ from .base import Student, StudentConfig
 from .choice import ChoiceConfig, ChoiceNet
 from .kernel import ModuleKernel, RuntimeKernel
 from .lean import Lean, LeanConfig, LeanKernel
+from .normalized import Normalized, NormalizedConfig, NormalizedKernel
 from .rnnprop import RNNProp, RNNPropConfig
 from .rnnprop_kernel import RNNPropKernel
 
@@ -72,8 +73,10 @@ STUDENTS = student_types(
                 LeanKernel),
     StudentType(ChoiceNet, "the choice network: a learned soft choice among a pool's updates (choice amalgamation)",
                 trainable=False),
+    StudentType(Normalized, "normalized: lean's MLP with its update RMS-normalized per tensor (lr is AdamW's), "
+                "optional Celo2-style harness, 4 floats of state per parameter", NormalizedKernel),
 )
 
 
-__all__ = ["STUDENTS", "ChoiceConfig", "ChoiceNet", "Lean", "LeanConfig", "RNNProp", "RNNPropConfig", "Student",
-           "StudentConfig", "StudentType", "student_types"]
+__all__ = ["STUDENTS", "ChoiceConfig", "ChoiceNet", "Lean", "LeanConfig", "Normalized", "NormalizedConfig", "RNNProp",
+           "RNNPropConfig", "Student", "StudentConfig", "StudentType", "student_types"]

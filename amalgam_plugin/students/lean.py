@@ -29,15 +29,13 @@ INIT_GAIN = 0.05  # the initial rule's step: 0.1 · 0.05 · m₂/√v, about Ada
 
 
 @dataclass
-class LeanConfig(StudentConfig):
-    student_type: ClassVar[str] = "lean"
-    card_fields: ClassVar[tuple[str, ...]] = ("hidden_size", "output_scale", "betas", "beta2", "epsilon")
+class MomentsConfig(StudentConfig):
+    """The fields of a small MLP over three momenta and a second moment (the lean and normalized students)."""
 
     hidden_size: int = 16
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.99])
     beta2: float = 0.99
     epsilon: float = 1e-12
-    output_scale: float = 0.1
 
     def validate(self) -> None:
         super().validate()
@@ -48,7 +46,54 @@ class LeanConfig(StudentConfig):
             check_real(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
         check_real("beta2", self.beta2, 0.0, 1.0, high_open=True)
         check_real("epsilon", self.epsilon, 0.0, 1.0, low_open=True)
+
+
+@dataclass
+class LeanConfig(MomentsConfig):
+    student_type: ClassVar[str] = "lean"
+    card_fields: ClassVar[tuple[str, ...]] = ("hidden_size", "output_scale", "betas", "beta2", "epsilon")
+
+    output_scale: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
         check_real("output_scale", self.output_scale, 0.0, 100.0, low_open=True)
+
+
+def mlp_layers(hidden_size: int, inputs: int = 5) -> tuple[Dense, Dense]:
+    """A lean-style student's MLP: ``inputs`` features → ``hidden_size`` units → one output."""
+    return Dense(inputs, hidden_size), Dense(hidden_size, 1)
+
+
+def start_at_momentum_(hidden: Dense, delta: Dense, generator: torch.Generator | None, gain: float) -> None:
+    """The MLP's output starts at ``gain · x₂`` (the β = 0.9 momentum feature): hidden units 0 and 1 carry ±x₂
+    and the output reads their difference; the other units start random with small output weights."""
+    hidden.reset_parameters(generator)
+    delta.reset_parameters(generator)
+    with torch.no_grad():
+        delta.kernel.mul_(0.1)
+        hidden.kernel[:, :2] = 0.0
+        hidden.kernel[2, 0], hidden.kernel[2, 1] = 1.0, -1.0
+        delta.kernel[0, 0], delta.kernel[1, 0] = gain, -gain
+
+
+def mlp_weights(student: nn.Module, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``W₁, b₁, w₂ (flat), b₂`` of a lean-style student in float32 on ``device``, for a runtime kernel."""
+    return tuple(t.detach().to(device, torch.float32) for t in (
+        student.hidden.kernel, student.hidden.bias, student.delta.kernel.flatten(), student.delta.bias))
+
+
+def compiled_or_false(function, tensor: Tensor, constants: dict, name: str):
+    """``function(6 tensors, tensor, matrix, constants)`` compiled by ``torch.compile`` and run once on a probe, or
+    False (with a warning) where no compiler works: the caller's eager path computes the same."""
+    try:
+        compiled = torch.compile(function, dynamic=True, fullgraph=True)
+        compiled(*(torch.zeros(4, device=tensor.device) for _ in range(6)), tensor, 0.0, constants)
+        return compiled
+    except Exception as err:  # noqa: BLE001 (no compiler here)
+        logger.warning("torch.compile unavailable for the %s student's step (%s); using the eager path", name,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return False
 
 
 def rank_feature(rank: int | Tensor | None, like: Tensor) -> Tensor:
@@ -67,21 +112,14 @@ class Lean(nn.Module, HubStudent):
     def __init__(self, config: LeanConfig | None = None):
         super().__init__()
         self.config = config or LeanConfig()
-        self.hidden = Dense(self.inputs, self.config.hidden_size)
-        self.delta = Dense(self.config.hidden_size, 1)
+        self.hidden, self.delta = mlp_layers(self.config.hidden_size, self.inputs)
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Start at a momentum rule, Δ ≈ 0.1·tanh(INIT_GAIN · m₂/√v) (β 0.9): hidden units 0 and 1 carry ±m₂/√v
         and the output reads their difference; the other units start random with small output weights.
         Meta-training from a random MLP first spends its budget escaping diverging rules."""
-        self.hidden.reset_parameters(generator)
-        self.delta.reset_parameters(generator)
-        with torch.no_grad():
-            self.delta.kernel.mul_(0.1)
-            self.hidden.kernel[:, :2] = 0.0
-            self.hidden.kernel[2, 0], self.hidden.kernel[2, 1] = 1.0, -1.0
-            self.delta.kernel[0, 0], self.delta.kernel[1, 0] = INIT_GAIN, -INIT_GAIN
+        start_at_momentum_(self.hidden, self.delta, generator, INIT_GAIN)
 
     def init_state(self, n: int, like: Tensor) -> State:
         return {k: like.new_zeros(n) for k in STATE_KEYS}
@@ -159,10 +197,7 @@ class LeanKernel:
     def __init__(self, student: Lean, device: torch.device, chunk_size: int | None = None):
         self.config = student.config
         self.constants = _constants(student)
-        self.w1 = student.hidden.kernel.detach().to(device, torch.float32)
-        self.b1 = student.hidden.bias.detach().to(device, torch.float32)
-        self.w2 = student.delta.kernel.detach().to(device, torch.float32).flatten()
-        self.b2 = student.delta.bias.detach().to(device, torch.float32)
+        self.w1, self.b1, self.w2, self.b2 = mlp_weights(student, device)
         self.chunk = chunk_size or EAGER_CHUNK
         self.mode = _compiler_mode()
         self._compiled = None  # built on first use; False once a compiler failed
@@ -195,15 +230,8 @@ class LeanKernel:
 
     def _compiled_step(self):
         if self._compiled is None:
-            try:
-                step = torch.compile(elementwise_step, dynamic=True, fullgraph=True)
-                probe = [torch.zeros(4, device=self.w1.device) for _ in range(6)]
-                step(*probe, torch.tensor(0.0, device=self.w1.device), 0.0, self.constants)
-                self._compiled = step
-            except Exception as err:  # noqa: BLE001 (no compiler here: the eager path computes the same)
-                logger.warning("torch.compile unavailable for the lean student's step (%s); using the eager "
-                               "path", str(err).splitlines()[0] if str(err) else type(err).__name__)
-                self._compiled = False
+            lr = torch.tensor(0.0, device=self.w1.device)
+            self._compiled = compiled_or_false(elementwise_step, lr, self.constants, "lean")
         return self._compiled or None
 
     def _workspace(self, largest: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
