@@ -32,6 +32,7 @@ from ..threads import torch_threads
 from .curriculum import SELECTIONS, Curriculum, CurriculumConfig
 from .distributed import Group, agreed, launched_group, launched_world_size, resolve_device
 from .perturbations import PERTURBATIONS, Perturbation
+from .pes import check_memory, optimizee_size, state_floats
 from .presets import PRESETS, Preset
 from .unroll import frozen_choice_teacher
 
@@ -80,7 +81,23 @@ def check_request(pool, mechanism: str, preset: str | Preset, problem: str | Pro
     if perturbation is not None and perturbation.active and recipe.student.perturbation != "none":
         raise ValueError(f"preset {recipe.name!r} already perturbs ({recipe.student.perturbation}); pass one or "
                          "the other")
+    _check_pes_memory(recipe, problem, student, pool, mechanism, imitation, trajectories_per_step, device)
     return recipe if select is None else replace(recipe, student=replace(recipe.student, select=select))
+
+
+def _check_pes_memory(recipe: Preset, problem, student: str, pool, mechanism: str, imitation: str,
+                      per_step: int | None, device: str) -> None:
+    """A phase meta-trained by PES whose particles would not fit in the free memory is refused before any work."""
+    processes = launched_world_size()
+    entry = STUDENTS.lookup(student)
+    phases = [(recipe.student, lambda: entry.module(entry.config()))]
+    if mechanism == "choice" and imitation != "none":
+        phases.append((recipe.choice, lambda: ChoiceNet(ChoiceConfig(pool=_choice_pool(pool)))))
+    for cfg, module in phases:
+        if cfg.gradient_estimator == "pes":
+            per_process = per_step or (processes if processes > 1 else cfg.trajectories_per_step)  # as _spread does
+            held = -(-per_process // processes)
+            check_memory(optimizee_size(problem), state_floats(module()), cfg.pes_pairs, held, resolve_device(device))
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -398,7 +415,8 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> dict:
                + _select_flag(config)
                + ("" if config.get("device", "cpu") == "cpu" else f" --device {config['device']}")
                + _perturbation_flags(config["student_recipe"]))
-    if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
+    estimators = {config["student_recipe"].get("gradient_estimator"), config["choice_recipe"].get("gradient_estimator")}
+    if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS or "pes" in estimators:
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
     alpha0 = " (alpha = 0 baseline: meta loss only)" if config["imitation"] == "none" else ""
     perturbed = _perturbation_of(config["student_recipe"])

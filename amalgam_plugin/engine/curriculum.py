@@ -30,6 +30,7 @@ from .distributed import Group, current_group
 from .estimator import Estimate, TruncatedEstimator
 from .learner import Learner, load_checkpoint, resume_from_latest, save_checkpoint
 from .perturbations import Perturbation
+from .pes import ESTIMATORS, PESEstimator, check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,19 @@ class CurriculumConfig:
     perturbation: str = "none"
     perturbation_magnitude: float | None = None
     perturbation_steps: int = 1
+    # docs/method.md#pes: "truncated" back-propagation, or "pes" with ε of std pes_sigma and pes_pairs pairs per
+    # trajectory
+    gradient_estimator: str = "truncated"
+    pes_sigma: float = 0.01
+    pes_pairs: int = 1
 
     def __post_init__(self):
+        if self.gradient_estimator not in ESTIMATORS:
+            raise ValueError(f"unknown gradient_estimator {self.gradient_estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        check_settings(self.pes_sigma, self.pes_pairs)
+        if self.gradient_estimator == "pes" and self.perturbation != "none":
+            raise ValueError("the pes estimator perturbs the student's weights itself; it takes no perturbation, got "
+                             f"{self.perturbation!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"unknown select {self.select!r}; valid: {', '.join(SELECTIONS)}")
         if self.select == "horizon" and not (self.horizon_steps >= 1 and self.horizon_seeds >= 1):
@@ -142,12 +154,19 @@ class Curriculum:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.workdir / "checkpoint.safetensors"
         self.log_path = self.workdir / "log.jsonl"
-        self.estimator = TruncatedEstimator(student, problem, teachers, config.unroll_length, config.mechanism,
-                                            config.second_order, config.warmup_lr, config.random_scale,
-                                            config.perturbation_spec())
+        self.estimator = self._estimator(student, problem, teachers, config)
         self.learner = Learner(student, config.meta_lr, config.clip)
         self.progress = Progress()
         self.saved: dict[str, torch.Tensor] = {}  # best-of-stage and start-of-period tensors
+
+    def _estimator(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: CurriculumConfig):
+        if config.gradient_estimator == "pes":
+            held = -(-config.trajectories_per_step // self.group.size)  # this process's trajectories at once
+            return PESEstimator(student, problem, teachers, config.unroll_length, config.mechanism, config.warmup_lr,
+                                config.random_scale, config.pes_sigma, config.pes_pairs, held)
+        return TruncatedEstimator(student, problem, teachers, config.unroll_length, config.mechanism,
+                                  config.second_order, config.warmup_lr, config.random_scale,
+                                  config.perturbation_spec())
 
     def _warmup_steps(self, stage: int) -> int:
         return self.cfg.at(self.cfg.warmup_unrolls, stage) * self.cfg.unroll_length
