@@ -2,6 +2,7 @@
 loss on a problem whose gradient is known in closed form, antithetic, the same on 2 processes as on 1, refused
 when its particles would not fit in memory, and meta-training a student end to end."""
 
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -190,3 +191,14 @@ def test_meta_training_with_pes_changes_the_student_and_keeps_it_finite(tmp_path
     assert any(not torch.equal(trained[k], v) for k, v in start.state_dict().items())
     readme = (out / "README.md").read_text()
     assert "'gradient_estimator': 'pes'" in readme and "the Python API amalgamate(...)" in readme
+
+
+def test_the_estimator_benchmark_prints_the_cost_and_the_variance_of_both():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "estimator_variance.py"
+    done = subprocess.run([sys.executable, str(script), "--problem", "mlp", "--unroll", "2", "--samples", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "truncated back-propagation, first-order:" in done.stdout and "PES, one antithetic pair" in done.stdout
+    rows = re.findall(r"^(truncated|pes \(\d+ pairs?\)) +[\d.]+ +(\d+) ", done.stdout, re.M)
+    assert [(name.split()[0], t) for name, t in rows] == [("truncated", "1"), ("pes", "1"), ("truncated", "3"),
+                                                          ("pes", "3")]
