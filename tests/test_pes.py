@@ -2,6 +2,7 @@
 loss on a problem whose gradient is known in closed form, antithetic, the same on 2 processes as on 1, refused
 when its particles would not fit in memory, and meta-training a student end to end."""
 
+import json
 import re
 import subprocess
 import sys
@@ -202,3 +203,21 @@ def test_the_estimator_benchmark_prints_the_cost_and_the_variance_of_both():
     rows = re.findall(r"^(truncated|pes \(\d+ pairs?\)) +[\d.]+ +(\d+) ", done.stdout, re.M)
     assert [(name.split()[0], t) for name, t in rows] == [("truncated", "1"), ("pes", "1"), ("truncated", "3"),
                                                           ("pes", "3")]
+
+
+def test_a_run_recorded_before_the_estimator_settings_existed_still_resumes(tmp_path):
+    from dataclasses import asdict
+
+    from amalgam_plugin.engine import RUN_KEYS, _check_same_run
+
+    fresh = {k: "x" for k in RUN_KEYS} | {"choice_recipe": asdict(CurriculumConfig()),
+                                           "student_recipe": asdict(CurriculumConfig())}
+    older = {k: v for k, v in fresh["student_recipe"].items() if k not in ("gradient_estimator", "pes_sigma",
+                                                                             "pes_pairs")}
+    path = tmp_path / "training" / "run_config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(fresh | {"choice_recipe": older, "student_recipe": older}))
+    _check_same_run(path, fresh)
+    path.write_text(json.dumps(fresh | {"student_recipe": {**older, "gradient_estimator": "pes"}}))
+    with pytest.raises(ValueError, match=r"holds a different run \(changed: student_recipe\)"):
+        _check_same_run(path, fresh)

@@ -151,11 +151,19 @@ RUN_KEYS = ("pool", "mechanism", "preset", "problem", "seed", "imitation", "stud
             "student_recipe", "device")
 
 
+def _with_new_settings(config: dict) -> dict:
+    """A run's config with the recipe settings added since it was written (the estimator's) at their defaults,
+    which is what that run did."""
+    defaults = asdict(CurriculumConfig())
+    return {**config, **{k: {**defaults, **config[k]} for k in ("choice_recipe", "student_recipe")
+                         if isinstance(config.get(k), dict)}}
+
+
 def _check_same_run(path: Path, config: dict) -> None:
     """--resume continues only the run that wrote the checkpoints: the same pool, recipe, problem and seed."""
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
+    saved = _with_new_settings(json.loads(path.read_text()))
     fresh = json.loads(json.dumps(config, default=str))
     changed = [k for k in RUN_KEYS if saved.get(k) != fresh.get(k)]
     if changed:
