@@ -8,9 +8,13 @@ initialisation on the Train CNN with the presets' one-truncation warm-up.
 2. Variance at equal compute: ``--samples`` independent trajectories, each estimating the meta-gradient at its 1st
    and 3rd truncation of the fixed student; PES with as many pairs as cost what one truncated estimate costs. For
    each: the summed per-coordinate variance tr Σ, the squared norm of the mean gradient (debiased: minus tr Σ / R),
-   their ratio (the relative variance of one estimate) and the cosine between the two estimators' mean gradients.
+   their ratio (the relative variance of one estimate) and the cosine of each estimator's mean gradient with the
+   first's. ``--estimators truncated,second-order`` compares the first-order truncated estimate with the
+   second-order one, which at the 1st truncation is the exact gradient PES estimates (the warm-up does not use
+   the student's weights).
 
     python benchmarks/estimator_variance.py --threads 1
+    python benchmarks/estimator_variance.py --threads 1 --estimators truncated,second-order
 """
 
 from __future__ import annotations
@@ -69,7 +73,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="independent trajectories per estimator")
     parser.add_argument("--sigma", type=float, default=0.01, help="PES: std of ε per weight")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--estimators", default="truncated,pes",
+                        help="the variance part's estimators, of: truncated, second-order (truncated with the "
+                             "second-order terms, exact at the 1st truncation), pes; cosines are to the first's mean")
     args = parser.parse_args()
+    wanted = args.estimators.split(",")
+    if not wanted or set(wanted) - {"truncated", "second-order", "pes"}:
+        parser.error(f"--estimators takes truncated, second-order and pes, got {args.estimators!r}")
     torch.set_num_threads(args.threads)
 
     problem = make_problem(args.problem)
@@ -104,16 +114,19 @@ def main() -> None:
     pes = PESEstimator(student, problem, [], args.unroll, "minmax", 0.05, True, args.sigma, pairs)
     seeds = range(args.samples)
     estimates, seconds = {}, {}
-    for name, estimator in (("truncated", truncated), (f"pes ({pairs} pair{'s' if pairs > 1 else ''})", pes)):
+    second_order = TruncatedEstimator(student, problem, [], args.unroll, "minmax", True, 0.05, True)
+    named = {"truncated": ("truncated", truncated), "second-order": ("second-order", second_order),
+             "pes": (f"pes ({pairs} pair{'s' if pairs > 1 else ''})", pes)}
+    for name, estimator in (named[w] for w in wanted):
         estimates[name], spent = samples(estimator, student, seeds, args.unroll)
         seconds[name] = statistics.median(spent)
     print(f"\nvariance at equal compute: {args.samples} trajectories each; PES with {pairs} pair(s) per estimate")
     print(f"{'estimator':18} {'s/truncation':>12} {'truncation':>10} {'tr Σ':>11} {'‖mean‖²':>11} "
           f"{'tr Σ / ‖mean‖²':>15} {'cos(means)':>10}")
     for t in TRUNCATIONS:
-        means = {name: g[t].mean(0) for name, g in estimates.items()}
-        cosine = float(torch.nn.functional.cosine_similarity(*means.values(), dim=0))
+        first = next(iter(estimates.values()))[t].mean(0)
         for name, g in estimates.items():
+            cosine = float(torch.nn.functional.cosine_similarity(g[t].mean(0), first, dim=0))
             trace, norm = spread(g[t])
             ratio = f"{trace / norm:15.1f}" if norm > 0 else f"{'(mean < noise)':>15}"
             print(f"{name:18} {seconds[name]:12.2f} {t + 1:10d} {trace:11.3e} {norm:11.3e} {ratio} {cosine:10.3f}",
