@@ -13,8 +13,9 @@ initialisation on the Train CNN with the presets' one-truncation warm-up.
    second-order one, which at the 1st truncation is the exact gradient PES estimates (the warm-up does not use
    the student's weights).
 
-    python benchmarks/estimator_variance.py --threads 1
+    python benchmarks/estimator_variance.py --threads 1 --sigma 0.01
     python benchmarks/estimator_variance.py --threads 1 --estimators truncated,second-order
+    python benchmarks/estimator_variance.py --threads 1 --estimators pes --sigma 0.001
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 
 import torch
 
+from amalgam_plugin.engine.curriculum import CurriculumConfig
 from amalgam_plugin.engine.estimator import TruncatedEstimator
 from amalgam_plugin.engine.pes import PESEstimator
 from amalgam_plugin.problems import Problem, make_problem
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--problem", default="train")
     parser.add_argument("--unroll", type=int, default=20, help="inner steps per truncation")
     parser.add_argument("--samples", type=int, default=16, help="independent trajectories per estimator")
-    parser.add_argument("--sigma", type=float, default=0.01, help="PES: std of ε per weight")
+    parser.add_argument("--sigma", type=float, default=CurriculumConfig().pes_sigma, help="PES: std of ε per weight")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--estimators", default="truncated,pes",
                         help="the variance part's estimators, of: truncated, second-order (truncated with the "
