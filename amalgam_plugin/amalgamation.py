@@ -31,14 +31,9 @@ IMITATION_SCHEDULES: Registry[tuple[float, ...]] = Registry("imitation schedule"
 
 
 def log_improvement(objective: Tensor, reference: Tensor) -> Tensor:
-    """One term of the meta loss: log f(θ_i; x_i) − log f(θ_start; x_i)."""
+    """One term of the meta loss: log f(θ_i; x_i) − log f(θ_start; x_i); the meta loss of a truncation is their
+    mean (docs/method.md#meta-loss), taken by the unroll (``engine/unroll.py``)."""
     return torch.log(objective + LOG_EPS) - torch.log(reference + LOG_EPS)
-
-
-def meta_loss(objectives: Tensor, references: Tensor) -> Tensor:
-    """Mean log improvement over a truncation (docs/method.md#meta-loss): objectives at the pre-update
-    parameters of each step, references at the truncation's starting parameters on the same minibatch."""
-    return log_improvement(objectives, references).mean()
 
 
 def imitation_distance(student: Tensor, teacher: Tensor) -> Tensor:

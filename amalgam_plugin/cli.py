@@ -6,11 +6,12 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from .amalgamation import IMITATION_SCHEDULES, MECHANISMS
-from .problems import PROBLEMS
+from .problems import PROBLEMS, evaluable_problem
 from .registry import Registry
 from .students import STUDENTS
 from .teachers import POOLS, TEACHERS
@@ -70,33 +71,58 @@ def summary_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+MAX_SEEDS = 100  # ten times the protocol's 10 paired seeds; each seed adds one run per optimizer and problem
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    try:
+        return _evaluate_suite(args)
+    except KeyboardInterrupt:  # finished runs are in OUT/cache.json: the same command resumes from them
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not turn the line into a traceback
+        print("amalgam evaluate: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _evaluate_suite(args: argparse.Namespace) -> int:
     from . import suite
 
     if not args.optimizers and not args.replicates:
         raise ValueError("nothing to evaluate: name at least one student or optimizer, or --replicates GLOB")
     for name in args.problems:
-        PROBLEMS.lookup(name)
-    if not 1 <= args.seeds <= 1000 or args.steps < 1 or args.eval_every < 1:
-        raise ValueError("--seeds must be in [1, 1000], --steps and --eval-every positive")
+        evaluable_problem(name)
+    if not 1 <= args.seeds <= MAX_SEEDS or args.steps < 1 or args.eval_every < 1:
+        raise ValueError(f"--seeds must be in [1, {MAX_SEEDS}], --steps and --eval-every positive")
+    cpus = os.cpu_count() or 1
+    if not 1 <= args.workers <= cpus:
+        raise ValueError(f"--workers must be between 1 and this machine's {cpus} CPUs, got {args.workers}")
     out = Path(args.out)
-    if args.card and not (Path(args.card) / "README.md").is_file():
-        raise ValueError(f"--card {args.card!r} holds no model card (README.md)")
-    if out.exists() and any(out.iterdir()) and not (out / "cache.json").exists() and not args.overwrite:
-        raise ValueError(f"output folder {str(out)!r} is not empty and holds no amalgam evaluate run; choose a new "
-                         "folder, or pass --overwrite")
+    if args.card:
+        _check_card_folder(Path(args.card))
+    suite.check_output_folder(out, args.overwrite)
     candidates = [suite.candidate(spec) for spec in args.optimizers]
     for pattern in args.replicates:
         candidates += suite.replicate_group(pattern)
     forms = tuple(f.strip() for f in args.forms.split(","))
     result = suite.run_suite(candidates, args.problems, list(range(args.seeds)), out, args.steps, args.eval_every,
                              None if args.no_baselines else args.pool, forms, workers=args.workers,
-                             data_root=args.data_root)
+                             data_root=args.data_root, overwrite=args.overwrite)
     print(suite.markdown(result))
     print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'plots'}/")
     if args.card:
         print(f"model card updated: {suite.embed_in_card(result, out, Path(args.card))}")
     return 0
+
+
+def _check_card_folder(folder: Path) -> None:
+    """``--card`` names a student's folder: a model card beside a config.json and model.safetensors that load."""
+    from .hub import load_folder
+
+    if not (folder / "README.md").is_file():
+        raise ValueError(f"--card {str(folder)!r} holds no model card (README.md)")
+    try:
+        load_folder(folder)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"--card {str(folder)!r} is not a student folder: {err}") from err
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -172,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ascent steps of an adversarial perturbation before each meta-step (default 1)")
     a.add_argument("--out", default="amalgam-student", help="output folder (default ./amalgam-student)")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--resume", action="store_true", help="continue from OUT/training's checkpoints")
+    a.add_argument("--resume", action="store_true",
+                   help="continue from OUT/training's checkpoints (a non-empty OUT must hold an amalgamate run)")
     a.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty OUT that holds no earlier run (refused otherwise)")
     a.add_argument("--max-minutes", type=float, default=None,
@@ -181,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--full-eval", action="store_true",
                    help="the card's full evaluation: 10 paired seeds, both forms of every teacher, nothing reused")
     a.add_argument("--workers", type=int, default=None,
-                   help="evaluation worker processes, one torch thread each (default: one per CPU core)")
+                   help="evaluation worker processes, one torch thread each, at most one per CPU core (default: "
+                        "one per CPU core)")
     a.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")
     a.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help=f"torch threads of meta-training (default {DEFAULT_THREADS})")
@@ -211,19 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "group gets its meta-stability; repeatable")
     e.add_argument("--problems", nargs="+", default=["train"], metavar="PROBLEM",
                    help=f"problems: {PROBLEMS.help()} (default train)")
-    e.add_argument("--seeds", type=int, default=10, help="paired seeds 0..N-1 (default 10)")
+    e.add_argument("--seeds", type=int, default=10, help=f"paired seeds 0..N-1, N at most {MAX_SEEDS} (default 10)")
     e.add_argument("--steps", type=int, default=1000, help="training steps per run (default 1000)")
     e.add_argument("--eval-every", type=int, default=25, help="held-out loss every N steps (default 25)")
     e.add_argument("--pool", default="large", help="the baselines' teacher pool (default large)")
     e.add_argument("--forms", default="paper,torch", help="teacher forms among the baselines (default paper,torch)")
     e.add_argument("--no-baselines", action="store_true", help="only the optimizers named (no pool, oracle, Adam)")
     e.add_argument("--out", default="amalgam-evaluation", help="output folder (default ./amalgam-evaluation)")
-    e.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT that holds no earlier run")
+    e.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty OUT that holds no earlier run (its cache.json, results.md ... are "
+                        "replaced)")
     e.add_argument("--card", default=None, metavar="FOLDER",
                    help="also put the tables and plots into the model card (README.md) of the student in FOLDER "
                         "(its section is replaced on a rerun; the plots are copied beside it)")
     e.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="runs at a time, each of one torch thread (1: in this process; default: one per CPU core)")
+                   help="runs at a time, each of one torch thread (1: in this process; default and most: one per CPU "
+                        "core)")
     e.add_argument("--data-root", default=None, help="folder with torchvision MNIST/FashionMNIST files")
     e.set_defaults(func=_evaluate)
 

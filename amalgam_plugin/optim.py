@@ -13,6 +13,8 @@ The rules (one each, everywhere):
   dtype and survives ``load_state_dict`` bit-exactly (torch would cast it to the parameter dtype).
 * A parameter whose gradient holds a NaN or an inf is skipped for that step, warm-up or not: its value and
   state stay as they were (torch's optimizers would write the NaN into it); ``skipped_updates`` counts them.
+* Under ``torch.compile`` (``torch.compile(lambda: opt.step())``) the step runs eagerly, a graph break with one
+  warning, and gives the numbers of an uncompiled step.
 * Every param group records ``student_id`` (name, revision, content hash); loading a state dict produced by
   another student raises ``ValueError``.
 
@@ -23,7 +25,6 @@ fused LSTM step per chunk; any other student runs through its ``forward`` once p
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
@@ -35,6 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .optim_checks import check_options, checked_params
+from .optim_state import local_state, restore_value, sharded_state
 from .students import STUDENTS
 from .students.kernel import RuntimeKernel, flatten_state
 
@@ -131,25 +134,19 @@ class AmalgamOptimizer(Optimizer):
         capturable: bool = False,
         fused: bool | None = None,
     ):
-        if not float(lr) >= 0:  # NaN fails too
-            raise ValueError(f"lr must be >= 0, got {float(lr)}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        check_options(dict(lr=lr, weight_decay=weight_decay, fallback_lr=fallback_lr, eps=eps, betas=betas,
+                           warmup_steps=warmup_steps, chunk_size=chunk_size))
+        if differentiable or capturable or fused:
+            raise ValueError(
+                "AmalgamOptimizer supports differentiable=False, capturable=False, fused=None/False only: "
+                "the student runs frozen under torch.no_grad"
+            )
         if 0 < float(lr) < 0.05:
             warnings.warn(
                 f"AmalgamOptimizer's lr multiplies the student's own update (1.0 = as trained): lr={float(lr):g} "
                 f"makes every update {1 / float(lr):.0f}x smaller; an AdamW-style learning rate is not needed",
                 stacklevel=2,
             )
-        if warmup_steps is not None and warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0 or None, got {warmup_steps}")
-        if differentiable or capturable or fused:
-            raise ValueError(
-                "AmalgamOptimizer supports differentiable=False, capturable=False, fused=None/False only: "
-                "the student runs frozen under torch.no_grad"
-            )
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
         self.student = _resolve_student(student, revision)
         self.student.requires_grad_(False)
@@ -191,21 +188,19 @@ class AmalgamOptimizer(Optimizer):
         """Move parameters chosen by ``fallback`` into sibling groups marked ``use_fallback=True``."""
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of tensors or dicts, not a Tensor")
+        if isinstance(params, nn.Module):
+            checked_params(params)  # raises: the model instead of its parameters
         items = list(params)
         if not items:
             raise ValueError("optimizer got an empty parameter list")
         groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
-        for group in groups:  # materialised: a group's params may be a generator
-            ps = group["params"] = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
-            if any((p[1] if isinstance(p, tuple) else p).is_complex() for p in ps):
-                raise ValueError("complex parameters are not supported (their imaginary part would be lost); "
-                                 "optimize torch.view_as_real(p) instead")
+        for group in groups:  # materialised (a group's params may be a generator) and checked before ``fallback``
+            group["params"] = checked_params(group["params"])
         if self._fallback is None:
             return groups
         out = []
         for group in groups:
             ps = group["params"]
-            ps = [ps] if isinstance(ps, Tensor) else list(ps)
             if group.get("use_fallback") or not ps:
                 out.append(group)
                 continue
@@ -227,6 +222,15 @@ class AmalgamOptimizer(Optimizer):
                     new["param_names"] = [names[i] for i, _ in part]
                 out.append(new)
         return out or groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, after checking the group's parameters and options (one clear error each, before any change)."""
+        if isinstance(param_group, dict) and "params" in param_group:
+            param_group["params"] = checked_params(param_group["params"])
+            if "warmup_steps" in param_group and param_group["warmup_steps"] is None:  # as in the constructor
+                del param_group["warmup_steps"]
+            check_options({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     def _floats_per_coordinate(self) -> int:
         flat = flatten_state(self.student.init_state(1, torch.zeros(1)))
@@ -270,26 +274,7 @@ class AmalgamOptimizer(Optimizer):
 
     @staticmethod
     def _sharded_state(opt: AmalgamOptimizer, state_dict: dict) -> dict:
-        """A sharded (DTensor) parameter's student state leaves as DTensors shaped like the parameter (plus the
-        state's own trailing dimensions) and sharded like it, so distributed checkpointing saves each process's
-        shard, as it does AdamW's ``exp_avg``; ``_stash_state`` takes them back to the local flat layout."""
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for index, saved in state_dict["state"].items():
-            p = params[index]
-            if not hasattr(p, "to_local") or p not in opt.state or "exp_avg" in saved:
-                continue
-            from torch.distributed.tensor import DTensor
-
-            local, shared = p.to_local(), dict(saved)  # ``saved`` is the live state: never modify it
-            for key, value in saved.items():
-                if isinstance(value, Tensor) and key != "step":
-                    rest = tuple(value.shape[1:])
-                    shared[key] = DTensor.from_local(value.reshape(*local.shape, *rest), p.device_mesh,
-                                                     p.placements, run_check=False,
-                                                     shape=torch.Size((*p.shape, *rest)),
-                                                     stride=_contiguous_strides((*p.shape, *rest)))
-            state_dict["state"][index] = shared
-        return state_dict
+        return sharded_state(state_dict, [p for g in opt.param_groups for p in g["params"]], opt.state)
 
     @staticmethod
     def _stash_state(opt: AmalgamOptimizer, state_dict: dict) -> dict:
@@ -313,7 +298,7 @@ class AmalgamOptimizer(Optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         for saved_id, group, p in zip(saved_ids, groups, params, strict=False):  # torch checks the sizes
             if saved_id in state_dict["state"]:
-                saved = state_dict["state"][saved_id] = _local_state(state_dict["state"][saved_id], group, p)
+                saved = state_dict["state"][saved_id] = local_state(state_dict["state"][saved_id], group, p)
                 opt._check_saved_state(saved, group, p)
         opt._stashed = (state_dict["state"], saved_ids)
         return {**state_dict, "state": {}}
@@ -340,13 +325,30 @@ class AmalgamOptimizer(Optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params, strict=True):  # torch maps ids to params by position
             if saved_id in stashed:
-                opt.state[p] = {k: _restore_value(k, v, p) for k, v in stashed[saved_id].items()}
+                opt.state[p] = {k: restore_value(k, v, p) for k, v in stashed[saved_id].items()}
 
     # --- the step ----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every parameter that has a gradient. ``closure`` (optional) re-evaluates the loss."""
+        """One update of every parameter that has a gradient. ``closure`` (optional) re-evaluates the loss.
+
+        Under ``torch.compile`` (``torch.compile(lambda: opt.step())``, as for AdamW) the step runs eagerly, a
+        graph break, with one warning: it is host-side bookkeeping around kernels that are fast (or compiled)
+        already, and Dynamo cannot trace its per-parameter Python state."""
+        if torch.compiler.is_compiling():
+            self._warn_compiled_once()
+        return self._eager_step(closure)
+
+    @torch.compiler.disable
+    def _warn_compiled_once(self) -> None:
+        if not getattr(self, "_warned_compiled", False):
+            self._warned_compiled = True
+            warnings.warn("AmalgamOptimizer.step runs eagerly under torch.compile (a graph break); the rest of "
+                          "the compiled function is unaffected", stacklevel=3)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _eager_step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -459,23 +461,6 @@ def _by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:
     return list(groups.values())
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
-
-
-def _local_state(saved: dict, group: dict, p: Tensor) -> dict:
-    """A sharded parameter's saved student state (DTensors shaped like it) back in the local flat layout."""
-    if group["use_fallback"] or not hasattr(p, "to_local"):
-        return saved
-    local_n = p.to_local().numel()
-    return {k: v.to_local().reshape(local_n, *v.shape[p.dim():]) if hasattr(v, "to_local") else v
-            for k, v in saved.items()}
-
-
 def _local(t: Tensor) -> Tensor:
     """The tensor itself, or a sharded (DTensor, FSDP2) tensor's local shard: the student is elementwise, so each
     process steps its own shard with its own state."""
@@ -499,12 +484,3 @@ def _write_back(params: list[Tensor], flats: list[Tensor]) -> None:
 def _flat_grad(p: Tensor, sign: float) -> Tensor:
     g = _local(p.grad).reshape(-1).to(torch.float32)
     return -g if sign < 0 else g
-
-
-def _restore_value(key: str, value: Any, p: Tensor) -> Any:
-    if not isinstance(value, Tensor):
-        return copy.deepcopy(value)
-    if key == "step":  # counters stay on the CPU so reading them never syncs an accelerator
-        return value.to("cpu", torch.float32, copy=True)
-    dtype = torch.float32 if value.is_floating_point() else value.dtype
-    return value.to(device=p.device, dtype=dtype, copy=True)

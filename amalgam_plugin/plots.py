@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import Evaluation, RunResult, t_quantile
+from .files import write_atomically
 
 
 def _figure(width: float = 7.0, height: float = 4.2):
@@ -29,15 +30,41 @@ def _grid(runs: list[RunResult], values) -> tuple[list[int], np.ndarray]:
     return list(steps), grid
 
 
+def _write_png(fig, path: Path) -> Path:
+    """The figure as a PNG file at ``path``, written atomically (a link planted under the name is replaced, not
+    written through)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
 def _save(fig, ax, path: Path, title: str, legend: bool = True) -> Path:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     if legend:
         ax.legend(fontsize=6, loc="upper right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _write_png(fig, path)
+
+
+def _label(name: str) -> str:
+    """An optimizer's name as literal legend or tick text: a ``$`` would start matplotlib's mathtext."""
+    return name.replace("$", r"\$")
+
+
+def mean_curves(evaluation: Evaluation, path: Path, title: str | None = None, highlight: str | None = None) -> Path:
+    """Mean held-out loss against steps (log scale), one line per optimizer (:meth:`Evaluation.mean_curves`)."""
+    fig, ax = _figure()
+    for name, (steps, mean) in evaluation.mean_curves().items():
+        bold = name == highlight
+        ax.plot(steps, mean, label=_label(name), linewidth=2.6 if bold else 1.2, zorder=3 if bold else 2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"held-out loss (mean of {len(evaluation.seeds)} seeds)")
+    ax.set_title(title or f"{evaluation.problem}: held-out loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return _write_png(fig, path)
 
 
 def heldout_curves(evaluation: Evaluation, path: Path, highlight: str | None = None) -> Path:
@@ -48,7 +75,7 @@ def heldout_curves(evaluation: Evaluation, path: Path, highlight: str | None = N
         with np.errstate(all="ignore"):
             mean, std = np.nanmean(grid, 0), np.nanstd(grid, 0)
         bold = name == highlight
-        (line,) = ax.plot(steps, mean, label=name, linewidth=2.4 if bold else 1.1, zorder=3 if bold else 2)
+        (line,) = ax.plot(steps, mean, label=_label(name), linewidth=2.4 if bold else 1.1, zorder=3 if bold else 2)
         ax.fill_between(steps, np.maximum(mean - std, 1e-12), mean + std, color=line.get_color(), alpha=0.12)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -68,7 +95,7 @@ def best_bars(evaluation: Evaluation, path: Path, highlight: str | None = None) 
     fig, ax = _figure(7.0, 0.8 + 0.28 * len(names))
     colors = ["tab:red" if n == highlight else "tab:blue" for n in names]
     ax.barh(range(len(names)), means, xerr=halves, color=colors, alpha=0.75, capsize=2)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_yticks(range(len(names)), [_label(n) for n in names], fontsize=7)
     ax.invert_yaxis()
     finite = [m for m in means if math.isfinite(m)]
     if finite:  # bars of log losses: start the axis near the values, not at 0
@@ -87,7 +114,7 @@ def loss_against_time(evaluation: Evaluation, path: Path, highlight: str | None 
         _, seconds = _grid(runs, lambda r: r.train_seconds)
         with np.errstate(all="ignore"):
             bold = name == highlight
-            ax.plot(np.nanmean(seconds, 0), np.nanmean(loss, 0), label=name, linewidth=2.4 if bold else 1.1)
+            ax.plot(np.nanmean(seconds, 0), np.nanmean(loss, 0), label=_label(name), linewidth=2.4 if bold else 1.1)
     ax.set_yscale("log")
     ax.set_xlabel("training time, s (one thread per run)")
     ax.set_ylabel("held-out loss (mean over seeds)")

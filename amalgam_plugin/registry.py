@@ -1,5 +1,6 @@
-"""One registry per kind of named thing (teachers, pools, mechanisms, imitation schedules, problems, presets,
-student types): lookups, the CLI's choices, its help and its "valid: ..." errors all come from here."""
+"""One registry per kind of named thing (teachers, pools, mechanisms, imitation schedules, problems, architectures,
+presets, student types, timm names): lookups, the CLI's choices, its help and its "valid: ..." errors all come from
+here. Each registry's entries are of one shape, a frozen dataclass (as timm's ``OptimInfo``)."""
 
 from __future__ import annotations
 

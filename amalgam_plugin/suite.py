@@ -7,9 +7,10 @@ Metrics per optimizer: best log held-out loss, final log training loss, optimiza
 stability; per replicate group also meta-stability, the replicate-to-replicate spread with the evaluation noise
 removed (:func:`variance_components`).
 
-The output folder holds ``cache.json`` (finished runs: an interrupted evaluation resumes), ``results.json``,
-``results.md`` and ``plots/`` (per problem: held-out curves with bands, a bar chart with intervals, held-out loss
-against training time).
+The output folder holds ``amalgam-evaluate.json`` (the marker that it is an ``amalgam evaluate`` folder),
+``cache.json`` (finished runs: an interrupted evaluation resumes), ``candidates.json`` (what each label was, so
+a changed student's runs are dropped), ``results.json``, ``results.md`` and ``plots/`` (per problem: held-out
+curves with bands, a bar chart with intervals, held-out loss against training time).
 """
 
 from __future__ import annotations
@@ -26,97 +27,25 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluate as ev
-from .files import copy_atomically, write_text_atomically
-from .problems import PROBLEMS, make_problem
+from .cards import embed_evaluation
+from .evaluate.cache import canonical, key_fields, load_runs, save_runs, specification
+from .evaluate.metrics import METRICS
+from .evaluate.report import markdown_cell
+from .evaluate.statistics import nanmean, nanstd, variance_components
+from .files import write_text_atomically
+from .problems import evaluable_problem, make_problem
 from .teachers import parse_spec, torch_optimizer
 
 logger = logging.getLogger(__name__)
 
-STABILITY_SIGMA = 2.0  # the Gaussian filter's σ, in evaluation points (the paper: 2 epochs)
-
-
-# --- metrics -------------------------------------------------------------------------------------------------
-
-
-def gaussian_smooth(values: np.ndarray, sigma: float = STABILITY_SIGMA, truncate: float = 4.0) -> np.ndarray:
-    """A 1-D Gaussian filter with edge ("nearest") padding and a kernel cut at ``truncate`` σ (what
-    ``scipy.ndimage.gaussian_filter1d`` computes with ``mode="nearest"``)."""
-    radius = int(truncate * sigma + 0.5)
-    offsets = np.arange(-radius, radius + 1)
-    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
-    weights /= weights.sum()
-    return np.convolve(np.pad(np.asarray(values, dtype=float), radius, mode="edge"), weights, mode="valid")
-
-
-def optimization_stability(heldout: Sequence[float], sigma: float = STABILITY_SIGMA) -> float:
-    """std over the evaluation points of log(G_σ ∗ loss) − log(loss): how much a run's held-out curve jitters
-    around its own smoothed trend (0 for a smooth curve). Non-finite points (a diverged run's tail) are dropped;
-    NaN with fewer than 2 points."""
-    values = np.asarray(heldout, dtype=float)
-    values = values[np.isfinite(values) & (values > 0)]
-    if len(values) < 2:
-        return float("nan")
-    return float(np.std(np.log(gaussian_smooth(values, sigma)) - np.log(values)))
-
-
-@dataclass(frozen=True)
-class VarianceComponents:
-    """Replicates r x paired seeds k: y = μ + u_r + s_k + e, u_r ~ N(0, σ²_meta), e ~ N(0, σ²_eval)."""
-
-    mean: float
-    low: float  # 95% t-interval of the mean over the replicates' means
-    high: float
-    meta_std: float  # σ_meta: meta-stability (lower is more stable)
-    eval_std: float  # σ_eval: the run-to-run noise left once replicate and seed effects are removed
-    replicates: int
-    seeds: int
-
-
-def variance_components(y: np.ndarray) -> VarianceComponents:
-    """Method-of-moments (REML when not truncated) estimate of the replicate variance of a balanced two-way
-    layout without interaction: the seeds are paired across replicates, so their shared effect is removed
-    before the replicates are compared. σ²_meta = max(0, (MS_replicate − MS_residual) / K). Seeds with a NaN in
-    any replicate are dropped."""
-    y = np.asarray(y, dtype=float)
-    if y.ndim != 2:
-        raise ValueError(f"variance_components needs a replicates x seeds matrix, got shape {y.shape}")
-    y = y[:, np.isfinite(y).all(axis=0)]
-    r, k = y.shape
-    if r < 2 or k < 1:
-        nan = float("nan")
-        return VarianceComponents(float(y.mean()) if y.size else nan, nan, nan, nan, nan, r, k)
-    grand = y.mean()
-    rep_means, seed_means = y.mean(axis=1), y.mean(axis=0)
-    ms_rep = k * float(((rep_means - grand) ** 2).sum()) / (r - 1)
-    residual = y - rep_means[:, None] - seed_means[None, :] + grand
-    ms_res = float((residual**2).sum()) / ((r - 1) * (k - 1)) if k > 1 else float("nan")
-    meta_var = max(0.0, (ms_rep - ms_res) / k) if k > 1 else float("nan")
-    half = ev.t_quantile(0.975, r - 1) * float(rep_means.std(ddof=1)) / math.sqrt(r)
-    return VarianceComponents(float(grand), float(grand - half), float(grand + half), math.sqrt(meta_var),
-                              math.sqrt(ms_res) if k > 1 else float("nan"), r, k)
-
-
-def final_log_train(run: ev.RunResult) -> float:
-    """log of the mean training loss over the last 100 steps (the paper: log training loss at the end)."""
-    value = run.train_last100
-    return math.log(value) if math.isfinite(value) and value > 0 else float("nan")
+MARKER = "amalgam-evaluate.json"
+MARKER_CONTENT = {"written_by": "amalgam evaluate (amalgam-plugin)", "folder_format": 1}
+SUITE_METRICS = ("best_log_heldout", "final_log_train", "optimization_stability")  # per run, averaged over runs
+GROUP_METRICS = ("best_log_heldout", "final_log_train")  # per replicate group: variance components
 
 
 def run_metrics(run: ev.RunResult) -> dict[str, float]:
-    return {"best_log_heldout": run.best_log_heldout, "final_log_train": final_log_train(run),
-            "optimization_stability": optimization_stability(run.heldout)}
-
-
-def _nanmean(values) -> float:
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if len(values) else float("nan")
-
-
-def _nanstd(values) -> float:
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    return float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    return {name: METRICS[name].of(run) for name in SUITE_METRICS}
 
 
 # --- what is evaluated ---------------------------------------------------------------------------------------
@@ -124,33 +53,47 @@ def _nanstd(values) -> float:
 
 @dataclass
 class Candidate:
-    """A named optimizer factory and what identifies it (a changed fingerprint invalidates its cached runs)."""
+    """A named, specified optimizer factory; a changed specification (another student under the same label)
+    invalidates its cached runs."""
 
     label: str
-    factory: ev.OptimizerFactory
-    fingerprint: str
+    factory: ev.Specified
     group: str | None = None  # the replicate group it belongs to
+
+    @property
+    def spec(self) -> dict:
+        return specification(self.label, self.factory)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def optimizer_candidate(spec: str) -> Candidate:
     """A torch optimizer by dotted class name with ``key=value`` arguments: ``torch.optim.AdamW:lr=1e-3``."""
     name, kwargs = parse_spec(spec)
-    cls = torch_optimizer(name, kwargs)
-    return Candidate(spec, lambda params: cls(params, **kwargs), spec)
+    for key, value in kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{_short(name)}: {key}={_short(str(value))} is not a finite number")
+    return Candidate(spec, ev.torch_factory(torch_optimizer(name, kwargs), **kwargs))
 
 
 def student_candidate(spec: str, label: str | None = None, group: str | None = None) -> Candidate:
     """A student (bundled name, folder or Hub repo id), validated and loaded once; run through AmalgamOptimizer."""
-    from .hub import content_hash, load_student
+    return Candidate(label or spec.rstrip("/"), ev.student_factory(spec), group)
 
-    student = load_student(spec)
-    return Candidate(label or spec.rstrip("/"), ev.student_factory(student), content_hash(student), group)
+
+def _is_folder(spec: str) -> bool:
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):  # a name too long for a path, or one with a NUL byte: no folder
+        return False
 
 
 def candidate(spec: str) -> Candidate:
     """A student or, for a dotted name that is no folder, a torch optimizer."""
     head = spec.partition(":")[0]
-    if "." in head and "/" not in head and not Path(spec).exists():
+    if "." in head and "/" not in head and not _is_folder(spec):
         return optimizer_candidate(spec)
     return student_candidate(spec)
 
@@ -181,12 +124,9 @@ class SuiteResult:
         rows = []
         for name, runs in evaluation.runs.items():
             metrics = [run_metrics(r) for r in runs]
-            best = [m["best_log_heldout"] for m in metrics]
+            means = {metric: nanmean([m[metric] for m in metrics]) for metric in SUITE_METRICS}
             rows.append({
-                "name": name, "best_log_heldout": _nanmean(best),
-                "final_log_train": _nanmean([m["final_log_train"] for m in metrics]),
-                "optimization_stability": _nanmean([m["optimization_stability"] for m in metrics]),
-                "evaluation_stability": _nanstd(best),
+                "name": name, **means, "evaluation_stability": nanstd([m["best_log_heldout"] for m in metrics]),
                 "diff": diffs.get(name), "diverged": sum(r.diverged for r in runs), "runs": len(runs),
                 "group": next((g for g, members in self.groups.items() if name in members), None),
             })
@@ -196,8 +136,8 @@ class SuiteResult:
         evaluation, rows = self.problems[problem], []
         for group, members in self.groups.items():
             row = {"group": group, "replicates": len(members)}
-            for metric in ("best_log_heldout", "final_log_train"):
-                y = np.array([[run_metrics(r)[metric] for r in evaluation.runs[m]] for m in members])
+            for metric in GROUP_METRICS:
+                y = np.array([[r.metric(metric) for r in evaluation.runs[m]] for m in members])
                 row[metric] = variance_components(y).__dict__
             rows.append(row)
         return rows
@@ -216,34 +156,80 @@ def _curves(evaluation: ev.Evaluation) -> dict:
             for n, runs in evaluation.runs.items()}
 
 
+def _is_ours(out: Path) -> bool:
+    try:
+        return json.loads((out / MARKER).read_text()) == MARKER_CONTENT
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_folder(out: Path, overwrite: bool = False) -> None:
+    """``out`` may receive an evaluation: it is new, empty or one of ours (it holds our marker), or ``overwrite``
+    says that our files may replace theirs. Refused otherwise: a user's results.md or cache.json is never
+    overwritten unasked."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {str(out)!r} is a file")
+    if out.exists() and any(out.iterdir()) and not _is_ours(out) and not overwrite:
+        raise ValueError(f"output folder {str(out)!r} is not empty and holds no amalgam evaluate run (no {MARKER}); "
+                         "choose a new folder, or pass --overwrite")
+
+
+def _claim_output_folder(out: Path) -> None:
+    """Mark ``out`` as ours; a folder that was not (``overwrite``) has its cache files emptied first, so that no
+    file of theirs is taken for cached runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not _is_ours(out):
+        for name in ("cache.json", "candidates.json"):
+            if (out / name).exists():
+                write_text_atomically(out / name, "{}")
+        write_text_atomically(out / MARKER, json.dumps(MARKER_CONTENT, indent=1) + "\n")
+
+
+def _known_candidates(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    try:
+        known = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} is not a valid list of candidates (not JSON: {err})") from None
+    if not isinstance(known, dict) or not all(isinstance(v, str) for v in known.values()):
+        raise ValueError(f"{str(path)!r} is not a list of candidates: a JSON object of label: specification")
+    return known
+
+
 def _drop_stale_runs(cache: Path, candidates: Sequence[Candidate]) -> None:
-    """A candidate whose fingerprint changed since its runs were cached (another student under the same label)
-    loses those runs."""
+    """A candidate whose specification changed since its runs were cached (another student under the same label)
+    is re-run (its runs are keyed by specification), and the runs of its old specification are dropped unless
+    another candidate still has it."""
     ids_path = cache.with_name("candidates.json")
-    known = json.loads(ids_path.read_text()) if ids_path.exists() else {}
-    stale = {c.label for c in candidates if known.get(c.label, c.fingerprint) != c.fingerprint}
-    if stale and cache.exists():
+    known = _known_candidates(ids_path)
+    current = {c.label: canonical(c.spec) for c in candidates}
+    stale = {label for label, spec in current.items() if known.get(label, spec) != spec}
+    if stale:
         logger.warning("re-running %s: changed since their runs were cached", ", ".join(sorted(stale)))
-        runs = json.loads(cache.read_text())
-        cache.write_text(json.dumps({k: v for k, v in runs.items() if k.split("|")[0] not in stale}))
-    ids_path.write_text(json.dumps({**known, **{c.label: c.fingerprint for c in candidates}}, indent=1))
+        old = {known[label] for label in stale} - set(current.values())
+        runs = load_runs(cache)
+        save_runs(cache, {k: v for k, v in runs.items()
+                          if (fields := key_fields(k)) is None or canonical(fields["optimizer"]) not in old})
+    write_text_atomically(ids_path, json.dumps({**known, **current}, indent=1))
 
 
 def run_suite(candidates: Sequence[Candidate], problems: Sequence[str], seeds: Sequence[int], out: Path,
               steps: int = 1000, eval_every: int = 25, pool: str | None = "large",
               forms: Sequence[str] = ("paper", "torch"), tune_seeds: int = 3, workers: int | None = None,
-              data_root: str | None = None, progress: bool = True) -> SuiteResult:
-    """Every candidate (and baseline, unless ``pool`` is None) on every problem and seed; results in ``out``."""
+              data_root: str | None = None, progress: bool = True, overwrite: bool = False) -> SuiteResult:
+    """Every candidate (and baseline, unless ``pool`` is None) on every problem and seed; results in ``out``, which
+    must be new, empty or an earlier evaluation's folder (or ``overwrite``: :func:`check_output_folder`)."""
     for name in problems:
-        if PROBLEMS.lookup(name)[0] == "mixture":  # its card evaluates its reference problem instead
-            raise ValueError(f"problem {name!r} is a distribution to meta-train on, not one to evaluate: name its "
-                             "problems (train, mlp, wider, ...) instead")
+        evaluable_problem(name)
     labels = [c.label for c in candidates]
     duplicated = sorted({n for n in labels if labels.count(n) > 1})
     if duplicated:
         raise ValueError(f"optimizers listed twice: {', '.join(duplicated)}")
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, overwrite)
+    _claim_output_folder(out)
     cache = out / "cache.json"
+    load_runs(cache)  # a damaged cache is reported before any run
     _drop_stale_runs(cache, candidates)
     result = SuiteResult(reference=labels[0] if labels else None)
     for c in candidates:
@@ -277,12 +263,12 @@ def markdown(result: SuiteResult, plots: Mapping[str, Mapping[str, str]] | None 
         lines += [f"## {problem}", "", evaluation.protocol() + " Optimization stability: std of "
                   "log(G2 * held-out) - log(held-out) over a run's evaluation points (G2: Gaussian filter, σ = 2 "
                   "points), averaged over runs; evaluation stability: std of best log held-out over the seeds.", "",
-                  f"| optimizer | best log held-out | Δ vs {result.reference} [95% CI] | final log train | "
-                  "optimization stability | evaluation stability | diverged |",
+                  f"| optimizer | best log held-out | Δ vs {markdown_cell(result.reference)} [95% CI] | "
+                  "final log train | optimization stability | evaluation stability | diverged |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in result.optimizer_rows(problem):
             diff = "reference" if row["diff"] is None else str(row["diff"])
-            lines.append(f"| {row['name']} | {fmt_number(row['best_log_heldout'])} | {diff} | "
+            lines.append(f"| {markdown_cell(row['name'])} | {fmt_number(row['best_log_heldout'])} | {diff} | "
                          f"{fmt_number(row['final_log_train'])} | {fmt_number(row['optimization_stability'], 4)} | "
                          f"{fmt_number(row['evaluation_stability'])} | {row['diverged']}/{row['runs']} |")
         groups = result.group_rows(problem)
@@ -293,9 +279,9 @@ def markdown(result: SuiteResult, plots: Mapping[str, Mapping[str, str]] | None 
                       "σ_meta (train) |", "| --- | --- | --- | --- | --- | --- | --- |"]
             for g in groups:
                 b, t = g["best_log_heldout"], g["final_log_train"]
-                lines.append(f"| {g['group']} | {g['replicates']} | {fmt_number(b['mean'])} [{fmt_number(b['low'])}, "
-                             f"{fmt_number(b['high'])}] | {fmt_number(b['meta_std'])} | {fmt_number(b['eval_std'])} | "
-                             f"{fmt_number(t['mean'])} | {fmt_number(t['meta_std'])} |")
+                lines.append(f"| {markdown_cell(g['group'])} | {g['replicates']} | {fmt_number(b['mean'])} "
+                             f"[{fmt_number(b['low'])}, {fmt_number(b['high'])}] | {fmt_number(b['meta_std'])} | "
+                             f"{fmt_number(b['eval_std'])} | {fmt_number(t['mean'])} | {fmt_number(t['meta_std'])} |")
         if evaluation.notes:
             lines += ["", evaluation.notes_text()]
         for caption, path in (plots or {}).get(problem, {}).items():
@@ -322,36 +308,12 @@ def write_outputs(result: SuiteResult, out: Path) -> None:
                   for p, e in result.problems.items()}
     relative = {p: {caption: os.path.relpath(path, out) for caption, path in files.items()}
                 for p, files in plot_files.items()}
-    (out / "results.json").write_text(json.dumps(json_safe(result.to_dict()), indent=1, allow_nan=False) + "\n")
-    (out / "results.md").write_text(markdown(result, relative))
-
-
-CARD_BEGIN, CARD_END = "<!-- amalgam evaluate: begin -->", "<!-- amalgam evaluate: end -->"
+    write_text_atomically(out / "results.json", json.dumps(json_safe(result.to_dict()), indent=1, allow_nan=False)
+                          + "\n")
+    write_text_atomically(out / "results.md", markdown(result, relative))
 
 
 def embed_in_card(result: SuiteResult, out: Path, folder: Path) -> Path:
-    """Put the evaluation (tables and plots) into the model card of the student in ``folder``: the plots are
-    copied beside it as ``evaluate-*.png`` (pushed with the card) and the section between the markers is
-    replaced, or appended when the card has none. Returns the card's path."""
-    card = folder / "README.md"
-    if not card.is_file():
-        raise ValueError(f"--card {str(folder)!r} holds no model card (README.md)")
-    plots = {}
-    for problem in result.problems:
-        plots[problem] = {}
-        for caption, suffix in (("held-out loss against steps", "curves"),
-                                ("best log held-out loss per optimizer", "bars"),
-                                ("held-out loss against training time", "time")):
-            name = f"evaluate-{problem}-{suffix}.png"
-            copy_atomically(out / "plots" / f"{problem}-{suffix}.png", folder / name)
-            plots[problem][caption] = name
-    body = markdown(result, plots).replace("\n## ", "\n### ")
-    body = body.replace("# amalgam evaluate", "## Evaluation across problems (`amalgam evaluate`)", 1)
-    section = f"{CARD_BEGIN}\n{body}\n{CARD_END}"
-    text = card.read_text()
-    if CARD_BEGIN in text and CARD_END in text:
-        text = text[: text.index(CARD_BEGIN)] + section + text[text.index(CARD_END) + len(CARD_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    write_text_atomically(card, text)
-    return card
+    """Put the evaluation (tables and plots) into the model card of the student in ``folder``
+    (:func:`amalgam_plugin.cards.embed_evaluation`). Returns the card's path."""
+    return embed_evaluation(folder, out / "plots", result.problems, lambda plots: markdown(result, plots))

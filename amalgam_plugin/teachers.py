@@ -9,7 +9,9 @@ square root, EMA momentum, smooth AddSign/PowerSign); the *textbook* forms match
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,42 +183,60 @@ def torch_teacher(optimizer_cls: type[torch.optim.Optimizer], name: str | None =
     return Teacher(label, init, update, dict(kwargs), differentiable=False)
 
 
-# --- names and pools ---------------------------------------------------------------------------------------
+# --- the registries of named teachers and pools --------------------------------------------------------------------
 
-TEACHERS: Registry[Callable[..., Teacher]] = Registry("teacher", {
-    "adam": (adam, "paper form: constant bias correction, ε inside the root"),
-    "rmsprop": (rmsprop, "paper form: no bias correction, no momentum"),
-    "sgd": (sgd, "plain gradient descent"),
-    "momentum": (momentum, "paper form: EMA momentum, 10x smaller than torch's at equal lr"),
-    "addsign": (addsign, "paper form: smooth AddSign"),
-    "powersign": (powersign, "paper form: smooth PowerSign"),
-    "adam-textbook": (adam_textbook, "torch.optim.Adam"),
-    "rmsprop-textbook": (rmsprop_textbook, "torch.optim.RMSprop"),
-    "sgd-textbook": (sgd_textbook, "torch.optim.SGD"),
-    "momentum-textbook": (momentum_textbook, "torch.optim.SGD(momentum=beta)"),
+@dataclass(frozen=True)
+class TeacherRule:
+    """A registry entry: the rule's factory (its hyper-parameters as keyword arguments, the Teacher out)."""
+
+    make: Callable[..., Teacher]
+
+
+TEACHERS: Registry[TeacherRule] = Registry("teacher", {
+    "adam": (TeacherRule(adam), "paper form: constant bias correction, ε inside the root"),
+    "rmsprop": (TeacherRule(rmsprop), "paper form: no bias correction, no momentum"),
+    "sgd": (TeacherRule(sgd), "plain gradient descent"),
+    "momentum": (TeacherRule(momentum), "paper form: EMA momentum, 10x smaller than torch's at equal lr"),
+    "addsign": (TeacherRule(addsign), "paper form: smooth AddSign"),
+    "powersign": (TeacherRule(powersign), "paper form: smooth PowerSign"),
+    "adam-textbook": (TeacherRule(adam_textbook), "torch.optim.Adam"),
+    "rmsprop-textbook": (TeacherRule(rmsprop_textbook), "torch.optim.RMSprop"),
+    "sgd-textbook": (TeacherRule(sgd_textbook), "torch.optim.SGD"),
+    "momentum-textbook": (TeacherRule(momentum_textbook), "torch.optim.SGD(momentum=beta)"),
 })
 
+
+@dataclass(frozen=True)
+class Pool:
+    """A registry entry: the pool's members as ``(teacher name, hyper-parameters)`` pairs."""
+
+    members: tuple[tuple[str, dict], ...]
+
+    def teachers(self) -> list[Teacher]:
+        return [TEACHERS[name].make(**kw) for name, kw in self.members]
+
+
 # Pools with the paper's hyper-parameters (docs/method.md#teachers, #choice-pools).
-POOLS: Registry[list[tuple[str, dict]]] = Registry("pool", {
-    "small": ([("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005))], "Adam 0.005, RMSProp 0.005"),
-    "large": ([
+POOLS: Registry[Pool] = Registry("pool", {
+    "small": (Pool((("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005)))), "Adam 0.005, RMSProp 0.005"),
+    "large": (Pool((
         ("adam", dict(lr=0.005)),
         ("rmsprop", dict(lr=0.005)),
         ("sgd", dict(lr=0.2)),
         ("momentum", dict(lr=0.5)),
         ("addsign", dict(lr=0.1)),
         ("powersign", dict(lr=0.1)),
-    ], "small + SGD 0.2, Momentum 0.5, AddSign 0.1, PowerSign 0.1"),
-    "choice-small": ([("rmsprop", dict(lr=0.005, eps=1e-7)), ("adam", dict(lr=0.02))],
+    )), "small + SGD 0.2, Momentum 0.5, AddSign 0.1, PowerSign 0.1"),
+    "choice-small": (Pool((("rmsprop", dict(lr=0.005, eps=1e-7)), ("adam", dict(lr=0.02)))),
                      "the small choice network's own pool"),
-    "choice-large": ([
+    "choice-large": (Pool((
         ("sgd", dict(lr=2.0)),
         ("momentum", dict(lr=2.0)),
         ("rmsprop", dict(lr=0.005, eps=1e-7)),
         ("adam", dict(lr=0.02)),
         ("powersign", dict(lr=1.0)),
         ("addsign", dict(lr=1.0)),
-    ], "the large choice network's own pool"),
+    )), "the large choice network's own pool"),
 })
 
 
@@ -235,8 +255,19 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def _installed(module_name: str) -> bool:
+    """Whether importing ``module_name`` runs only code of an installed distribution (or nothing new): a module
+    that merely lies in the working folder or on ``PYTHONPATH`` is not imported by name."""
+    top = module_name.partition(".")[0]
+    return top in sys.modules or top in importlib.metadata.packages_distributions()
+
+
 def _import_optimizer(path: str) -> type[torch.optim.Optimizer]:
     module_name, _, attr = path.rpartition(".")
+    if module_name and not _installed(module_name):
+        raise ValueError(f"cannot import optimizer class {path!r}: {module_name.partition('.')[0]!r} is not an "
+                         "installed package (modules of the working folder are not imported by name); install it, "
+                         "or pass the class itself: torch_teacher(cls) or an optimizer factory")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
@@ -259,13 +290,22 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def torch_optimizer(name: str, kwargs: dict[str, Any]) -> type[torch.optim.Optimizer]:
-    """The ``torch.optim.Optimizer`` class at dotted ``name``, its arguments checked by the class itself now
-    rather than at its first step."""
+    """The ``torch.optim.Optimizer`` class at dotted ``name``, checked now rather than at its first step: its
+    arguments by the class itself, and that it can step as teachers and evaluations step it, with a dense
+    gradient and no closure (which refuses LBFGS, whose step needs a closure, and SparseAdam, which needs sparse
+    gradients, and any other optimizer with either need)."""
     cls = _import_optimizer(name)
+    probe = torch.nn.Parameter(torch.zeros(1))
     try:
-        cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+        optimizer = cls([probe], **kwargs)
     except Exception as err:  # noqa: BLE001 (any class's own complaint about its arguments)
         raise ValueError(f"bad arguments for {name}: {err}") from err
+    probe.grad = torch.ones(1)
+    try:
+        optimizer.step()
+    except Exception as err:  # noqa: BLE001 (the class's own reason; a missing closure is a TypeError)
+        raise ValueError(f"{name} cannot be used here: it must step on a dense gradient without a closure, as "
+                         f"teachers and evaluated optimizers do ({err})") from err
     return cls
 
 
@@ -281,7 +321,7 @@ def make_teacher(spec: str) -> Teacher:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"teacher {name!r}: {key}={value!r} is not a finite number")
     try:
-        return TEACHERS[name](**kwargs)
+        return TEACHERS[name].make(**kwargs)
     except TypeError as err:
         raise ValueError(f"bad hyper-parameters for teacher {name!r}: {err}") from err
 
@@ -291,13 +331,15 @@ def make_pool(spec: str | Sequence[str | Teacher]) -> list[Teacher]:
     of teacher specs (``"adam:lr=0.01+sgd"``), or a sequence of specs or Teachers."""
     if isinstance(spec, str):
         if spec in POOLS:
-            return [TEACHERS[name](**kw) for name, kw in POOLS[spec]]
+            return POOLS[spec].teachers()
         parts = [s for s in spec.split("+") if s.strip()]
         if not parts:
             raise ValueError(f"empty pool {spec!r}")
         try:
             return [make_teacher(s) for s in parts]
         except ValueError as err:
+            if len(parts) > 1:  # a list of teachers, one of them bad: no preset name was meant
+                raise ValueError(f"pool {spec!r}: {err}") from err
             raise ValueError(f"unknown pool {spec!r} ({err}); preset pools: {POOLS.valid()}") from err
     return [t if isinstance(t, Teacher) else make_teacher(t) for t in spec]
 

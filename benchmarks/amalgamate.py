@@ -21,6 +21,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -207,9 +208,9 @@ def bundle(args, student_dir: Path, evaluation) -> None:
     config = json.loads((student_dir / "training" / "run_config.json").read_text())
     student = load_student(str(student_dir))
     card = model_card(student, config, get_preset(config["preset"]))
-    card["seeds"]["evaluation"] = evaluation.seeds
-    card["notes"] = [*card["notes"], f"evaluated by `python benchmarks/amalgamate.py --preset {args.preset}` "
-                     f"({len(evaluation.seeds)} paired seeds; the table's reference is this student)"]
+    card = replace(card, seeds={**card.seeds, "evaluation": evaluation.seeds},
+                   notes=[*card.notes, f"evaluated by `python benchmarks/amalgamate.py --preset {args.preset}` "
+                          f"({len(evaluation.seeds)} paired seeds; the table's reference is this student)"])
     save_student(student, args.bundle, card=card, evaluation=evaluation, reference="new student")
     print(f"bundled the new student into {args.bundle}")
 

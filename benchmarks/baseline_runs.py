@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from amalgam_plugin.engine import KNOWN_RUNS
-from amalgam_plugin.evaluate import evaluate_with_baselines
+from amalgam_plugin.evaluate import evaluate_with_baselines, load_runs
+from amalgam_plugin.files import write_text_atomically
 from amalgam_plugin.problems import make_problem
 
 
@@ -41,12 +42,12 @@ def main() -> None:
         evaluation = evaluate_with_baselines(make_problem(args.problem), {}, args.pool, seeds, args.steps,
                                              forms=("paper",), tune_seeds=seeds[:3], cache=cache,
                                              workers=args.workers)
-        runs = json.loads(cache.read_text())
+        runs = load_runs(cache)  # keyed by each run's full specification, as the card's evaluation looks them up
     recorded = {"command": "python benchmarks/baseline_runs.py " + " ".join(
                     f"--{k} {v}" for k, v in vars(args).items() if k not in ("out", "workers")),
                 "torch": torch.__version__, "threads per run": 1, "python": platform.python_version(),
                 "machine": platform.machine(), "date": datetime.date.today().isoformat()}
-    args.out.write_text(json.dumps({"recorded_with": recorded, "runs": runs}, sort_keys=True) + "\n")
+    write_text_atomically(args.out, json.dumps({"recorded_with": recorded, "runs": runs}, sort_keys=True) + "\n")
     print(evaluation.table("plain"))
     print(f"{len(runs)} runs written to {args.out}")
 

@@ -24,11 +24,11 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
-from amalgam_plugin.engine.curriculum import CurriculumConfig
-from amalgam_plugin.engine.estimator import TruncatedEstimator
+from amalgam_plugin.engine.estimator import EstimatorConfig, TruncatedEstimator
 from amalgam_plugin.engine.pes import PESEstimator
 from amalgam_plugin.problems import Problem, make_problem
 from amalgam_plugin.students import RNNProp
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--problem", default="train")
     parser.add_argument("--unroll", type=int, default=20, help="inner steps per truncation")
     parser.add_argument("--samples", type=int, default=16, help="independent trajectories per estimator")
-    parser.add_argument("--sigma", type=float, default=CurriculumConfig().pes_sigma, help="PES: std of ε per weight")
+    parser.add_argument("--sigma", type=float, default=EstimatorConfig().pes_sigma, help="PES: std of ε per weight")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--estimators", default="truncated,pes",
                         help="the variance part's estimators, of: truncated, second-order (truncated with the "
@@ -95,8 +95,10 @@ def main() -> None:
           f"{problem.batch_size}); RNNProp ({sum(p.numel() for p in student.parameters()):,} weights); "
           f"{args.unroll}-step truncations, warm-up {args.unroll} steps; α = 0; PES σ = {args.sigma}")
 
-    truncated = TruncatedEstimator(student, problem, [], args.unroll, "minmax", False, 0.05, True)
-    one_pair = PESEstimator(student, problem, [], args.unroll, "minmax", 0.05, True, args.sigma, 1)
+    first_order = EstimatorConfig(unroll_length=args.unroll, mechanism="minmax", second_order=False)
+    pes_config = replace(first_order, gradient_estimator="pes", pes_sigma=args.sigma)
+    truncated = TruncatedEstimator(student, problem, [], first_order)
+    one_pair = PESEstimator(student, problem, [], pes_config)
     passes, costs = [], {"truncated": [], "pes": []}
     for seed in range(3):  # cost: one truncation of each, alternating, with plain passes in between
         for name, estimator in (("truncated", truncated), ("pes", one_pair)):
@@ -113,10 +115,10 @@ def main() -> None:
           f"({step['pes'] / 2:.2f} per particle)")
 
     pairs = max(1, round(step["truncated"] / step["pes"]))
-    pes = PESEstimator(student, problem, [], args.unroll, "minmax", 0.05, True, args.sigma, pairs)
+    pes = PESEstimator(student, problem, [], replace(pes_config, pes_pairs=pairs))
     seeds = range(args.samples)
     estimates, seconds = {}, {}
-    second_order = TruncatedEstimator(student, problem, [], args.unroll, "minmax", True, 0.05, True)
+    second_order = TruncatedEstimator(student, problem, [], replace(first_order, second_order=True))
     named = {"truncated": ("truncated", truncated), "second-order": ("second-order", second_order),
              "pes": (f"pes ({pairs} pair{'s' if pairs > 1 else ''})", pes)}
     for name, estimator in (named[w] for w in wanted):

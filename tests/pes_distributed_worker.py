@@ -10,16 +10,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from amalgam_plugin.engine.curriculum import Curriculum, CurriculumConfig
+from amalgam_plugin.engine.curriculum import Curriculum, PhaseConfig
 from amalgam_plugin.engine.distributed import launched_group
 from amalgam_plugin.problems import make_problem
 from amalgam_plugin.students import RNNProp
 from amalgam_plugin.teachers import make_pool
 
-CONFIG = CurriculumConfig(unroll_length=3, depths=[2], validation_depths=[1], trajectories_per_period=2,
-                          trajectories_per_step=2, validation_trajectories=2, min_periods=1, num_chances=0,
-                          max_periods=1, second_order=False, mechanism="minmax", gradient_estimator="pes",
-                          pes_pairs=2, pes_sigma=0.01)
+CONFIG = PhaseConfig.of(unroll_length=3, depths=[2], validation_depths=[1], trajectories_per_period=2,
+                        trajectories_per_step=2, validation_trajectories=2, min_periods=1, num_chances=0,
+                        max_periods=1, second_order=False, mechanism="minmax", gradient_estimator="pes",
+                        pes_pairs=2, pes_sigma=0.01)
 
 
 def run(workdir: Path, out: Path) -> None:

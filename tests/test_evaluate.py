@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from amalgam_plugin import evaluate as ev
+from amalgam_plugin.evaluate import executor, runs
 from amalgam_plugin.problems import make_problem
 from amalgam_plugin.problems.data import DigitSplit
 from amalgam_plugin.students import RNNProp, RNNPropConfig
@@ -182,7 +183,7 @@ def test_tiny_evaluation_with_students_and_baselines(mlp, tmp_path):
     assert table.count("\n") == 6 and "Δ best vs student" in table
     # resumed from the cache: no run is repeated
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev, "run", lambda *a, **k: pytest.fail("run() called despite the cache"))
+        mp.setattr(runs, "run", lambda *a, **k: pytest.fail("run() called despite the cache"))
         again = ev.evaluate(mlp, optimizers, seeds=[0, 1], steps=50, reference="student", cache=cache, progress=False)
     assert again.table() == table
 
@@ -308,7 +309,7 @@ def test_workers_write_the_cache_and_resume_from_it(mlp, tmp_path):
     )
     assert torch.get_num_threads() == threads  # the caller's thread count is left alone
     assert sorted(json.loads(cache.read_text())) == sorted(
-        f"{n}|seed={s}|steps=20|every=10|problem=mlp" for n in ("sgd", "adam") for s in (0, 1)
+        ev.run_key({"label": n}, "mlp", s, 20, 10) for n in ("sgd", "adam") for s in (0, 1)
     )
     again = ev.evaluate(
         mlp, {"sgd": _refuse, "adam": _refuse}, seeds=[0, 1], steps=20, eval_every=10, cache=cache, workers=2
@@ -371,7 +372,7 @@ def test_ctrl_c_stops_the_workers(mlp):
 
 
 def test_without_fork_runs_in_process(mlp, monkeypatch, caplog):
-    monkeypatch.setattr(ev, "_fork_context", lambda: None)
+    monkeypatch.setattr(executor, "_fork_context", lambda: None)
     with caplog.at_level(logging.WARNING, logger=ev.__name__):
         e = ev.evaluate(mlp, {"sgd": _sgd}, seeds=[0], steps=5, workers=2, progress=False)
     assert len(e.runs["sgd"]) == 1 and sum("fork" in r.getMessage() for r in caplog.records) == 1

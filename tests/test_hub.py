@@ -10,7 +10,9 @@ import pickle
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 from unittest import mock
 
 import pytest
@@ -19,9 +21,11 @@ import yaml
 from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file, save_file
 
-from amalgam_plugin import hub
+from amalgam_plugin import cli, hub
+from amalgam_plugin.cards import architecture_line
 from amalgam_plugin.evaluate import Evaluation, RunResult
-from amalgam_plugin.students import ChoiceConfig, ChoiceNet, RNNProp, RNNPropConfig
+from amalgam_plugin.students import STUDENTS, ChoiceConfig, ChoiceNet, RNNProp, RNNPropConfig, StudentType
+from amalgam_plugin.students.format import config_dict
 
 PAPER_NAMES = ["paper-choice-large", "paper-choice-small", "paper-mean", "paper-minmax"]
 
@@ -102,6 +106,80 @@ def test_bundled_students_load_by_name():
     assert (folder / "model.safetensors").stat().st_size < 64_000
 
 
+def fresh(kind: str, seed: int = 0) -> torch.nn.Module:
+    entry = STUDENTS[kind]
+    student = entry.module(entry.config())
+    student.reset_parameters(torch.Generator().manual_seed(seed))
+    return student
+
+
+@pytest.mark.parametrize("kind", sorted(STUDENTS))
+def test_every_registered_type_round_trips_with_its_type(tmp_path, kind):
+    """The registry key is the type config.json records, and loading builds that type's module again; the type's
+    own from_pretrained refuses a folder of any other registered type."""
+    student = fresh(kind)
+    folder = hub.save_student(student, tmp_path / kind)
+    assert json.loads((folder / "config.json").read_text())["student_type"] == kind
+    loaded = hub.load_student(folder)
+    assert type(loaded) is STUDENTS[kind].module and loaded.config == student.config and same_weights(loaded, student)
+    for other in STUDENTS:
+        if other != kind:
+            with pytest.raises(ValueError, match=f"holds a '{kind}' student, not a '{other}' one"):
+                STUDENTS[other].module.from_pretrained(folder)
+
+
+def test_a_folder_whose_type_disagrees_with_its_weights_is_refused(tmp_path):
+    folder = hub.save_student(fresh("rnnprop"), tmp_path / "s")
+    edit_config(folder, student_type="lean")
+    with pytest.raises(ValueError, match="does not match a lean student"):
+        hub.load_student(folder)
+
+
+def test_a_student_type_states_its_name_once():
+    """A config class that does not state its own student_type, or card fields that are no config fields, cannot be
+    registered."""
+    @dataclass
+    class Unnamed(RNNPropConfig):  # inherits rnnprop's name: it would save as an rnnprop
+        extra: int = 1
+
+    class Module(RNNProp):
+        config_class = Unnamed
+
+    with pytest.raises(ValueError, match="must state its own student_type"):
+        StudentType(Module, "unnamed")
+
+    @dataclass
+    class Named(RNNPropConfig):
+        student_type: ClassVar[str] = "named"
+        card_fields: ClassVar[tuple[str, ...]] = ("hidden_sizes", "colour")
+
+    Module.config_class = Named
+    with pytest.raises(ValueError, match="card_fields names no config field: colour"):
+        StudentType(Module, "named")
+
+
+@pytest.mark.parametrize("kind", sorted(STUDENTS))
+def test_the_card_shows_every_architecture_field_of_the_type(kind):
+    student = fresh(kind)
+    text = hub.render_card(config_dict(student), card_fields=STUDENTS[kind].card_fields)
+    line = next(line for line in text.splitlines() if line.startswith("**Architecture**"))
+    assert line.startswith(f"**Architecture**: `{kind}` ")
+    for field in STUDENTS[kind].card_fields:
+        assert f"{field}={getattr(student.config, field)}" in line
+    assert STUDENTS[kind].card_fields  # every type shows its architecture
+
+
+@pytest.mark.parametrize("name", [name for name, _ in hub.list_bundled()])
+def test_bundled_students_resave_byte_identically_and_their_cards_show_their_architecture(tmp_path, name):
+    bundled = hub.bundled_root() / name
+    config = json.loads((bundled / "config.json").read_text())
+    line = architecture_line(config, STUDENTS[config["student_type"]].card_fields)
+    assert line in (bundled / "README.md").read_text().splitlines()
+    folder = hub.save_student(hub.load_student(name), tmp_path / name)
+    for file in ("model.safetensors", "config.json"):
+        assert (folder / file).read_bytes() == (bundled / file).read_bytes(), file
+
+
 # --- a repo id from a pre-seeded Hub cache, offline ---------------------------------------------------------
 
 
@@ -140,6 +218,18 @@ def test_repo_id_from_preseeded_cache_offline(tmp_path, offline):
         hub.load_student("acme/not-cached", cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="c{40}"):
         hub.load_student("acme/amalgam-tiny", revision="c" * 40, cache_dir=tmp_path)
+
+
+def test_a_snapshot_folder_linking_out_of_the_cache_is_refused(tmp_path, offline):
+    """A Hub cache whose snapshot folder is itself a link to a folder elsewhere: nothing is loaded from there."""
+    elsewhere = hub.save_student(make_rnnprop(seed=6), tmp_path / "elsewhere")
+    repo = tmp_path / "cache" / "models--acme--linked"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("f" * 40)
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / ("f" * 40)).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match="links outside its repository"):
+        hub.load_student("acme/linked", cache_dir=tmp_path / "cache")
 
 
 def test_repo_id_with_default_cache_monkeypatched(tmp_path, offline, monkeypatch):
@@ -229,6 +319,64 @@ def test_push_folder_uploads_the_hub_files(tmp_path):
     assert set(load_file(tmp_path / "w.safetensors")) == set(make_rnnprop().state_dict())
 
 
+def upload_as_the_hub_client_filters(uploaded: dict[str, bytes]):
+    """HfApi.upload_folder's own selection of files (every file under the folder, filtered by its patterns)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    def upload_folder(self, *, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        root = Path(folder_path)
+        names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
+        for name in filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            uploaded[name] = (root / name).read_bytes()
+        return "https://huggingface.co/acme/x/commit/0"
+
+    return upload_folder
+
+
+def test_push_uploads_only_the_hub_files_never_links_or_the_training_folder(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a file of the machine")
+    folder = hub.save_student(make_rnnprop(), tmp_path / "s", card={"title": "Tiny"}, evaluation=tiny_evaluation())
+    (folder / "leak.png").symlink_to(secret)
+    (folder / "training").mkdir()
+    for name in ("curve.png", "README.md", "config.json", "checkpoint.safetensors"):
+        (folder / "training" / name).write_text("run files")
+    (folder / "notes.txt").write_text("mine")
+    uploaded: dict[str, bytes] = {}
+    with mock.patch.object(HfApi, "create_repo", return_value="https://huggingface.co/acme/x"), \
+            mock.patch.object(HfApi, "upload_folder", upload_as_the_hub_client_filters(uploaded)):
+        hub.push_folder(folder, "acme/x")
+    assert set(uploaded) == {"README.md", "config.json", "model.safetensors", "heldout_loss.png"}
+    assert uploaded["config.json"] == (folder / "config.json").read_bytes()
+
+
+def test_push_refuses_a_required_file_that_is_a_link(tmp_path):
+    folder = hub.save_student(make_rnnprop(), tmp_path / "s")
+    os.replace(folder / "README.md", folder / "card.md")
+    (folder / "README.md").symlink_to(folder / "card.md")
+    with mock.patch.object(HfApi, "create_repo") as create, mock.patch.object(HfApi, "upload_folder") as upload:
+        with pytest.raises(ValueError, match="README.md' is a symbolic link"):
+            hub.push_folder(folder, "acme/x")
+    create.assert_not_called()
+    upload.assert_not_called()
+
+
+def test_push_without_a_network_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """Offline mode off and no connection: the Hub client's own network error becomes one line, exit status 2."""
+    import importlib
+
+    from huggingface_hub.errors import HTTPError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    connect_error = importlib.import_module(HTTPError.__module__).ConnectError  # httpx's, as the client uses it
+    folder = hub.save_student(make_rnnprop(), tmp_path / "s")
+    with mock.patch.object(HfApi, "create_repo", side_effect=connect_error("[Errno -3] name resolution failed")):
+        assert cli.main(["push", str(folder), "acme/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "acme/x" in err and "ConnectError" in err and "name resolution failed" in err
+
+
 def test_push_refuses_a_broken_folder(tmp_path):
     folder = hub.save_student(make_rnnprop(), tmp_path / "s")
     (folder / "model.safetensors").unlink()
@@ -296,6 +444,35 @@ def test_model_card_contents(tmp_path):
     ]:
         assert fragment in text, fragment
     assert (folder / "heldout_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def evaluate_into_card(tmp_path: Path, card_folder: Path) -> int:
+    """A tiny ``amalgam evaluate --card`` (plain SGD, 2 steps, 1 seed, no baselines)."""
+    return cli.main(["evaluate", "torch.optim.SGD:lr=0.1", "--problems", "mlp", "--seeds", "1", "--steps", "2",
+                     "--eval-every", "1", "--no-baselines", "--workers", "1", "--out", str(tmp_path / "eval"),
+                     "--card", str(card_folder)])
+
+
+def test_evaluate_card_refuses_a_folder_that_is_not_a_students(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "README.md").write_text("# my notes\n")
+    assert evaluate_into_card(tmp_path, folder) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a student folder" in err and "model.safetensors" in err
+    assert (folder / "README.md").read_text() == "# my notes\n" and not (tmp_path / "eval").exists()
+
+
+def test_evaluate_card_replaces_a_link_under_a_plot_name_never_writing_through_it(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a user's file elsewhere")
+    folder = hub.save_student(make_rnnprop(), tmp_path / "s", card={"title": "Tiny"})
+    (folder / "evaluate-mlp-curves.png").symlink_to(outside)
+    assert evaluate_into_card(tmp_path, folder) == 0
+    assert outside.read_text() == "a user's file elsewhere"
+    plot = folder / "evaluate-mlp-curves.png"
+    assert not plot.is_symlink() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![held-out loss against steps](evaluate-mlp-curves.png)" in (folder / "README.md").read_text()
 
 
 def test_unknown_card_key_is_rejected_before_writing(tmp_path):

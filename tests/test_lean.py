@@ -149,6 +149,18 @@ def test_the_compiled_step_is_not_recompiled_for_new_shapes_ranks_or_lrs(monkeyp
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("AMALGAM_COMPILE", "always")
+    calls = []
+    compile_ = torch.compile
+
+    def spy(fn, **kwargs):  # the real compiler; its result counts its calls, so a silent eager fallback fails
+        compiled = compile_(fn, **kwargs)
+
+        def counted(*args):
+            calls.append(args[0].numel())
+            return compiled(*args)
+        return counted
+
+    monkeypatch.setattr(torch, "compile", spy)
     kernel = LeanKernel(lean(), torch.device("cpu"))
 
     def step(sizes, ranks, lr):
@@ -160,3 +172,22 @@ def test_the_compiled_step_is_not_recompiled_for_new_shapes_ranks_or_lrs(monkeyp
     graphs = counters["stats"]["unique_graphs"]
     step([777, 33_333, 5], [2, 2, 1], 0.3)
     assert counters["stats"]["unique_graphs"] == graphs
+    assert calls == [4, 1000, 20, 777, 33_333, 5]  # the probe, then every tensor of both steps, compiled
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_a_parameter_with_no_elements_is_stepped_with_the_others(mode, monkeypatch):
+    """An empty tensor (e.g. a zero-width layer) has nothing to update; the others step exactly as without it."""
+    monkeypatch.setenv("AMALGAM_COMPILE", mode)
+    student = lean()
+    grads = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    results = []
+    for with_empty in (True, False):
+        empty, p = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.ones(4, 3))
+        opt = AmalgamOptimizer([empty, p] if with_empty else [p], student=student, warmup_steps=1)
+        for g in grads:
+            empty.grad, p.grad = torch.zeros(0, 3), g.clone()
+            opt.step()
+        results.append(p.detach().clone())
+    assert empty.shape == (0, 3) and not torch.equal(results[0], torch.ones(4, 3))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

@@ -1,9 +1,10 @@
 """Meta-training on a mixture of problems: each trajectory draws its family and sizes from its own generator; every
 family gives a finite meta-gradient, with the frozen choice teacher seeing each drawn problem's tensor ranks."""
 
+import pytest
 import torch
 
-from amalgam_plugin.engine.estimator import TruncatedEstimator
+from amalgam_plugin.engine.estimator import EstimatorConfig, TruncatedEstimator
 from amalgam_plugin.engine.unroll import frozen_choice_teacher
 from amalgam_plugin.problems import make_problem
 from amalgam_plugin.problems.text import CONTEXT, stdlib_windows
@@ -30,8 +31,8 @@ def test_every_family_gives_a_finite_meta_gradient_against_the_choice_teacher():
     mix = make_problem("mix")
     student = Lean()
     student.reset_parameters(torch.Generator().manual_seed(0))
-    estimator = TruncatedEstimator(student, mix, [frozen_choice_teacher(ChoiceNet().requires_grad_(False))], 3,
-                                   "choice", second_order=False, warmup_lr=0.05, random_scale=True)
+    estimator = TruncatedEstimator(student, mix, [frozen_choice_teacher(ChoiceNet().requires_grad_(False))],
+                                   EstimatorConfig(unroll_length=3, mechanism="choice", second_order=False))
     seen = set()
     for seed in range(40):
         traj = estimator.trajectory(torch.Generator().manual_seed(seed), 3, with_teachers=True)
@@ -50,3 +51,25 @@ def test_byte_windows_label_each_position_with_the_next_byte():
     assert text.train_x.shape == (4000, CONTEXT) and text.train_x.dtype == torch.long
     assert torch.equal(text.train_y[:, :-1], text.train_x[:, 1:])
     assert int(text.train_x.max()) < 256
+
+
+def test_whether_a_problem_can_be_evaluated_is_its_registry_entry_s_field(tmp_path, monkeypatch, capsys):
+    """``evaluable`` on the entry, not a problem's name, decides: the mixture and any other non-evaluable problem are
+    refused by ``amalgam evaluate`` in one line, before anything runs."""
+    from dataclasses import replace
+
+    from amalgam_plugin.cli import main
+    from amalgam_plugin.problems import PROBLEMS, evaluable_problem
+    from amalgam_plugin.suite import run_suite
+
+    out = tmp_path / "never-written"
+    assert not PROBLEMS["mix"].evaluable and PROBLEMS["train"].evaluable
+    monkeypatch.setitem(PROBLEMS, "mlp", replace(PROBLEMS["mlp"], evaluable=False))
+    for name in ("mix", "mlp"):
+        with pytest.raises(ValueError, match=f"problem '{name}' is a distribution to meta-train on"):
+            evaluable_problem(name)
+        with pytest.raises(ValueError, match="not one to evaluate"):
+            run_suite([], [name], [0], out)
+        assert main(["evaluate", "torch.optim.SGD:lr=0.1", "--problems", name, "--out", str(out)]) == 2
+        assert "not one to evaluate" in capsys.readouterr().err
+    assert evaluable_problem("train") == "train" and not out.exists()

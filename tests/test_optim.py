@@ -469,3 +469,26 @@ def test_a_coordinate_that_never_had_a_gradient_does_not_move(name):
         opt.step()
     assert torch.equal(emb.weight[0].detach(), pad)
     assert not torch.allclose(emb.weight[1:].detach(), used)
+
+
+@pytest.mark.parametrize("name", ["lean-choice-large", "paper-choice-large"])
+def test_a_compiled_step_gives_the_eager_steps_numbers(name):
+    """``torch.compile(lambda: opt.step())``, as users compile AdamW's step: the step runs eagerly inside the
+    compiled function (one warning) and the parameters are those of uncompiled steps."""
+    grads = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    results = []
+    for compiled in (False, True):
+        p = nn.Parameter(torch.ones(3, 4))
+        opt = AmalgamOptimizer.from_pretrained(name, [p], warmup_steps=1)
+        step = torch.compile(lambda opt=opt: opt.step()) if compiled else opt.step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for g in grads:
+                p.grad = g.clone()
+                step()
+        results.append(p.detach().clone())
+    assert [str(w.message) for w in caught if "torch.compile" in str(w.message)] == [
+        "AmalgamOptimizer.step runs eagerly under torch.compile (a graph break); the rest of the compiled function "
+        "is unaffected"]
+    assert not torch.equal(results[0], torch.ones(3, 4))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from amalgam_plugin.cli import main
-from amalgam_plugin.engine.estimator import TruncatedEstimator
+from amalgam_plugin.engine.estimator import EstimatorConfig, TruncatedEstimator
 from amalgam_plugin.engine.perturbations import (
     PGD_LR,
     Perturbation,
@@ -98,8 +98,9 @@ def test_adversarial_steps_accumulate_from_zero():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(kind="gauss"), "unknown perturbation 'gauss'; valid perturbations: none, gaussian"),
-    (dict(kind="gaussian", magnitude=-1.0), "magnitude must be a finite number >= 0"),
-    (dict(kind="gaussian", magnitude=float("nan")), "magnitude must be a finite number >= 0"),
+    (dict(kind="gaussian", magnitude=-1.0), "magnitude must be in [0, 1]"),
+    (dict(kind="gaussian", magnitude=float("nan")), "magnitude must be in [0, 1]"),
+    (dict(kind="pgd", magnitude=1.5), "magnitude must be in [0, 1]"),
     (dict(kind="pgd", steps=0), "steps must be an integer in [1, 100]"),
 ])
 def test_bad_perturbations_are_refused(kwargs, message):
@@ -173,8 +174,9 @@ def tiny_problem():
 def meta_gradient(perturbation, pool="small", seed=5):
     student = RNNProp()
     student.reset_parameters(torch.Generator().manual_seed(0))
-    estimator = TruncatedEstimator(student, tiny_problem(), make_pool(pool), 4, "minmax", False, 0.05, True,
-                                   perturbation)
+    config = EstimatorConfig(unroll_length=4, mechanism="minmax", second_order=False, perturbation=perturbation.kind,
+                             perturbation_magnitude=perturbation.magnitude, perturbation_steps=perturbation.steps)
+    estimator = TruncatedEstimator(student, tiny_problem(), make_pool(pool), config)
     traj = estimator.trajectory(torch.Generator().manual_seed(seed), 0, with_teachers=True)
     est = estimator.estimate(traj, alpha=0.5)
     assert est.finite
@@ -220,4 +222,14 @@ def test_cli_records_the_perturbation_in_the_run_and_the_card(tmp_path, capsys):
     capsys.readouterr()
     assert main(["amalgamate", "--preset", "smoke", "--perturb", "gaussian", "--perturb-magnitude", "inf",
                  "--out", str(tmp_path / "bad")]) == 2
-    assert capsys.readouterr().err.strip().endswith("perturbation magnitude must be a finite number >= 0, got inf")
+    assert capsys.readouterr().err.strip().endswith("at 1 a perturbation is as large as the weights), got inf")
+
+
+def test_a_perturbation_far_above_any_study_is_refused_in_one_line(tmp_path, capsys):
+    """--perturb-magnitude 1e9 (a slip for 1e-9) used to meta-train a student drowned in noise without a word."""
+    out = tmp_path / "s"
+    assert main(["amalgamate", "--preset", "smoke", "--pool", "small", "--mechanism", "mean", "--no-eval",
+                 "--perturb", "gaussian", "--perturb-magnitude", "1e9", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "perturbation magnitude must be in [0, 1]" in err and "got 1000000000.0" in err
+    assert not out.exists()

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from amalgam_plugin.engine import amalgamate
-from amalgam_plugin.engine.curriculum import CurriculumConfig
-from amalgam_plugin.engine.estimator import TruncatedEstimator
+from amalgam_plugin.engine.curriculum import PhaseConfig
+from amalgam_plugin.engine.estimator import EstimatorConfig, TruncatedEstimator
 from amalgam_plugin.engine.pes import PESEstimator, particles_bytes
 from amalgam_plugin.engine.presets import PRESETS
 from amalgam_plugin.problems import Problem
@@ -76,6 +76,10 @@ def problem(**kwargs) -> ExpQuadratic:
     return ExpQuadratic("exp-quadratic", None, None, random_scale=False, **kwargs)
 
 
+def config(**settings) -> EstimatorConfig:
+    return EstimatorConfig(unroll_length=LENGTH, second_order=False, random_scale=False, **settings)
+
+
 def closed_form_gradients() -> tuple[torch.Tensor, torch.Tensor]:
     """∇_w of truncation LAST's meta loss, through the whole unroll and within the truncation alone. With
     θ_{t,i} = θ_t − i w and θ_t = θ_0 − t N w, L_t = c [−θ_t w m₁ + w² m₂ / 2] per coordinate, with m₁ and m₂ the
@@ -89,7 +93,7 @@ def closed_form_gradients() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_the_closed_form_truncated_gradient_is_truncated_backpropagations():
     student = RankStep()
-    estimator = TruncatedEstimator(student, problem(), [], LENGTH, "minmax", False, 0.05, False)
+    estimator = TruncatedEstimator(student, problem(), [], config())
     traj = estimator.trajectory(torch.Generator().manual_seed(0), 0, with_teachers=False)
     for _ in range(LAST + 1):
         estimator.estimate(traj, 0.0)
@@ -102,7 +106,7 @@ def test_pes_is_unbiased_for_the_gradient_of_the_whole_unroll_not_the_truncation
     must sit within 4 standard errors of the whole unroll's gradient, while the truncation's own gradient (what
     an ES whose ξ restarts at every truncation estimates) is more than 8 standard errors away from it."""
     student = RankStep()
-    estimator = PESEstimator(student, problem(), [], LENGTH, "minmax", 0.05, False, sigma=0.05, pairs=8)
+    estimator = PESEstimator(student, problem(), [], config(gradient_estimator="pes", pes_sigma=0.05, pes_pairs=8))
     samples = []
     for seed in range(60):
         traj = estimator.trajectory(torch.Generator().manual_seed(seed), 0, with_teachers=False)
@@ -121,8 +125,8 @@ def test_antithetic_particles_see_the_same_minibatches_and_a_flat_loss_gives_exa
     L+ == L− exactly, but only on the same minibatches: the loss's curvature is drawn per minibatch."""
     seen = []
     student = RankStep(follow=0.1, weight=0.0)
-    estimator = PESEstimator(student, problem(noisy=True, seen=seen), [], LENGTH, "minmax", 0.05, False,
-                             sigma=1e-6, pairs=2)
+    estimator = PESEstimator(student, problem(noisy=True, seen=seen), [],
+                             config(gradient_estimator="pes", pes_sigma=1e-6, pes_pairs=2))
     traj = estimator.trajectory(torch.Generator().manual_seed(3), 0, with_teachers=False)
     for _ in range(3):
         seen.clear()
@@ -139,7 +143,7 @@ def test_a_pes_setting_beyond_the_machines_memory_is_one_clear_error(tmp_path):
     # 1000 pairs x 1000 trajectories of the Train CNN with RNNProp's 82 floats: about 11 TiB
     assert particles_bytes(18_122, 82, 1000, 1000) > 2**43
     pes = PRESETS["smoke"]
-    recipe = replace(pes, name="smoke-pes", student=replace(pes.student, gradient_estimator="pes", pes_pairs=1000))
+    recipe = replace(pes, name="smoke-pes", student=pes.student.changed(gradient_estimator="pes", pes_pairs=1000))
     with pytest.raises(ValueError, match=r"^PES with 1000 antithetic pairs x 1000 trajectories per process needs "
                                          r"about .* GiB .* lower pes_pairs or trajectories_per_step$"):
         amalgamate(pool="small", mechanism="minmax", preset=recipe, out=tmp_path / "out", evaluate=False,
@@ -155,7 +159,7 @@ def test_a_pes_setting_beyond_the_machines_memory_is_one_clear_error(tmp_path):
 ])
 def test_bad_pes_settings_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
-        CurriculumConfig(**change)
+        PhaseConfig.of(**change)
 
 
 WORKER = Path(__file__).with_name("pes_distributed_worker.py")
@@ -180,8 +184,8 @@ def test_two_processes_running_half_the_pairs_each_give_the_meta_gradient_of_one
 
 def test_meta_training_with_pes_changes_the_student_and_keeps_it_finite(tmp_path):
     smoke = PRESETS["smoke"]
-    recipe = replace(smoke, name="smoke-pes", student=replace(smoke.student, gradient_estimator="pes", pes_pairs=2,
-                                                              pes_sigma=0.01))
+    recipe = replace(smoke, name="smoke-pes", student=smoke.student.changed(gradient_estimator="pes", pes_pairs=2,
+                                                                            pes_sigma=0.01))
     out = amalgamate(pool="small", mechanism="minmax", preset=recipe, out=tmp_path / "out", evaluate=False, seed=4)
     entry = STUDENTS.lookup("rnnprop")
     start = entry.module(entry.config())
@@ -206,12 +210,10 @@ def test_the_estimator_benchmark_prints_the_cost_and_the_variance_of_both():
 
 
 def test_a_run_recorded_before_the_estimator_settings_existed_still_resumes(tmp_path):
-    from dataclasses import asdict
+    from amalgam_plugin.engine.run import RUN_KEYS, _check_same_run
 
-    from amalgam_plugin.engine import RUN_KEYS, _check_same_run
-
-    fresh = {k: "x" for k in RUN_KEYS} | {"choice_recipe": asdict(CurriculumConfig()),
-                                           "student_recipe": asdict(CurriculumConfig())}
+    fresh = {k: "x" for k in RUN_KEYS} | {"choice_recipe": PhaseConfig().settings(),
+                                           "student_recipe": PhaseConfig().settings()}
     older = {k: v for k, v in fresh["student_recipe"].items() if k not in ("gradient_estimator", "pes_sigma",
                                                                              "pes_pairs")}
     path = tmp_path / "training" / "run_config.json"

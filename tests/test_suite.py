@@ -3,10 +3,13 @@ end to end on a tiny budget (resume, stale runs, valid PNG files, one-line error
 
 import json
 import math
+import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -15,8 +18,11 @@ import pytest
 
 from amalgam_plugin import evaluate as ev
 from amalgam_plugin.cli import main
+from amalgam_plugin.evaluate import runs
+from amalgam_plugin.evaluate.cache import key_fields
+from amalgam_plugin.evaluate.metrics import gaussian_smooth, optimization_stability
+from amalgam_plugin.evaluate.statistics import variance_components
 from amalgam_plugin.hub import bundled_root
-from amalgam_plugin.suite import gaussian_smooth, optimization_stability, variance_components
 
 
 def brute_force_smooth(x, sigma):
@@ -103,6 +109,8 @@ def png_ok(path) -> bool:
     return kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
 
 
+CPUS = os.cpu_count() or 1
+QUICK = ["--no-baselines", "--problems", "mlp", "--steps", "1", "--seeds", "1"]
 TINY = ["--problems", "mlp", "--seeds", "2", "--steps", "30", "--eval-every", "10", "--pool", "small",
         "--forms", "paper", "--workers", "1"]
 
@@ -139,7 +147,7 @@ def test_amalgam_evaluate_end_to_end(tmp_path, capsys, monkeypatch):
     assert "![held-out loss against steps](plots/mlp-curves.png)" in (out / "results.md").read_text()
 
     # resumed: every run comes from the cache
-    monkeypatch.setattr(ev, "run", lambda *a, **k: pytest.fail("a cached run was run again"))
+    monkeypatch.setattr(runs, "run", lambda *a, **k: pytest.fail("a cached run was run again"))
     assert main(["evaluate", "torch.optim.SGD:lr=0.1", "--replicates", str(reps / "r*"), *TINY,
                  "--out", str(out)]) == 0
 
@@ -162,15 +170,71 @@ def test_the_evaluation_goes_into_a_students_card_and_is_replaced_on_a_rerun(tmp
     assert "holds no model card" in capsys.readouterr().err
 
 
-def test_a_changed_student_is_re_run(tmp_path, caplog):
+def best_of(out: Path, name: str, problem: str = "mlp") -> float:
+    rows = json.loads((out / "results.json").read_text())["problems"][problem]["optimizers"]
+    return next(row["best_log_heldout"] for row in rows if row["name"] == name)
+
+
+def cached_specs(out: Path) -> list:
+    """The optimizer specification of every run in OUT/cache.json."""
+    return [key_fields(key)["optimizer"] for key in json.loads((out / "cache.json").read_text())]
+
+
+def test_a_changed_student_is_re_run_and_its_old_runs_dropped(tmp_path, caplog):
     reps = replicate_folders(tmp_path)
+    student = tmp_path / "st|x"  # a label with a pipe: neither the check nor the table may break on it
+    shutil.copytree(reps / "r0", student)
+    old_spec = ev.student_factory(str(student)).describe()
     out = tmp_path / "eval"
-    args = ["evaluate", str(reps / "r0"), *TINY, "--no-baselines", "--out", str(out)]
+    args = ["evaluate", str(student), *TINY, "--no-baselines", "--out", str(out)]
     assert main(args) == 0
-    shutil.rmtree(reps / "r0")
-    shutil.copytree(reps / "r1", reps / "r0")
+    stale = best_of(out, str(student))
+    assert cached_specs(out) == [old_spec] * 2
+    shutil.rmtree(student)
+    shutil.copytree(reps / "r1", student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "warmup_steps": 5}))  # its own steps within 30
     assert main(args) == 0
     assert "changed since their runs were cached" in caplog.text
+    assert old_spec not in cached_specs(out) and len(cached_specs(out)) == 2  # the old student's runs are gone
+    fresh = tmp_path / "fresh"
+    assert main(["evaluate", str(student), *TINY, "--no-baselines", "--out", str(fresh)]) == 0
+    assert best_of(out, str(student)) == best_of(fresh, str(student)) != stale  # the new student's number
+    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith(f"| {tmp_path}"))
+    assert row.replace("\\|", "").count("|") == 8 and "st\\|x" in row  # 7 cells: the pipe is escaped
+
+
+def test_a_teachers_runs_are_keyed_by_every_hyper_parameter(tmp_path):
+    """Issue 23.5: change a teacher's beta1/beta2 and rerun into the same OUT: the new teacher's number, as a fresh
+    folder gives it, not the old one's; two teachers that share a name and lr are two rows."""
+    budget = ["--problems", "mlp", "--seeds", "1", "--steps", "30", "--eval-every", "10", "--forms", "paper",
+              "--workers", "1"]
+    out = tmp_path / "eval"
+    assert main(["evaluate", "torch.optim.SGD:lr=0.1", *budget, "--pool", "adam:lr=0.005", "--out", str(out)]) == 0
+    before = best_of(out, "adam 0.005 (paper)")
+    changed = ["evaluate", "torch.optim.SGD:lr=0.1", *budget, "--pool", "adam:lr=0.005,beta1=0.5,beta2=0.9"]
+    assert main([*changed, "--out", str(out)]) == 0
+    assert main([*changed, "--out", str(tmp_path / "fresh")]) == 0
+    after = best_of(out, "adam 0.005 (paper)")
+    assert after == best_of(tmp_path / "fresh", "adam 0.005 (paper)") and after != before
+    both = ev.pool_baselines("adam:lr=0.005+adam:lr=0.005,beta1=0.5,beta2=0.9", forms=["paper"])
+    assert list(both) == ["adam 0.005 beta1=0.9,beta2=0.999 (paper)", "adam 0.005 beta1=0.5,beta2=0.9 (paper)"]
+    keys = {ev.run_key(ev.specification(name, factory), "mlp", 0, 30, 10) for name, factory in both.items()}
+    assert len(keys) == 2
+
+
+def test_an_optimizer_name_with_markdown_or_mathtext_in_it_keeps_the_table_and_plots_whole(tmp_path):
+    runs = [ev.RunResult(name, 0, 50, [0, 25, 50], [2.3, 0.5, 0.4], [1.0] * 50, train_seconds=[0.0, 0.1, 0.2])
+            for name in ("a|b", "my $\\frac$ one")]
+    evaluation = ev.Evaluation("mlp", [0], 50, 25, {r.name: [r] for r in runs}, reference="a|b")
+    table = evaluation.table().splitlines()
+    assert all(line.replace("\\|", "").count("|") == 7 for line in table)  # 6 cells a row
+    assert table[2].startswith("| a\\|b |") and "Δ best vs a\\|b" in table[0]
+    from amalgam_plugin.plots import problem_plots
+
+    plots = problem_plots(evaluation, tmp_path / "plots", highlight="a|b")
+    assert all(png_ok(path) for path in plots.values())
+    assert png_ok(evaluation.plot(tmp_path / "curves.png"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -180,8 +244,11 @@ def test_a_changed_student_is_re_run(tmp_path, caplog):
     (["torch.optim.SGD:lr=-1"], "bad arguments for torch.optim.SGD"),
     (["torch.optim.SGD:lr=0.1", "--problems", "cifar"], "unknown problem 'cifar'; valid problems: train"),
     (["torch.optim.SGD:lr=0.1", "--problems", "mix"], "problem 'mix' is a distribution to meta-train on"),
-    (["torch.optim.SGD:lr=0.1", "--seeds", "0"], "--seeds must be in [1, 1000]"),
+    (["torch.optim.SGD:lr=0.1", "--seeds", "0"], "--seeds must be in [1, 100]"),
     (["--replicates", "no/such/folders*"], "matches 0 student folder(s)"),
+    (["torch.optim.SGD:lr=0.1", *QUICK, "--seeds", "101"], "--seeds must be in [1, 100]"),
+    (["torch.optim.SGD:lr=0.1", *QUICK, "--workers", str(CPUS + 1)],
+     f"--workers must be between 1 and this machine's {CPUS} CPUs, got {CPUS + 1}"),
 ])
 def test_amalgam_evaluate_errors_are_one_line(args, message, capsys, tmp_path):
     assert main(["evaluate", *args, "--out", str(tmp_path / "e")]) == 2
@@ -193,6 +260,133 @@ def test_amalgam_evaluate_never_writes_into_a_users_folder(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep")
     assert main(["evaluate", "torch.optim.SGD:lr=0.1", "--out", str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_a_folder_with_someone_elses_cache_json_is_not_taken_for_an_evaluation(tmp_path, capsys):
+    """Issue 23.3: our folders are recognised by the marker we write, not by a cache.json any folder may have."""
+    theirs = {"cache.json": '{"my": "data"}', "results.md": "my results"}
+    for name, text in theirs.items():
+        (tmp_path / name).write_text(text)
+    args = ["evaluate", "torch.optim.SGD:lr=0.1", *QUICK, "--workers", "1", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not empty and holds no amalgam evaluate run" in err
+    assert {name: (tmp_path / name).read_text() for name in theirs} == theirs
+    assert main([*args, "--overwrite"]) == 0  # asked for: our files replace theirs, whose cache is not read as runs
+    assert cached_specs(tmp_path) == [runs_spec("torch.optim.SGD:lr=0.1")]
+    assert main(args) == 0  # now ours: resumed
+
+
+def runs_spec(spec: str) -> dict:
+    from amalgam_plugin.suite import candidate
+
+    return candidate(spec).spec
+
+
+@pytest.fixture(scope="module")
+def evaluation_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation") / "e"
+    assert main(["evaluate", "torch.optim.SGD:lr=0.1", *QUICK, "--workers", "1", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("cache.json", "[]", "is not a cache of runs: a JSON object of runs, not list"),
+    ("cache.json", json.dumps({"k": {"name": "x", "nonsense": 1}}), "entry 'k': a run has unknown field(s) 'nonsense'"),
+    ("cache.json", "{", "is not a valid cache of runs (not JSON: "),
+    ("candidates.json", "not json", "is not a valid list of candidates (not JSON: "),
+    ("candidates.json", "[]", "is not a list of candidates"),
+])
+def test_a_damaged_evaluation_folder_is_reported_in_one_line_naming_the_file(name, text, message, evaluation_folder,
+                                                                             tmp_path, capsys):
+    """Issue 23.10: no TypeError traceback, no JSON error without the file's name."""
+    out = tmp_path / "e"
+    shutil.copytree(evaluation_folder, out)
+    (out / name).write_text(text)
+    assert main(["evaluate", "torch.optim.SGD:lr=0.1", *QUICK, "--workers", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and repr(str(out / name)) in err
+    assert (out / name).read_text() == text  # left as it was
+
+
+def test_a_learning_rate_of_five_thousand_nines_is_one_short_line(tmp_path, capsys):
+    assert main(["evaluate", "torch.optim.SGD:lr=" + "9" * 5000, *QUICK, "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err == "amalgam evaluate: torch.optim.SGD: lr=inf is not a finite number\n"
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return condition()
+
+
+def amalgam_evaluate(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "amalgam_plugin.cli", "evaluate", *args], text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or CPUS < 2, reason="reads /proc; two workers")
+def test_the_workers_die_with_a_killed_evaluate(tmp_path):
+    """Issue 23.7: SIGKILL of the parent (which runs no cleanup) must not leave its two workers running."""
+    parent = amalgam_evaluate("torch.optim.SGD:lr=0.01", "--no-baselines", "--problems", "mlp", "--seeds", "2",
+                              "--steps", "1000000", "--workers", "2", "--out", str(tmp_path / "e"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        assert wait_until(lambda: len(children(parent.pid)) >= 2 or parent.poll() is not None, 120)
+        workers = children(parent.pid)
+        assert len(workers) == 2 and all(map(alive, workers))
+        parent.kill()
+        parent.wait()
+        assert wait_until(lambda: not any(map(alive, workers)), 10), "workers outlived their parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in filter(alive, workers):  # a failed check must not leave them running
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_during_evaluate_is_one_line_and_the_same_command_resumes(tmp_path):
+    """Issue 23.11: SIGINT gives one line and exit 130, no traceback; the rerun keeps the runs finished before."""
+    out = tmp_path / "e"
+    args = ["torch.optim.SGD:lr=0.1", "torch.optim.Adam:lr=0.001", "--no-baselines", "--problems", "mlp", "--seeds",
+            "3", "--steps", "100", "--eval-every", "50", "--workers", str(min(CPUS, 2)), "--out", str(out)]
+    first = amalgam_evaluate(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cache = out / "cache.json"
+    assert wait_until(lambda: first.poll() is not None or (cache.exists() and len(json.loads(cache.read_text()))), 120)
+    assert first.poll() is None, "the evaluation ended before it could be interrupted"
+    first.send_signal(signal.SIGINT)
+    err = first.communicate(timeout=60)[1]
+    assert first.returncode == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == "amalgam evaluate: interrupted; rerun the same command to resume"
+    done = json.loads(cache.read_text())
+    assert 0 < len(done) < 6
+    again = amalgam_evaluate(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert again.wait(timeout=300) == 0
+    resumed = json.loads(cache.read_text())
+    assert len(resumed) == 6 and all(resumed[key] == run for key, run in done.items())  # not run again
 
 
 def test_reproduce_paper_runs_every_study_on_the_smoke_budget(tmp_path):

@@ -129,3 +129,31 @@ def test_pools_from_names_and_bad_names():
     with pytest.raises(ValueError, match="bad hyper-parameters"):
         make_teacher("adam:momentum=3")
     assert set(POOLS) >= {"small", "large", "choice-small", "choice-large"}
+
+
+@pytest.mark.parametrize("name,reason", [("torch.optim.LBFGS", "closure"), ("torch.optim.SparseAdam", "dense")])
+def test_optimizers_that_need_a_closure_or_sparse_gradients_are_refused_up_front(name, reason):
+    """Teachers and evaluated optimizers step on dense gradients without a closure: refused at the spec, in one
+    line, whether as a teacher or as an evaluated optimizer (both resolve through torch_optimizer)."""
+    from amalgam_plugin.suite import optimizer_candidate
+
+    for resolve, spec in ((make_teacher, name), (make_pool, f"adam+{name}"), (optimizer_candidate, name)):
+        with pytest.raises(ValueError, match=f"{name} cannot be used here.*{reason}") as err:
+            resolve(f"{spec}:lr=0.1")
+        assert "\n" not in str(err.value) and "unknown pool" not in str(err.value)
+
+
+def test_a_dotted_name_never_imports_a_module_of_the_working_folder(tmp_path, monkeypatch):
+    """A module that only lies in the working folder (first on sys.path, as with ``python -m``) is not imported
+    by name, so its top-level code does not run; an installed package's optimizer still resolves."""
+    (tmp_path / "evilmod.py").write_text(
+        "import pathlib, torch\n"
+        "pathlib.Path('ran.txt').write_text('imported')\n"
+        "class Opt(torch.optim.SGD):\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in ("evilmod.Opt:lr=0.1", "adam+evilmod.Opt"):
+        with pytest.raises(ValueError, match="'evilmod' is not an installed package"):
+            make_pool(spec)
+    assert not (tmp_path / "ran.txt").exists()
+    assert make_teacher("torch.optim.SGD:lr=0.1").name == "torch.optim.SGD"

@@ -1,6 +1,7 @@
 """Meta-training driven by the curriculum (docs/method.md#curriculum): the control flow over stages, periods,
-repeats and best-checkpoint reloads, the log and the progress bar. The math of a meta-step is the estimator's
-(``estimator.py``), its application the learner's (``learner.py``).
+repeats and best-checkpoint reloads, validation, the log and the progress bar. The math of a meta-step is the
+estimator's (``estimator.py``), averaging and applying meta-gradients the learner's (``learner.py``), the choice of
+the final checkpoint ``selection.py``'s.
 
 Checkpointed after every period so that ``--resume`` continues with exactly the numbers of an uninterrupted run.
 Exact resumption comes from two rules: every random draw comes from a generator seeded by the run seed and the
@@ -15,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,72 +24,46 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..amalgamation import imitation_weight
-from ..evaluate import run, student_factory
-from ..problems import Problem, selection_problem
+from ..problems import Problem
 from ..teachers import Teacher
 from .distributed import Group, current_group
-from .estimator import Estimate, TruncatedEstimator
-from .learner import Learner, load_checkpoint, resume_from_latest, save_checkpoint
-from .perturbations import Perturbation
-from .pes import ESTIMATORS, PESEstimator, check_settings
+from .estimator import Estimate, EstimatorConfig, TruncatedEstimator
+from .learner import Learner, LearnerConfig, load_checkpoint, resume_from_latest, save_checkpoint
+from .pes import PESEstimator
+from .selection import SELECTIONS, select_over_horizon
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class CurriculumConfig:
-    """One meta-training phase. Lists are per stage; a shorter list repeats its last value."""
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The curriculum of one phase (docs/method.md#curriculum): stages, periods, validation and the final choice.
+    Lists are per stage; a shorter list repeats its last value."""
 
-    unroll_length: int = 100
-    depths: list[int] = field(default_factory=lambda: [1, 2, 5, 10])
+    depths: list[int] = field(default_factory=lambda: [1, 2, 5, 10])  # truncations per trajectory
     validation_depths: list[int] = field(default_factory=lambda: [2, 5, 10, 20])
     trajectories_per_period: int = 10
-    trajectories_per_step: int = 1  # trajectories whose meta-gradients are averaged into one meta-update
     validation_trajectories: int = 10
     warmup_unrolls: list[int] = field(default_factory=lambda: [1])
-    warmup_lr: float = 0.05
     min_periods: int = 6  # a stage runs periods 0..5 at least
     num_chances: int = 5  # then continues while period − best period < num_chances
     max_periods: int = 0  # a hard cap per stage for bounded recipes (0: none)
     max_repeat: int = 4
     repeat_threshold: float = 0.5
     # "best": best-validation checkpoint of the last stage; "last": the final period; "horizon": of the stages'
-    # best-validation checkpoints, the one whose whole training runs reach the lowest validation loss
+    # best-validation checkpoints, the one whose whole training runs reach the lowest validation loss (selection.py)
     select: str = "best"
     horizon_steps: int = 1000  # "horizon": steps of each run, the evaluation's horizon
     horizon_seeds: int = 2  # "horizon": runs per checkpoint
     validation_seed: int = 12345
-    imitation_schedule: str = "il_more"
-    mechanism: str = "minmax"
-    second_order: bool = True
-    meta_lr: float = 1e-3
-    clip: float = 0.1
-    random_scale: bool = True
-    # docs/method.md#perturbations: a kind of PERTURBATIONS, its magnitude (None: the kind's default), ascent steps
-    perturbation: str = "none"
-    perturbation_magnitude: float | None = None
-    perturbation_steps: int = 1
-    # docs/method.md#pes: "truncated" back-propagation, or "pes" with ε of std pes_sigma and pes_pairs pairs per
-    # trajectory (σ 1e-3: at 1e-2 RNNProp's meta loss is far from linear, benchmarks/results/estimators/)
-    gradient_estimator: str = "truncated"
-    pes_sigma: float = 1e-3
-    pes_pairs: int = 1
+    imitation_schedule: str = "il_more"  # the imitation weight per stage (docs/method.md#imitation-weight)
 
     def __post_init__(self):
-        if self.gradient_estimator not in ESTIMATORS:
-            raise ValueError(f"unknown gradient_estimator {self.gradient_estimator!r}; valid: {', '.join(ESTIMATORS)}")
-        check_settings(self.pes_sigma, self.pes_pairs)
-        if self.gradient_estimator == "pes" and self.perturbation != "none":
-            raise ValueError("the pes estimator perturbs the student's weights itself; it takes no perturbation, got "
-                             f"{self.perturbation!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"unknown select {self.select!r}; valid: {', '.join(SELECTIONS)}")
         if self.select == "horizon" and not (self.horizon_steps >= 1 and self.horizon_seeds >= 1):
             raise ValueError(f"horizon selection needs positive steps and seeds, got {self.horizon_steps} and "
                              f"{self.horizon_seeds}")
-
-    def perturbation_spec(self) -> Perturbation:
-        return Perturbation(self.perturbation, self.perturbation_magnitude, self.perturbation_steps)
 
     @property
     def stages(self) -> int:
@@ -98,8 +73,35 @@ class CurriculumConfig:
         return values[min(stage, len(values) - 1)]
 
 
-SELECTIONS = ("best", "last", "horizon")
-HORIZON_FIRST_SEED = 100  # the selection runs' seeds: apart from the evaluation's 0..9, so no draw is shared
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One meta-training phase's recipe: its curriculum, its gradient estimator and its learner. Recorded (run
+    config, model card) as one flat dict of settings, :meth:`settings`; :meth:`of` and :meth:`changed` take
+    settings by name, each going to the config that owns it."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+
+    @classmethod
+    def of(cls, **settings) -> PhaseConfig:
+        return cls().changed(**settings)
+
+    def changed(self, **settings) -> PhaseConfig:
+        """This recipe with the named settings changed; an unknown name is a ValueError."""
+        parts = {part: getattr(self, part) for part in ("schedule", "estimator", "learner")}
+        owners = {f.name: part for part, config in parts.items() for f in fields(config)}
+        unknown = sorted(settings.keys() - owners.keys())
+        if unknown:
+            raise ValueError(f"unknown recipe settings {', '.join(unknown)}; valid: {', '.join(owners)}")
+        return PhaseConfig(**{part: replace(config, **{k: v for k, v in settings.items() if owners[k] == part})
+                              for part, config in parts.items()})
+
+    def settings(self) -> dict:
+        """Every setting by name, as recorded in a run's config and a model card's recipe."""
+        return {**asdict(self.schedule), **asdict(self.estimator), **asdict(self.learner)}
+
+
 STATS = ("loss", "meta_loss", "imitation", "steps", "skipped", "finite")  # an Estimate's fields, in a table row
 
 
@@ -143,41 +145,40 @@ def read_progress(path: Path) -> Progress:
 class Curriculum:
     """Runs one phase: meta-trains ``student`` on ``problem`` against ``teachers`` under ``config``."""
 
-    def __init__(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: CurriculumConfig,
+    def __init__(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: PhaseConfig,
                  workdir: Path, seed: int, phase: str = "student", group: Group | None = None):
-        self.student, self.problem, self.teachers, self.cfg = student, problem, teachers, config
+        self.student, self.problem, self.teachers = student, problem, teachers
+        self.cfg, self.per_step = config.schedule, config.estimator.trajectories_per_step
+        self.unroll_length = config.estimator.unroll_length
         self.workdir, self.seed, self.phase = Path(workdir), seed, phase
         self.group = group or current_group()
-        if self.group.size > config.trajectories_per_step:
+        if self.group.size > self.per_step:
             raise ValueError(f"{self.group.size} processes need at least as many trajectories per meta-step, got "
-                             f"{config.trajectories_per_step}")
+                             f"{self.per_step}")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.workdir / "checkpoint.safetensors"
         self.log_path = self.workdir / "log.jsonl"
-        self.estimator = self._estimator(student, problem, teachers, config)
-        self.learner = Learner(student, config.meta_lr, config.clip)
+        self.estimator = self._estimator(student, problem, teachers, config.estimator)
+        self.learner = Learner(student, config.learner, self.group)
         self.progress = Progress()
         self.saved: dict[str, torch.Tensor] = {}  # best-of-stage and start-of-period tensors
 
-    def _estimator(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: CurriculumConfig):
+    def _estimator(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: EstimatorConfig):
         if config.gradient_estimator == "pes":
-            held = -(-config.trajectories_per_step // self.group.size)  # this process's trajectories at once
-            return PESEstimator(student, problem, teachers, config.unroll_length, config.mechanism, config.warmup_lr,
-                                config.random_scale, config.pes_sigma, config.pes_pairs, held)
-        return TruncatedEstimator(student, problem, teachers, config.unroll_length, config.mechanism,
-                                  config.second_order, config.warmup_lr, config.random_scale,
-                                  config.perturbation_spec())
+            held = -(-self.per_step // self.group.size)  # this process's trajectories at once
+            return PESEstimator(student, problem, teachers, config, held)
+        return TruncatedEstimator(student, problem, teachers, config)
 
     def _warmup_steps(self, stage: int) -> int:
-        return self.cfg.at(self.cfg.warmup_unrolls, stage) * self.cfg.unroll_length
+        return self.cfg.at(self.cfg.warmup_unrolls, stage) * self.unroll_length
 
     def train_period(self) -> float:
         """Meta-train for one period; returns the mean training meta loss."""
         cfg, pr = self.cfg, self.progress
         alpha = imitation_weight(cfg.imitation_schedule, pr.stage) if self.teachers else 0.0
         losses: list[float] = []
-        for first in range(0, cfg.trajectories_per_period, cfg.trajectories_per_step):
-            slots = range(first, min(first + cfg.trajectories_per_step, cfg.trajectories_per_period))
+        for first in range(0, cfg.trajectories_per_period, self.per_step):
+            slots = range(first, min(first + self.per_step, cfg.trajectories_per_period))
             losses += self._train_together(list(slots), alpha)
         return sum(losses) / len(losses) if losses else math.inf
 
@@ -196,21 +197,17 @@ class Curriculum:
             if not active:
                 break
             started = time.perf_counter()
-            weights = list(self.student.parameters())
-            gradients = torch.zeros(len(slots), sum(p.numel() for p in weights), device=weights[0].device)
+            gradients = self.learner.gradient_table(len(slots))
             stats = torch.zeros(len(slots), len(STATS), dtype=torch.float64)
             for j in active:
                 if j in trajectories:
                     est = self.estimator.estimate(trajectories[j], alpha)
                     stats[j] = torch.tensor([getattr(est, k) for k in STATS], dtype=torch.float64)
                     if est.finite:
-                        gradients[j] = self.learner.gradient()
-            self.group.sum(gradients)
+                        self.learner.record(gradients, j)
             self.group.sum(stats)
             estimates = {j: estimate_of(stats[j]) for j in active}
-            applied = [j for j in active if estimates[j].finite]
-            if applied:
-                self.learner.apply(gradients[applied].sum(0) / len(applied))
+            self.learner.step(gradients, [j for j in active if estimates[j].finite])
             seconds = round(time.perf_counter() - started, 3)
             for j in active:
                 est = estimates[j]
@@ -224,7 +221,7 @@ class Curriculum:
                                inner_steps=int(est.steps), skipped_inner=int(est.skipped), seconds=seconds))
                 self.bar.update(1)
             # a trajectory whose objective blew up ends there
-            active = [j for j in active if estimates[j].steps >= cfg.unroll_length]
+            active = [j for j in active if estimates[j].steps >= self.unroll_length]
         return losses
 
     def validate(self) -> float:
@@ -334,26 +331,12 @@ class Curriculum:
         pr.stage, pr.period, pr.best_validation, pr.best_period = pr.stage + 1, 0, math.inf, -1
 
     def _select_over_horizon(self) -> None:
-        """docs/method.md#horizon-selection: a short validation truncation says little about a run as long as
-        the evaluation's, so each stage's best checkpoint trains the problem ``horizon_seeds`` times for
-        ``horizon_steps`` steps on validation digits carved from the training digits; the lowest mean best log
-        validation loss is kept (a diverged run counts as infinitely bad)."""
-        cfg, pr = self.cfg, self.progress
-        target = selection_problem(self.problem, n_val=min(1000, len(self.problem.data.train_x) // 5))
-        runs = [(stage, HORIZON_FIRST_SEED + k) for stage in range(cfg.stages) for k in range(cfg.horizon_seeds)]
-        scores = torch.zeros(len(runs), dtype=torch.float64)
-        for j, (stage, seed) in enumerate(runs):
-            if self.group.owns(j):
-                self.learner.restore(self.saved, f"stage{stage}.")
-                result = run(target, student_factory(self.student), seed, cfg.horizon_steps, name=f"stage {stage}")
-                scores[j] = math.inf if result.diverged else result.best_log_heldout
-        means = self.group.sum(scores).view(cfg.stages, cfg.horizon_seeds).mean(1).tolist()
-        chosen = min(range(cfg.stages), key=lambda stage: means[stage])
-        self.learner.restore(self.saved, f"stage{chosen}.")
-        record = dict(event="horizon_selection", phase=self.phase, steps=cfg.horizon_steps,
-                      seeds=[seed for _, seed in runs[: cfg.horizon_seeds]], scores=means, chosen_stage=chosen)
+        cfg = self.cfg
+        scores = select_over_horizon(self.learner, self.saved, self.problem, cfg.stages, cfg.horizon_steps,
+                                     cfg.horizon_seeds, self.group)
+        record = dict(event="horizon_selection", phase=self.phase, **scores)
         self._log(record)
-        pr.history.append(record)
+        self.progress.history.append(record)
 
     def _resume(self) -> bool:
         """Every process resumes from the same checkpoint, or none does (one clear error on every process)."""

@@ -2,9 +2,10 @@
 
 It owns the math of one meta-step (the truncated unroll of ``unroll.py`` and the weighted sum of the meta loss
 and the imitation loss, docs/method.md#imitation-weight) and leaves the student's ``.grad`` holding the
-meta-gradient; what is done with it (clipping, the meta-optimizer, all-reducing across processes) is the
-learner's business (``learner.py``). Perturbations of the student's weights (``perturbations.py``) act here:
-the truncation runs with perturbed weights and the meta-gradient reaches the unperturbed ones.
+meta-gradient; what is done with it (averaging across trajectories and processes, clipping, the meta-optimizer)
+is the learner's business (``learner.py``). Its settings are an :class:`EstimatorConfig`. Perturbations of the
+student's weights (``perturbations.py``) act here: the truncation runs with perturbed weights and the
+meta-gradient reaches the unperturbed ones.
 """
 
 from __future__ import annotations
@@ -27,6 +28,40 @@ from .unroll import Trajectory, new_trajectory, unroll
 NOISE_SALT = 0x9E3779B97F4A7C15  # the noise generator's seed: the trajectory's, salted (no draw from it)
 
 
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """How one meta-step's meta-gradient is estimated."""
+
+    unroll_length: int = 100  # inner steps per truncation
+    trajectories_per_step: int = 1  # trajectories whose meta-gradients are averaged into one meta-update
+    warmup_lr: float = 0.05  # the SGD warm-up's learning rate (docs/method.md#warmup)
+    mechanism: str = "minmax"  # how the imitation distances are reduced (docs/method.md#mechanisms)
+    second_order: bool = True
+    random_scale: bool = True
+    # docs/method.md#perturbations: a kind of PERTURBATIONS, its magnitude (None: the kind's default), ascent steps
+    perturbation: str = "none"
+    perturbation_magnitude: float | None = None
+    perturbation_steps: int = 1
+    # docs/method.md#pes: "truncated" back-propagation, or "pes" with ε of std pes_sigma and pes_pairs pairs per
+    # trajectory (σ 1e-3: at 1e-2 RNNProp's meta loss is far from linear, benchmarks/results/estimators/)
+    gradient_estimator: str = "truncated"
+    pes_sigma: float = 1e-3
+    pes_pairs: int = 1
+
+    def __post_init__(self):
+        from .pes import ESTIMATORS, check_settings  # pes.py builds on this module
+
+        if self.gradient_estimator not in ESTIMATORS:
+            raise ValueError(f"unknown gradient_estimator {self.gradient_estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        check_settings(self.pes_sigma, self.pes_pairs)
+        if self.gradient_estimator == "pes" and self.perturbation != "none":
+            raise ValueError("the pes estimator perturbs the student's weights itself; it takes no perturbation, got "
+                             f"{self.perturbation!r}")
+
+    def perturbation_spec(self) -> Perturbation:
+        return Perturbation(self.perturbation, self.perturbation_magnitude, self.perturbation_steps)
+
+
 @dataclass
 class Estimate:
     loss: float  # meta loss + α · imitation loss
@@ -40,13 +75,12 @@ class Estimate:
 class TruncatedEstimator:
     """Meta-gradients of ``student`` from truncated unrolls on ``problem`` against ``teachers``."""
 
-    def __init__(self, student: nn.Module, problem: Problem, teachers: list[Teacher], unroll_length: int,
-                 mechanism: str, second_order: bool, warmup_lr: float, random_scale: bool,
-                 perturbation: Perturbation | None = None):
+    def __init__(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: EstimatorConfig):
         self.student, self.problem, self.teachers = student, problem, teachers
-        self.unroll_length, self.mechanism, self.second_order = unroll_length, mechanism, second_order
-        self.warmup_lr, self.random_scale = warmup_lr, random_scale
-        self.perturbation = perturbation or Perturbation()
+        self.unroll_length, self.mechanism, self.second_order = (config.unroll_length, config.mechanism,
+                                                                 config.second_order)
+        self.warmup_lr, self.random_scale = config.warmup_lr, config.random_scale
+        self.perturbation = config.perturbation_spec()
 
     def trajectory(self, generator: torch.Generator, warmup_steps: int, with_teachers: bool) -> Trajectory:
         teachers = self.teachers if with_teachers else []

@@ -1,10 +1,12 @@
-"""The learner of meta-training: applies the estimator's meta-gradients (AdaptiveGC clipping, the
-meta-optimizer; docs/method.md#meta-optimizer) and snapshots the student and the meta-optimizer for checkpoints.
+"""The learner of meta-training: averages the estimator's meta-gradients over a meta-step's trajectories and, in
+a multi-process run, over the processes, then applies the average (AdaptiveGC clipping, the meta-optimizer;
+docs/method.md#meta-optimizer); it also snapshots the student and the meta-optimizer for checkpoints.
 
-It takes the meta-gradient as one flat vector, averaged over a meta-step's trajectories and, in a multi-process
-run, over the processes (``curriculum.py``, ``distributed.py``). Checkpoints are
-safetensors files (tensors) with the bookkeeping as JSON in their metadata, written atomically; the
-meta-optimizer is saved and restored through its own ``state_dict``.
+Averaging across processes (docs/method.md#distributed): each trajectory's meta-gradient fills its own row of a
+table that is summed across processes (adding zeros is exact), and every process then averages the rows in the same
+order, as a single process does with the whole table. Checkpoints are safetensors files (tensors) with the
+bookkeeping as JSON in their metadata, written atomically; the meta-optimizer is saved and restored through its own
+``state_dict``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +25,45 @@ from torch import Tensor, nn
 
 from ..amalgamation import adaptive_clip_
 from ..files import write_atomically
+from .distributed import Group, current_group
 
 logger = logging.getLogger(__name__)
 
 
-class Learner:
-    def __init__(self, student: nn.Module, meta_lr: float, clip: float):
-        self.student, self.clip = student, clip
-        self.opt = torch.optim.Adam(student.parameters(), lr=meta_lr, eps=1e-7)  # Keras Adam's ε
+@dataclass(frozen=True)
+class LearnerConfig:
+    """How meta-gradients are applied (docs/method.md#meta-optimizer)."""
 
-    def gradient(self) -> Tensor:
-        """The student's ``.grad`` as one flat vector (zeros for a weight that got none)."""
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                          for p in self.student.parameters()])
+    meta_lr: float = 1e-3  # the meta-optimizer's (Adam's) learning rate
+    clip: float = 0.1  # AdaptiveGC's ratio of a gradient's norm to its weight's
+
+
+class Learner:
+    def __init__(self, student: nn.Module, config: LearnerConfig, group: Group | None = None):
+        self.student, self.clip, self.group = student, config.clip, group or current_group()
+        self.opt = torch.optim.Adam(student.parameters(), lr=config.meta_lr, eps=1e-7)  # Keras Adam's ε
+
+    def gradient_table(self, trajectories: int) -> Tensor:
+        """Zeros, one row per trajectory of a meta-step, for :meth:`record`."""
+        weights = list(self.student.parameters())
+        return torch.zeros(trajectories, sum(p.numel() for p in weights), device=weights[0].device)
+
+    def record(self, table: Tensor, row: int) -> None:
+        """The student's ``.grad`` (the estimator's meta-gradient of one trajectory) into ``table[row]``, flat
+        (zeros for a weight that got none)."""
+        table[row] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                for p in self.student.parameters()])
+
+    def step(self, table: Tensor, applied: list[int]) -> None:
+        """One meta-update from the mean of the rows ``applied`` (the trajectories whose meta-gradient is finite,
+        the same on every process) of ``table``, summed across the processes first (each filled its own rows);
+        nothing is applied when no row is."""
+        self.group.sum(table)
+        if applied:
+            self.apply(table[applied].sum(0) / len(applied))
 
     def apply(self, gradient: Tensor) -> None:
-        """One meta-update from a finite flat meta-gradient (the shape of :meth:`gradient`)."""
+        """One meta-update from a finite flat meta-gradient (a row of :meth:`gradient_table`)."""
         weights = list(self.student.parameters())
         for p, g in zip(weights, torch.split(gradient, [p.numel() for p in weights]), strict=True):
             p.grad = g.view_as(p).clone()

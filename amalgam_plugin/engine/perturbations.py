@@ -45,6 +45,10 @@ PERTURBATIONS: Registry[Kind] = Registry("perturbation", {
                              "per tensor w: ψ_w += ∇L clipped to norm ≤ ε‖φ_w‖ (the authors' code; default ε 1e-3)"),
 })
 PGD_LR = 0.1  # the step size of plain PGD before its projection (the authors' code)
+MAX_MAGNITUDE = 1.0
+"""The largest ε taken, a thousand times the defaults: at ε = 1 the adaptive kinds already move each weight tensor
+by its whole norm and the absolute kinds by more than the student's typical weight, so the student under
+training is noise; a larger ε is a slip (1e9 for 1e-9), not a study."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,9 @@ class Perturbation:
 
     def __post_init__(self) -> None:
         PERTURBATIONS.lookup(self.kind)
-        if self.magnitude is not None and not (math.isfinite(self.magnitude) and self.magnitude >= 0):
-            raise ValueError(f"perturbation magnitude must be a finite number >= 0, got {self.magnitude}")
+        if self.magnitude is not None and not (math.isfinite(self.magnitude) and 0 <= self.magnitude <= MAX_MAGNITUDE):
+            raise ValueError(f"perturbation magnitude must be in [0, {MAX_MAGNITUDE:g}] (the kinds' defaults are 1e-4 "
+                             f"to 1e-3; at 1 a perturbation is as large as the weights), got {self.magnitude}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 100:
             raise ValueError(f"perturbation steps must be an integer in [1, 100], got {self.steps!r}")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 
 import torch
@@ -30,7 +30,7 @@ from ..problems import PROBLEMS, Problem
 from ..problems.models import ARCHITECTURES
 from ..teachers import Teacher
 from .distributed import CPU
-from .estimator import Estimate, TruncatedEstimator
+from .estimator import Estimate, EstimatorConfig, TruncatedEstimator
 from .perturbations import offset_policy
 from .unroll import Trajectory, UnrollResult, unroll
 
@@ -50,21 +50,20 @@ class Pairs:
 
 
 class PESEstimator:
-    """Meta-gradients of ``student`` by antithetic PES on ``problem`` against ``teachers``; ``sigma`` is the
-    standard deviation of ε per weight, ``pairs`` the antithetic pairs per trajectory, ``trajectories`` how many
-    trajectories this process holds at once (for the memory check)."""
+    """Meta-gradients of ``student`` by antithetic PES on ``problem`` against ``teachers``, as ``config`` says
+    (``pes_sigma``: the standard deviation of ε per weight, ``pes_pairs``: the antithetic pairs per trajectory);
+    ``trajectories``: how many trajectories this process holds at once (for the memory check)."""
 
-    def __init__(self, student: nn.Module, problem: Problem, teachers: list[Teacher], unroll_length: int,
-                 mechanism: str, warmup_lr: float, random_scale: bool, sigma: float, pairs: int,
+    def __init__(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: EstimatorConfig,
                  trajectories: int = 1):
-        check_settings(sigma, pairs)
         self.student, self.problem, self.teachers = student, problem, teachers
-        self.unroll_length, self.mechanism, self.sigma, self.pairs = unroll_length, mechanism, sigma, pairs
+        self.unroll_length, self.mechanism = config.unroll_length, config.mechanism
+        self.sigma, self.pairs = config.pes_sigma, config.pes_pairs
         # the trajectories' start and the validation are truncated back-propagation's, unperturbed
-        self.unperturbed = TruncatedEstimator(student, problem, teachers, unroll_length, mechanism, False, warmup_lr,
-                                              random_scale)
+        self.unperturbed = TruncatedEstimator(student, problem, teachers,
+                                              replace(config, gradient_estimator="truncated", second_order=False))
         device = next(student.parameters()).device
-        check_memory(optimizee_size(problem), state_floats(student), pairs, trajectories, device)
+        check_memory(optimizee_size(problem), state_floats(student), self.pairs, trajectories, device)
 
     def trajectory(self, generator: torch.Generator, warmup_steps: int, with_teachers: bool) -> Pairs:
         start = self.unperturbed.trajectory(generator, warmup_steps, with_teachers)
@@ -146,8 +145,7 @@ def optimizee_size(problem: str | Problem) -> int:
     """Scalars of one optimizee of ``problem`` (of a mixture: its reference problem, Train)."""
     generator = torch.Generator().manual_seed(0)
     if isinstance(problem, str):
-        architecture = PROBLEMS.lookup(problem)[0]
-        tensors = ARCHITECTURES["train" if architecture == "mixture" else architecture]().init_params(generator)
+        tensors = ARCHITECTURES[PROBLEMS.lookup(problem).architecture].init_params(generator)
     else:
         tensors = problem.reference().init_params(generator)
     return sum(t.numel() for t in tensors)

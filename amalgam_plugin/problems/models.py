@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..registry import Registry
+
 
 def glorot(shape: tuple[int, ...], fan_in: int, fan_out: int, generator: torch.Generator) -> Tensor:
     limit = math.sqrt(6.0 / (fan_in + fan_out))
@@ -75,9 +77,9 @@ def mlp(hidden: int = 20) -> Architecture:
     return Architecture("mlp", init, forward)
 
 
-ARCHITECTURES: dict[str, Callable[[], Architecture]] = {
-    "train": lambda: conv_net([(16, 3), (32, 5)], {0, 1}, "train"),  # 18,122 parameters
-    "wider": lambda: conv_net([(32, 3), (64, 5)], {0, 1}, "wider"),
-    "deeper": lambda: conv_net([(16, 3), (32, 3), (32, 3), (64, 3), (64, 3)], {2, 4}, "deeper"),
-    "mlp": mlp,
-}
+ARCHITECTURES: Registry[Architecture] = Registry("architecture", {
+    "train": (conv_net([(16, 3), (32, 5)], {0, 1}, "train"), "the paper's Train CNN, 18,122 parameters"),
+    "wider": (conv_net([(32, 3), (64, 5)], {0, 1}, "wider"), "Train with twice the filters"),
+    "deeper": (conv_net([(16, 3), (32, 3), (32, 3), (64, 3), (64, 3)], {2, 4}, "deeper"), "five convolutions"),
+    "mlp": (mlp(), "one hidden layer of 20 sigmoid units"),
+})

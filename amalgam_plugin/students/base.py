@@ -1,5 +1,6 @@
 """What every student shares: the student protocol, the config fields of the runtime protocol, Keras-layout
-layers (so the paper's weights load by name) and the Hub mixin, which delegates to ``amalgam_plugin.hub``.
+layers (so the paper's weights load by name) and the Hub mixin, which reads and writes the one folder format
+(``students/format.py``) that ``amalgam_plugin.hub`` uses too.
 
 A student is an ``nn.Module`` applied coordinate-wise to flat ``[n]`` tensors (:class:`Student`); its fast
 runtime kernel, if it has one, sits beside it and is found through the registry in ``students/__init__.py``.
@@ -16,8 +17,9 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-FORMAT_VERSION = 1
-PAPER_URL = "https://arxiv.org/abs/2203.06474"
+from ..cards import PAPER_URL
+from .format import FORMAT_VERSION, write_folder
+from .sources import load
 
 State = dict[str, Any]
 
@@ -52,12 +54,17 @@ def check_sizes(name: str, value: Any) -> None:
 class StudentConfig:
     """The fields every student's config carries beside its architecture: the evaluation protocol it was
     trained for (warm-up, weight-decay unit) and where it came from. Saved as ``config.json``; every field is
-    checked (type and range) when a config is made, so a downloaded one cannot build a broken or huge student."""
+    checked (type and range) when a config is made, so a downloaded one cannot build a broken or huge student.
+
+    A student type's config states, once, its ``student_type`` (its key in the registry ``STUDENTS`` and in
+    ``config.json``) and its ``card_fields`` (the fields its model card shows as the architecture)."""
+
+    student_type: ClassVar[str] = ""
+    card_fields: ClassVar[tuple[str, ...]] = ()
 
     warmup_steps: int = 100
     warmup_lr: float = 0.05
     decay_ref_lr: float = 1e-3
-    student_type: str = ""
     format_version: int = FORMAT_VERSION
     provenance: dict = field(default_factory=dict)
 
@@ -70,8 +77,6 @@ class StudentConfig:
         check_real("warmup_lr", self.warmup_lr, 0.0, 100.0)
         check_real("decay_ref_lr", self.decay_ref_lr, 0.0, 1.0)
         check_int("format_version", self.format_version, 1, FORMAT_VERSION)
-        if not isinstance(self.student_type, str):
-            raise ValueError(f"student_type must be a string, got {self.student_type!r}")
         if not isinstance(self.provenance, dict):
             raise ValueError(f"provenance must be a JSON object, got {type(self.provenance).__name__}")
 
@@ -79,7 +84,7 @@ class StudentConfig:
 class Student(Protocol):
     """A learned optimizer applied coordinate-wise: every scalar of every tensor is one row of the batch."""
 
-    student_type: ClassVar[str]
+    config_class: ClassVar[type[StudentConfig]]  # its student_type and card fields are the type's
     config: StudentConfig
 
     def init_state(self, n: int, like: Tensor) -> State:
@@ -101,14 +106,25 @@ class HubStudent(
     paper_url=PAPER_URL,
     repo_url="https://github.com/VITA-Group/OptimizerAmalgamation",
 ):
-    """huggingface_hub's mixin, with both directions delegated to ``amalgam_plugin.hub`` so that there is one
-    Hub format: ``save_pretrained`` / ``push_to_hub`` write what ``hub.save_student`` writes, and
-    ``from_pretrained`` is ``hub.load_student`` (strict, validated) restricted to this class."""
+    """huggingface_hub's mixin over the one Hub format: ``save_pretrained`` / ``push_to_hub`` write what
+    ``hub.save_student`` writes, and ``from_pretrained`` is ``hub.load_student`` (strict, validated) restricted to
+    this class."""
+
+    config_class: ClassVar[type[StudentConfig]]
+
+    @property
+    def student_type(self) -> str:
+        return self.config.student_type
 
     def _save_pretrained(self, save_directory: os.PathLike) -> None:
-        from ..hub import save_student
+        write_folder(self, save_directory)
 
-        save_student(self, save_directory)
+    @classmethod
+    def _this_class(cls, student_type: Any, where: str) -> type[nn.Module]:
+        if student_type != cls.config_class.student_type:
+            raise ValueError(f"{where} holds a {student_type!r} student, not a {cls.config_class.student_type!r} "
+                             "one; load it with amalgam_plugin.hub.load_student")
+        return cls
 
     @classmethod
     def from_pretrained(
@@ -119,18 +135,9 @@ class HubStudent(
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
     ):
-        """A frozen student from a folder, a bundled name or a Hub repo id (``amalgam_plugin.hub.load_student``);
+        """A frozen student from a folder, a bundled name or a Hub repo id (as ``amalgam_plugin.hub.load_student``);
         a ``ValueError`` when it holds another student type than ``cls``."""
-        from ..hub import load_student
-
-        student = load_student(pretrained_model_name_or_path, revision, cache_dir, local_files_only)
-        if not isinstance(student, cls):
-            raise ValueError(
-                f"{os.fspath(pretrained_model_name_or_path)!r} holds a {student.config.student_type!r} student, "
-                f"not a {cls.student_type!r} one; load it with {type(student).__name__}.from_pretrained or "
-                "amalgam_plugin.hub.load_student"
-            )
-        return student
+        return load(pretrained_model_name_or_path, cls._this_class, revision, cache_dir, local_files_only)
 
 
 def glorot_uniform_(weight: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -5,6 +5,7 @@ analytical updates."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +21,12 @@ class ChoiceConfig(StudentConfig):
     """``pool`` lists ``[name, hparams]`` pairs of named (differentiable) teachers; default: the large choice
     pool (docs/method.md#choice-pools)."""
 
-    pool: list = field(default_factory=lambda: [[n, dict(kw)] for n, kw in POOLS["choice-large"]])
+    student_type: ClassVar[str] = "choice"
+    card_fields: ClassVar[tuple[str, ...]] = ("hidden_sizes", "time_scale")
+
+    pool: list = field(default_factory=lambda: [[n, dict(kw)] for n, kw in POOLS["choice-large"].members])
     hidden_sizes: list[int] = field(default_factory=lambda: [20, 20])
     time_scale: float = 2000.0
-    student_type: str = "choice"
 
     def validate(self) -> None:
         super().validate()
@@ -50,12 +53,12 @@ def rank_features(rank: int | Tensor, n: int, like: Tensor) -> Tensor:
 
 
 class ChoiceNet(nn.Module, HubStudent):
-    student_type = "choice"
+    config_class = ChoiceConfig
 
     def __init__(self, config: ChoiceConfig | None = None):
         super().__init__()
         self.config = config or ChoiceConfig()
-        self.pool: list[Teacher] = [TEACHERS.lookup(name)(**kw) for name, kw in self.config.pool]  # built once
+        self.pool: list[Teacher] = [TEACHERS.lookup(name).make(**kw) for name, kw in self.config.pool]  # built once
         sizes = list(self.config.hidden_sizes)
         self.recurrent = lstm_stack(sizes, input_size=len(self.config.pool) + 4)
         self.choice = Dense(sizes[-1], len(self.config.pool))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -29,12 +30,14 @@ INIT_GAIN = 0.05  # the initial rule's step: 0.1 · 0.05 · m₂/√v, about Ada
 
 @dataclass
 class LeanConfig(StudentConfig):
+    student_type: ClassVar[str] = "lean"
+    card_fields: ClassVar[tuple[str, ...]] = ("hidden_size", "output_scale", "betas", "beta2", "epsilon")
+
     hidden_size: int = 16
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.99])
     beta2: float = 0.99
     epsilon: float = 1e-12
     output_scale: float = 0.1
-    student_type: str = "lean"
 
     def validate(self) -> None:
         super().validate()
@@ -58,7 +61,7 @@ def rank_feature(rank: int | Tensor | None, like: Tensor) -> Tensor:
 class Lean(nn.Module, HubStudent):
     """Coordinate-wise on flat ``[n]`` tensors, like every student."""
 
-    student_type = "lean"
+    config_class = LeanConfig
     inputs = 5
 
     def __init__(self, config: LeanConfig | None = None):
@@ -182,6 +185,8 @@ class LeanKernel:
         lr_t = torch.tensor(lr, dtype=torch.float32, device=flats[0].device)
         workspace = None if compiled is not None else self._workspace(max(f.numel() for f in flats), flats[0].device)
         for p, g, s, rank in zip(flats, grads, states, ranks, strict=True):
+            if p.numel() == 0:  # no coordinate to update (and the chunks of the eager path would be empty)
+                continue
             matrix = 1.0 if rank >= 2 else 0.0
             if compiled is not None:
                 compiled(p, g, s["m0"], s["m1"], s["m2"], s["v"], lr_t, matrix, self.constants)

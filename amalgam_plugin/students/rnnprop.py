@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +25,14 @@ from .base import (
 class RNNPropConfig(StudentConfig):
     """RNNProp's architecture (plus :class:`StudentConfig`'s runtime protocol)."""
 
+    student_type: ClassVar[str] = "rnnprop"
+    card_fields: ClassVar[tuple[str, ...]] = ("hidden_sizes", "output_scale", "beta1", "beta2", "epsilon")
+
     hidden_sizes: list[int] = field(default_factory=lambda: [20, 20])
     beta1: float = 0.9
     beta2: float = 0.999
     epsilon: float = 1e-10
     output_scale: float = 0.1
-    student_type: str = "rnnprop"
 
     def validate(self) -> None:
         super().validate()
@@ -47,7 +50,7 @@ class RNNProp(nn.Module, HubStudent):
     (``[n]`` for moments, ``[n, units]`` for the LSTM).
     """
 
-    student_type = "rnnprop"
+    config_class = RNNPropConfig
 
     def __init__(self, config: RNNPropConfig | None = None):
         super().__init__()

