@@ -29,6 +29,7 @@ from ..teachers import Teacher
 from .distributed import Group, current_group
 from .estimator import Estimate, EstimatorConfig, TruncatedEstimator
 from .learner import Learner, LearnerConfig, load_checkpoint, resume_from_latest, save_checkpoint
+from .pes import PESEstimator
 from .selection import SELECTIONS, select_over_horizon
 
 logger = logging.getLogger(__name__)
@@ -157,10 +158,16 @@ class Curriculum:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.workdir / "checkpoint.safetensors"
         self.log_path = self.workdir / "log.jsonl"
-        self.estimator = TruncatedEstimator(student, problem, teachers, config.estimator)
+        self.estimator = self._estimator(student, problem, teachers, config.estimator)
         self.learner = Learner(student, config.learner, self.group)
         self.progress = Progress()
         self.saved: dict[str, torch.Tensor] = {}  # best-of-stage and start-of-period tensors
+
+    def _estimator(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: EstimatorConfig):
+        if config.gradient_estimator == "pes":
+            held = -(-self.per_step // self.group.size)  # this process's trajectories at once
+            return PESEstimator(student, problem, teachers, config, held)
+        return TruncatedEstimator(student, problem, teachers, config)
 
     def _warmup_steps(self, stage: int) -> int:
         return self.cfg.at(self.cfg.warmup_unrolls, stage) * self.unroll_length

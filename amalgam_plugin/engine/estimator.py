@@ -42,6 +42,21 @@ class EstimatorConfig:
     perturbation: str = "none"
     perturbation_magnitude: float | None = None
     perturbation_steps: int = 1
+    # docs/method.md#pes: "truncated" back-propagation, or "pes" with ε of std pes_sigma and pes_pairs pairs per
+    # trajectory (σ 1e-3: at 1e-2 RNNProp's meta loss is far from linear, benchmarks/results/estimators/)
+    gradient_estimator: str = "truncated"
+    pes_sigma: float = 1e-3
+    pes_pairs: int = 1
+
+    def __post_init__(self):
+        from .pes import ESTIMATORS, check_settings  # pes.py builds on this module
+
+        if self.gradient_estimator not in ESTIMATORS:
+            raise ValueError(f"unknown gradient_estimator {self.gradient_estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        check_settings(self.pes_sigma, self.pes_pairs)
+        if self.gradient_estimator == "pes" and self.perturbation != "none":
+            raise ValueError("the pes estimator perturbs the student's weights itself; it takes no perturbation, got "
+                             f"{self.perturbation!r}")
 
     def perturbation_spec(self) -> Perturbation:
         return Perturbation(self.perturbation, self.perturbation_magnitude, self.perturbation_steps)

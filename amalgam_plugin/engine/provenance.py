@@ -67,7 +67,8 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> Card:
                + _select_flag(config)
                + ("" if config.get("device", "cpu") == "cpu" else f" --device {config['device']}")
                + _perturbation_flags(config["student_recipe"]))
-    if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS:
+    estimators = {config["student_recipe"].get("gradient_estimator"), config["choice_recipe"].get("gradient_estimator")}
+    if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS or "pes" in estimators:
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
     alpha0 = " (alpha = 0 baseline: meta loss only)" if config["imitation"] == "none" else ""
     perturbed = _perturbation_of(config["student_recipe"])

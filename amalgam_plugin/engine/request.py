@@ -9,11 +9,12 @@ from pathlib import Path
 
 from ..amalgamation import IMITATION_SCHEDULES, MECHANISMS
 from ..problems import PROBLEMS, Problem
-from ..students import STUDENTS
+from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import POOLS, TEACHERS, make_pool
 from .distributed import launched_world_size, resolve_device
 from .outdir import check_out
 from .perturbations import Perturbation
+from .pes import check_memory, optimizee_size, state_floats
 from .presets import PRESETS, Preset
 
 DEFAULT_THREADS = 1
@@ -93,7 +94,7 @@ def check_request(request: AmalgamateRequest) -> None:
         raise ValueError(f"perturbation must be a Perturbation, got {r.perturbation!r}")
     if r.perturbation is not None and r.perturbation.kind == "none" and (r.perturbation.magnitude or 0) > 0:
         raise ValueError("a perturbation magnitude was given without a perturbation kind (--perturb)")
-    recipe_of(r, processes)
+    check_pes_memory(r, recipe_of(r, processes), processes)
     check_out(Path(r.out), r.overwrite)
 
 
@@ -119,6 +120,19 @@ def recipe_of(request: AmalgamateRequest, processes: int) -> Preset:
                              "pass one or the other")
         student = student.changed(perturbation=p.kind, perturbation_magnitude=p.epsilon, perturbation_steps=p.steps)
     return replace(recipe, choice=choice, student=student)
+
+
+def check_pes_memory(request: AmalgamateRequest, recipe: Preset, processes: int) -> None:
+    """A phase meta-trained by PES whose particles would not fit in the free memory is refused before any work."""
+    entry = STUDENTS.lookup(request.student)
+    phases = [(recipe.student, lambda: entry.module(entry.config()))]
+    if request.choice_phase:
+        phases.append((recipe.choice, lambda: ChoiceNet(ChoiceConfig(pool=choice_pool(request.pool)))))
+    for phase, module in phases:
+        if phase.estimator.gradient_estimator == "pes":
+            held = -(-phase.estimator.trajectories_per_step // processes)  # this process's trajectories at once
+            check_memory(optimizee_size(request.problem), state_floats(module()), phase.estimator.pes_pairs, held,
+                         resolve_device(request.device))
 
 
 def choice_pool(pool: str | list) -> list:

@@ -30,7 +30,7 @@ from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import Teacher, make_pool
 from ..threads import torch_threads
 from .card_evaluation import against_best_baseline, evaluate_student
-from .curriculum import Curriculum
+from .curriculum import Curriculum, PhaseConfig
 from .distributed import Group, agreed, launched_group, resolve_device
 from .outdir import RUN_CONFIG, WORKDIR, run_lock
 from .perturbations import Perturbation
@@ -147,12 +147,22 @@ def run_config(request: AmalgamateRequest, recipe: Preset, task: Problem, proces
             "device": device.type, "threads": torch.get_num_threads(), "versions": _versions(), "argv": sys.argv}
 
 
+def _with_new_settings(config):
+    """A run's config with the recipe settings added since it was written (the estimator's) at their defaults,
+    which is what that run did."""
+    if not isinstance(config, dict):
+        return config
+    defaults = PhaseConfig().settings()
+    return {**config, **{k: {**defaults, **config[k]} for k in ("choice_recipe", "student_recipe")
+                         if isinstance(config.get(k), dict)}}
+
+
 def _check_same_run(path: Path, config: dict) -> None:
     """--resume continues only the run that wrote the checkpoints: the same pool, recipe, problem and seed."""
     if not path.exists():
         return
     try:
-        saved = json.loads(path.read_text())
+        saved = _with_new_settings(json.loads(path.read_text()))
     except (OSError, ValueError) as err:
         raise ValueError(f"--resume: the run's config {str(path)!r} is unreadable ({err}); use another --out or "
                          "drop --resume to start over") from err
