@@ -55,17 +55,34 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
+TIE_HALF_WIDTH = 0.1
+"""An interval holding 0 is a tie only when it is narrower than ±0.1 in log loss (about 10% in loss, the size of
+the differences between the paper's optimizers); a wider one cannot tell a tie from a real gap."""
+
+
+def verdict(mean: float, low: float, high: float) -> str:
+    """How the student compares with the best baseline, from baseline − student and its 95% interval."""
+    if low > 0:
+        return "better than the best baseline"
+    if high < 0:
+        return "worse than the best baseline"
+    if (high - low) / 2 > TIE_HALF_WIDTH:
+        side = "ahead of" if mean > 0 else "behind"
+        return (f"too few seeds to tell: the student is {abs(mean):.3f} {side} the best baseline on average, "
+                f"and the interval is {high - low:.3f} wide")
+    return "level with the best baseline"
+
+
 def summary_text(summary: dict) -> str:
     """What ``amalgam amalgamate`` prints at the end: where the student is, how it did, how long it took."""
     lines = [f"student: {summary['folder']}/ (model card README.md, config.json, model.safetensors)"]
     if "difference" in summary:
         d = summary["difference"]
-        verdict = ("better than" if d["low"] > 0 else "worse than" if d["high"] < 0 else "not distinguishable from")
         lines.append(
             f"held-out, {summary['seeds']} paired seeds, best log loss (lower is better): student "
             f"{summary['student_best_log_heldout']:.3f}, best baseline {summary['best_baseline']} "
             f"{summary['best_baseline_log_heldout']:.3f}; baseline - student = {d['mean']:+.3f} "
-            f"[{d['low']:+.3f}, {d['high']:+.3f}] (95% CI): {verdict} the best baseline")
+            f"[{d['low']:+.3f}, {d['high']:+.3f}] (95% CI): {verdict(d['mean'], d['low'], d['high'])}")
     total = summary["meta_training_seconds"] + summary["evaluation_seconds"]
     lines.append(f"time: {_minutes(total)} (meta-training {_minutes(summary['meta_training_seconds'])}, "
                  f"evaluation {_minutes(summary['evaluation_seconds'])}; {summary['threads']} torch thread(s))")

@@ -242,6 +242,20 @@ def test_cli_prints_a_summary(tmp_path):
     assert lines[2].startswith("time: ") and "1 torch thread(s)" in lines[2]
 
 
+@pytest.mark.parametrize("mean,low,high,says", [
+    (0.2, 0.05, 0.35, "better than the best baseline"),
+    (-0.247, -0.376, -0.117, "worse than the best baseline"),
+    (0.01, -0.05, 0.07, "level with the best baseline"),
+    # the issue's 2-seed smoke student: 1.67 behind, an interval 3.7 wide is no tie
+    (-1.67, -3.5, 0.16, "too few seeds to tell: the student is 1.670 behind the best baseline on average, and the "
+                        "interval is 3.660 wide"),
+])
+def test_the_summary_calls_a_wide_interval_too_few_seeds_and_states_the_gap(mean, low, high, says):
+    from amalgam_plugin.cli import verdict
+
+    assert verdict(mean, low, high) == says
+
+
 def amalgam_cli(*args):
     return subprocess.run([sys.executable, "-m", "amalgam_plugin.cli", *args], capture_output=True, text=True,
                           timeout=120)
@@ -741,3 +755,28 @@ def test_choice_amalgamation_of_an_unnamed_teacher_is_refused_before_any_work(tm
         amalgamate(pool="torch.optim.AdamW:lr=0.001", mechanism="choice", preset="smoke", problem="mlp",
                    out=tmp_path / "s", evaluate=False)
     assert not (tmp_path / "s").exists()
+
+
+def test_the_default_jobs_card_says_the_recipe_that_ran_and_what_was_measured():
+    """The card of ``amalgam amalgamate`` (the defaults) records the quick preset's recipe, a command that rebuilds
+    the defaults, the measured meta-training time and, for a --no-eval run, no evaluation it did not run."""
+    from amalgam_plugin.cli import build_parser
+    from amalgam_plugin.engine.presets import PRESETS
+    from amalgam_plugin.engine.provenance import model_card
+    from amalgam_plugin.engine.run import run_config
+
+    request, recipe = AmalgamateRequest(), PRESETS.lookup("quick")
+    config = run_config(request, recipe, make_problem("train"), 1, torch.device("cpu"))
+    no_eval = model_card(RNNProp(), config, recipe, {"meta_training": 400.4, "evaluation": None})
+    assert no_eval.recipe["student"] == {**recipe.student.settings(), "mechanism": "choice",
+                                         "imitation_schedule": "il_more"}
+    assert no_eval.recipe["choice"] == {k: v for k, v in recipe.choice.settings().items() if k != "mechanism"}
+    assert "meta-training took 6 min 40 s at" in no_eval.description
+    assert "not evaluated (`--no-eval`)" in no_eval.description and "evaluation" not in no_eval.seeds
+    assert "about 6 minutes" not in no_eval.description
+    evaluated = model_card(RNNProp(), config, recipe, {"meta_training": 400.4, "evaluation": 39.0})
+    assert "held-out evaluation below took 0 min 39 s" in evaluated.description
+    assert evaluated.seeds["evaluation"] == list(range(recipe.eval_seeds))
+    args = build_parser().parse_args(no_eval.command.replace("'", "").split()[1:])
+    assert (args.pool, args.mechanism, args.preset, args.problem, args.seed, args.threads) == (
+        request.pool, request.mechanism, request.preset, request.problem, request.seed, request.threads)

@@ -54,8 +54,26 @@ DATA_SPLITS = {
 }
 
 
-def model_card(student: nn.Module, config: dict, recipe: Preset) -> Card:
-    """The model card's fields for a student trained by ``amalgamate`` (``config``: its run_config.json);
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def run_text(config: dict, seconds: dict | None) -> str:
+    """What this run did, as measured: its meta-training time and whether (and how long) it was evaluated."""
+    if seconds is None:
+        return ""
+    evaluated = (f"its held-out evaluation below took {_duration(seconds['evaluation'])}"
+                 if seconds.get("evaluation") is not None else "it was not evaluated (`--no-eval`)")
+    cpu = config["versions"].get("cpu", "an unrecorded CPU")
+    return (f" This run: meta-training took {_duration(seconds['meta_training'])} at {config['threads']} torch "
+            f"thread(s) on {cpu}; {evaluated}. Times differ between machines: docs/results.md#timings gives them in "
+            "plain passes of the Train CNN.")
+
+
+def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict | None = None) -> Card:
+    """The model card's fields for a student trained by ``amalgamate`` (``config``: its run_config.json;
+    ``seconds``: the measured ``meta_training`` and ``evaluation`` times, evaluation None when it did not run);
     also records the run in ``student.config.provenance``."""
     command = (f"amalgam amalgamate --pool '{config['pool']}' --mechanism {config['mechanism']} "
                f"--preset {config['preset']} --problem {config['problem']} --seed {config['seed']} "
@@ -83,8 +101,8 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> Card:
     choice = config["mechanism"] == "choice" and config["imitation"] != "none"
     return Card.of({
         "title": f"amalgam student: {config['mechanism']} amalgamation of the {config['pool']} pool" + alpha0,
-        "description": f"{kind} student meta-trained by amalgam-plugin ({recipe.name} preset: "
-                       f"{recipe.description}).",
+        "description": f"{kind} student meta-trained by amalgam-plugin with the `{recipe.name}` preset."
+                       + run_text(config, seconds),
         "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
         "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
                       + ("; the language models of the mixture: the first 90% of the standard library's bytes "
@@ -94,7 +112,8 @@ def model_card(student: nn.Module, config: dict, recipe: Preset) -> Card:
                    "student": {**config["student_recipe"], "mechanism": config["mechanism"],
                                "imitation_schedule": config["imitation"]}},
         "seeds": {"meta-training": config["seed"],
-                  "evaluation": evaluation_seeds(recipe, bool(config.get("full_eval")))},
+                  **({"evaluation": evaluation_seeds(recipe, bool(config.get("full_eval")))}
+                     if seconds is None or seconds.get("evaluation") is not None else {})},
         "command": command,
         "perturbation": perturbed.describe() if perturbed.active else None,
         "notes": [*recipe.notes, *([f"choice amalgamation: a choice network over this pool's choice-network "

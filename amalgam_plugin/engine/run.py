@@ -132,7 +132,18 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__,
-            "platform": platform.platform()}
+            "platform": platform.platform(), "cpu": cpu_name()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture: float rounding, and so the student, depends on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
 
 
 def run_config(request: AmalgamateRequest, recipe: Preset, task: Problem, processes: int, device: torch.device
@@ -231,9 +242,11 @@ def _finish(request: AmalgamateRequest, recipe: Preset, student, task, config, s
                   if request.evaluate else None)
     from .. import hub
 
-    hub.save_student(student, out, card=model_card(student, config, recipe), evaluation=evaluation)
+    evaluated = time.time()
+    seconds = {"meta_training": trained - started, "evaluation": evaluated - trained if evaluation else None}
+    hub.save_student(student, out, card=model_card(student, config, recipe, seconds), evaluation=evaluation)
     summary = {"folder": str(out), "meta_training_seconds": round(trained - started, 1),
-               "evaluation_seconds": round(time.time() - trained, 1), "threads": torch.get_num_threads(),
+               "evaluation_seconds": round(evaluated - trained, 1), "threads": torch.get_num_threads(),
                "processes": config["processes"],
                **(against_best_baseline(evaluation) if evaluation is not None else {})}
     write_text_atomically(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
