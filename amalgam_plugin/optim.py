@@ -42,11 +42,10 @@ from .optim_checks import check_options, checked_params
 from .optim_state import local_state, restore_value, sharded_state
 from .students import STUDENTS
 from .students.kernel import RuntimeKernel, flatten_state
+from .students.sources import DEFAULT_STUDENT
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STUDENT = "paper-choice-large"
-"""The bundled student used when none is named: the paper's optimal-choice (large pool) RNNProp."""
 
 STATE_WARN_BYTES = 4 * 1024**3
 ADAMW_BETAS = (0.9, 0.999)

@@ -33,6 +33,7 @@ from .format import CONFIG_NAME, WEIGHTS_NAME, ClassFor, read_folder
 logger = logging.getLogger(__name__)
 
 DEFAULT_STUDENT = "paper-choice-large"
+"""The bundled student used when none is named: the paper's optimal-choice (large pool) RNNProp."""
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ORIGIN_ATTR = "_amalgam_identity"  # where a loaded student came from: {"source", "name", "revision", "folder"}
 
