@@ -55,6 +55,9 @@ class ScheduleConfig:
     select: str = "best"
     horizon_steps: int = 1000  # "horizon": steps of each run, the evaluation's horizon
     horizon_seeds: int = 2  # "horizon": runs per checkpoint
+    # the last stage keeps the mean of the student's weights after each of its meta-updates (Polyak averaging)
+    # instead of its best-validation checkpoint: one noisy meta-update cannot decide the student
+    average_last_stage: bool = False
     validation_seed: int = 12345
     imitation_schedule: str = "il_more"  # the imitation weight per stage (docs/method.md#imitation-weight)
 
@@ -102,6 +105,7 @@ class PhaseConfig:
         return {**asdict(self.schedule), **asdict(self.estimator), **asdict(self.learner)}
 
 
+AVERAGE = "average."  # the saved tensors of the last stage's weight average (``average_last_stage``)
 STATS = ("loss", "meta_loss", "imitation", "steps", "skipped", "finite")  # an Estimate's fields, in a table row
 
 
@@ -161,7 +165,8 @@ class Curriculum:
         self.estimator = self._estimator(student, problem, teachers, config.estimator)
         self.learner = Learner(student, config.learner, self.group)
         self.progress = Progress()
-        self.saved: dict[str, torch.Tensor] = {}  # best-of-stage and start-of-period tensors
+        self.saved: dict[str, torch.Tensor] = {}  # best-of-stage and start-of-period tensors, the average's sums
+        self.average_at_start: dict[str, torch.Tensor] = {}  # the average's tensors at the period's start
 
     def _estimator(self, student: nn.Module, problem: Problem, teachers: list[Teacher], config: EstimatorConfig):
         if config.gradient_estimator == "pes":
@@ -207,7 +212,10 @@ class Curriculum:
                         self.learner.record(gradients, j)
             self.group.sum(stats)
             estimates = {j: estimate_of(stats[j]) for j in active}
-            self.learner.step(gradients, [j for j in active if estimates[j].finite])
+            applied = [j for j in active if estimates[j].finite]
+            self.learner.step(gradients, applied)
+            if applied:
+                self._add_to_average()
             seconds = round(time.perf_counter() - started, 3)
             for j in active:
                 est = estimates[j]
@@ -283,6 +291,7 @@ class Curriculum:
                     return False
                 started = time.perf_counter()
                 self.saved.update(self.learner.snapshot("start."))
+                self.average_at_start = {k: v.clone() for k, v in self.saved.items() if k.startswith(AVERAGE)}
                 train_loss = self.train_period()
                 validation = self.validate()
                 self._end_period(train_loss, validation)
@@ -305,6 +314,7 @@ class Curriculum:
             self._log(record)
             pr.history.append(record)
             self.learner.restore(self.saved, "start.")
+            self.saved = {**{k: v for k, v in self.saved.items() if not k.startswith(AVERAGE)}, **self.average_at_start}
             pr.repeats += 1
             pr.attempt += 1
             return
@@ -319,6 +329,8 @@ class Curriculum:
             return
         if cfg.select != "last":  # stage transitions and the final model reload the stage's best period
             self.learner.restore(self.saved, "best.")
+        if cfg.average_last_stage and pr.stage == cfg.stages - 1:
+            self._load_average()
         if cfg.select == "horizon":
             self.saved.update(self.learner.snapshot(f"stage{pr.stage}."))
         if pr.stage == cfg.stages - 1:
@@ -329,6 +341,25 @@ class Curriculum:
             return
         pr.previous_stage_best = pr.best_validation
         pr.stage, pr.period, pr.best_validation, pr.best_period = pr.stage + 1, 0, math.inf, -1
+
+    def _add_to_average(self) -> None:
+        """``average_last_stage``: the running float64 sum of the student's weights after each meta-update of the
+        last stage, and their count (kept with the checkpoint, so a resumed run averages the same weights)."""
+        if not (self.cfg.average_last_stage and self.progress.stage == self.cfg.stages - 1):
+            return
+        for name, value in self.student.state_dict().items():
+            weights = value.detach().to("cpu", torch.float64, copy=True)
+            key = f"{AVERAGE}weights.{name}"
+            self.saved[key] = self.saved[key] + weights if key in self.saved else weights
+        self.saved[f"{AVERAGE}count"] = self.saved.get(f"{AVERAGE}count", torch.zeros((), dtype=torch.float64)) + 1
+
+    def _load_average(self) -> None:
+        """The student's weights become the last stage's average (unchanged when the stage made no update)."""
+        if f"{AVERAGE}count" not in self.saved:
+            return
+        count, prefix = self.saved[f"{AVERAGE}count"], f"{AVERAGE}weights."
+        means = {k[len(prefix):]: v / count for k, v in self.saved.items() if k.startswith(prefix)}
+        self.student.load_state_dict(means)  # cast to the student's dtype and device
 
     def _select_over_horizon(self) -> None:
         cfg = self.cfg
