@@ -365,6 +365,7 @@ def test_curriculum_control_flow_repeats_chances_and_best_checkpoints(tmp_path):
     assert student.delta.bias.item() == float(marks.index((1, 0, 1)))
 
 
+@pytest.mark.slow  # a benchmark script end to end: over a minute on 2 cores
 def test_amalgamate_benchmark_runs_end_to_end(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "amalgamate.py"
     result = subprocess.run([sys.executable, str(script), "--preset", "smoke", "--problem", "mlp", "--seeds", "2",
@@ -377,6 +378,7 @@ def test_amalgamate_benchmark_runs_end_to_end(tmp_path):
     assert (tmp_path / "bundle" / "README.md").exists()
 
 
+@pytest.mark.slow  # a benchmark script end to end: over a minute on 2 cores
 def test_meta_throughput_benchmark_prints_every_setting_and_the_floor_of_each_first_order_step():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_throughput.py"
     result = subprocess.run([sys.executable, str(script), "--problem", "mlp", "--unroll", "2", "--repeats", "1",
@@ -392,6 +394,7 @@ def test_meta_throughput_benchmark_prints_every_setting_and_the_floor_of_each_fi
     assert "teachers' fwd+bwd 6.00" in floors[1] and "choice network fwd (teacher)" in floors[0]
 
 
+@pytest.mark.slow  # a benchmark script end to end: over a minute on 2 cores
 def test_step_overhead_short_table_runs_bf16_here():
     """The table benchmarks/gpu_smoke.sh prints on a GPU (both students against AdamW), run on the CPU in bf16."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"

@@ -389,6 +389,7 @@ def test_ctrl_c_during_evaluate_is_one_line_and_the_same_command_resumes(tmp_pat
     assert len(resumed) == 6 and all(resumed[key] == run for key, run in done.items())  # not run again
 
 
+@pytest.mark.slow  # a benchmark script end to end: over a minute on 2 cores
 def test_reproduce_paper_runs_every_study_on_the_smoke_budget(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_paper.py"
     done = subprocess.run([sys.executable, str(script), "--budget", "smoke", "--out", str(tmp_path), "--workers", "1"],
