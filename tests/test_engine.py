@@ -667,6 +667,7 @@ def test_an_unknown_selection_is_refused():
         ScheduleConfig(select="bets")
 
 
+@pytest.mark.slow  # a horizon-selection run and its card: half a minute on 2 cores
 def test_select_flag_overrides_the_presets_choice_and_the_card_says_so(tmp_path):
     out = amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=tmp_path / "s",
                      select="horizon", evaluate=False)
