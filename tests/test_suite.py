@@ -343,8 +343,11 @@ def wait_until(condition, seconds: float) -> bool:
 
 
 def amalgam_evaluate(*args: str, **kwargs) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a test run started in the background inherits it ignored, and Python
+    # then installs no KeyboardInterrupt handler (as a user's terminal would)
     return subprocess.Popen([sys.executable, "-m", "amalgam_plugin.cli", "evaluate", *args], text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or CPUS < 2, reason="reads /proc; two workers")
