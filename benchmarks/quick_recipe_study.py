@@ -63,7 +63,8 @@ def quick_with(**student) -> Preset:
 
 CANDIDATES = {
     "smoke": lambda: PRESETS.lookup("smoke"),  # a check of this script in seconds
-    "quick": lambda: PRESETS.lookup("quick"),
+    "quick": lambda: quick_with(average_last_stage=False),  # the recipe before this study
+    "quick-averaged": lambda: PRESETS.lookup("quick"),  # today's quick: the last stage's weight average
     "lr1e-3": lambda: quick_with(meta_lr=1e-3),
     "tps2": lambda: quick_with(trajectories_per_step=2),
     "tps4-lr6e-3": lambda: quick_with(trajectories_per_step=4, meta_lr=6e-3),
@@ -192,7 +193,7 @@ def score(folder: Path) -> dict:
     results = out / "results.json"
     started, load = time.time(), load_average()
     if not results.exists():
-        subprocess.run([str(ROOT / ".venv" / "bin" / "amalgam"), "evaluate", str(folder), "--problems", "train",
+        subprocess.run([str(Path(sys.executable).parent / "amalgam"), "evaluate", str(folder), "--problems", "train",
                         "--seeds", str(EVAL_SEEDS), "--no-baselines", "--workers", "1", "--out", str(out)],
                        check=True, env={k: v for k, v in os.environ.items() if k not in ISA_ENV["avx2"]})
     runs = next(iter(json.loads(results.read_text())["problems"]["train"]["runs"].values()))

@@ -67,7 +67,9 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("point", ["meta_step", "between_periods", "checkpoint_write", "final_save", "evaluation"])
+# three of the five kill points run only with -m slow, to keep the default run within 10 minutes on 2 cores
+@pytest.mark.parametrize("point", ["meta_step", "checkpoint_write", *(
+    pytest.param(point, marks=pytest.mark.slow) for point in ("between_periods", "final_save", "evaluation"))])
 def test_killed_anywhere_resume_gives_the_same_student(uninterrupted, tmp_path, point):
     out = tmp_path / "s"
     assert amalgamate_in_a_process(point, out) == -signal.SIGKILL

@@ -54,7 +54,7 @@ def test_two_processes_give_the_parameters_of_one(mode, student, lean_folder, tm
         torch.testing.assert_close(sharded[name], p.detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("student", ["paper-choice-large", "lean"])
+@pytest.mark.parametrize("student", [pytest.param("paper-choice-large", marks=pytest.mark.slow), "lean"])
 def test_a_distributed_checkpoint_resumes_fsdp2_exactly(student, lean_folder, tmp_path):
     """get_state_dict / dcp.save / dcp.load / set_state_dict half-way (with torch's lr = 0 initialisation step of
     the fresh optimizer) continue with exactly the numbers of the uninterrupted run: each process gets back the
