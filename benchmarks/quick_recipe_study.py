@@ -243,15 +243,19 @@ def summary() -> str:
                      f"{r['meta_training_s']} | {r['load_at_start']} | {float(r['best_log_heldout']):.3f} | "
                      f"{float(r['diff_vs_baseline']):+.3f} [{float(r['diff_low']):+.3f}, {float(r['diff_high']):+.3f}] "
                      f"| {released:.3f} |")
-    lines += ["", "| candidate | variant | replicates | mean [95% CI] | σ_meta | σ_eval |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| candidate | variant | float path | replicates | mean [95% CI] | σ_meta | σ_eval |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict[tuple, list] = {}
-    for r in rows:
-        groups.setdefault((r["candidate"], r["variant"]), []).append([float(v) for v in r["per_seed"].split()])
-    for (candidate, variant), values in groups.items():
+    for r in rows:  # each float path (threads, instruction set) on its own, then all paths together
+        per_seed = [float(v) for v in r["per_seed"].split()]
+        groups.setdefault((r["candidate"], r["variant"], f"{r['threads']} thread(s), {r['isa']}"), []).append(per_seed)
+        groups.setdefault((r["candidate"], r["variant"], "all"), []).append(per_seed)
+    for (candidate, variant, path), values in groups.items():
+        if path == "all" and len(values) == len(groups.get((candidate, variant, "1 thread(s), native"), [])):
+            continue  # one float path only: its row says it all
         v = variance_components(np.array(values))
-        lines.append(f"| {candidate} | {variant} | {v.replicates} | {v.mean:.3f} [{v.low:.3f}, {v.high:.3f}] | "
-                     f"{v.meta_std:.3f} | {v.eval_std:.3f} |")
+        lines.append(f"| {candidate} | {variant} | {path} | {v.replicates} | {v.mean:.3f} [{v.low:.3f}, {v.high:.3f}] "
+                     f"| {v.meta_std:.3f} | {v.eval_std:.3f} |")
     return "\n".join(lines) + "\n"
 
 
