@@ -111,12 +111,13 @@ def test_lion_follows_its_paper():
 
 def test_lion_one_step_by_hand():
     teacher = make_teacher("lion:lr=0.1,weight_decay=0.5")
-    theta, g = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([0.5, -2.0, 0.0], dtype=torch.float64)
+    theta, g = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([9.5, -2.0, 0.0], dtype=torch.float64)
     state = {"m": torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)}
     delta, new = teacher.update(g, in_context(teacher, state, theta, [(3,)]))
-    # sign(0.9·m + 0.1·g) = sign(-0.85, -0.2, 0) = (-1, -1, 0); decay 0.1·0.5·θ = (0.05, 0.1, 0.15)
-    torch.testing.assert_close(delta, torch.tensor([-0.05, 0.0, 0.15], dtype=torch.float64))
-    torch.testing.assert_close(new["m"], torch.tensor([-0.985, -0.02, 0.0], dtype=torch.float64))  # 0.99m + 0.01g
+    # sign(0.9·m + 0.1·g) = sign(0.05, -0.2, 0) = (1, -1, 0) (β2 would give sign(-0.895) = -1 first);
+    # decay 0.1·0.5·θ = (0.05, 0.1, 0.15)
+    torch.testing.assert_close(delta, torch.tensor([0.15, 0.0, 0.15], dtype=torch.float64))
+    torch.testing.assert_close(new["m"], torch.tensor([-0.895, -0.02, 0.0], dtype=torch.float64))  # 0.99m + 0.01g
 
 
 def test_teacher_optimizer_runs_tensorwise_teachers_per_tensor():
