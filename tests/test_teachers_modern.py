@@ -75,6 +75,7 @@ TORCH = [
     ("adafactor", lambda ps: [torch.optim.Adafactor(ps)]),
     ("adafactor:lr=0.05,beta2_decay=-0.5,eps2=0.01,d=2,weight_decay=0.1",
      lambda ps: [torch.optim.Adafactor(ps, lr=0.05, beta2_decay=-0.5, eps=(None, 0.01), d=2.0, weight_decay=0.1)]),
+    ("adafactor:lr=0.5", lambda ps: [torch.optim.Adafactor(ps, lr=0.5)]),  # relative step 1/√t from step 5 on
     ("muon", lambda ps: matrices_and_rest(ps, {}, dict(lr=1e-3))),
     ("muon:lr=0.02,momentum=0.9,weight_decay=0.01,ns_steps=3,adamw_lr=0.003,adamw_weight_decay=0.1",
      lambda ps: matrices_and_rest(ps, dict(lr=0.02, momentum=0.9, weight_decay=0.01, ns_steps=3),
@@ -159,11 +160,29 @@ def test_nonsense_hyper_parameters_are_refused(spec, message):
         make_teacher(spec)
 
 
-def test_muon_on_only_vectors_is_refused():
-    teacher = make_teacher("muon")
-    theta = torch.zeros(7)
-    with pytest.raises(ValueError, match="muon teacher needs a tensor of rank >= 2, but all 2 tensors"):
-        teacher.update(torch.ones(7), in_context(teacher, teacher.init(theta), theta, [(3,), (4,)]))
+class Vectors(torch.nn.Module):
+    """A model of vectors alone (no matrix for Muon)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.shift = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x * self.scale + self.shift
+
+
+def test_muon_on_vectors_alone_is_refused_before_any_step():
+    message = "muon teacher needs a tensor of rank >= 2, but all 2 tensors given have rank <= 1; use adamw"
+    model = Vectors()
+    with pytest.raises(ValueError, match=message):
+        TeacherOptimizer(model.parameters(), make_teacher("muon"))
+    problem = module_problem(model, (torch.randn(32, 4), torch.randn(32, 4)), F.mse_loss, batch_size=8, name="v")
+    pool = [[t.name, dict(t.hparams)] for t in make_pool("adamw+muon")]
+    for student, teachers in ((RNNProp(), [make_teacher("adamw"), make_teacher("muon")]),
+                              (ChoiceNet(ChoiceConfig(pool=pool)), [])):
+        with pytest.raises(ValueError, match=message):
+            new_trajectory(problem, student, teachers, torch.Generator().manual_seed(0))
+    TeacherOptimizer([torch.nn.Parameter(torch.zeros(3, 2)), *model.parameters()], make_teacher("muon"))  # fine
 
 
 def test_cli_refuses_a_nonsense_muon_in_one_line():
@@ -197,7 +216,7 @@ class Recorded:
         return self.seen[-1]
 
 
-@pytest.mark.parametrize("spec,make_torch", [TORCH[2], TORCH[5]], ids=["adafactor", "muon"])
+@pytest.mark.parametrize("spec,make_torch", [TORCH[2], TORCH[6]], ids=["adafactor", "muon"])
 def test_the_engine_gives_tensorwise_teachers_their_shapes(spec, make_torch):
     """Inside an unroll, over randomly scaled coordinates, a tensorwise teacher moves as torch's optimizer does on
     the optimizee's own tensors and batches."""

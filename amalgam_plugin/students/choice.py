@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..teachers import POOLS, TEACHERS, Teacher, in_context
+from ..teachers import POOLS, TEACHERS, Teacher, check_tensors, in_context
 from .base import Dense, HubStudent, StudentConfig, check_real, check_sizes, lstm_stack, run_lstm_stack, zero_lstm_state
 
 MAX_POOL = 32
@@ -78,6 +78,10 @@ class ChoiceNet(nn.Module, HubStudent):
             "pool": [t.init(zeros) for t in self.pool],
             **zero_lstm_state(list(self.config.hidden_sizes), n, like),
         }
+
+    def check_shapes(self, shapes: list[tuple[int, ...]]) -> None:
+        """A ValueError when a teacher of its pool cannot act on tensors of these shapes (``check_tensors``)."""
+        check_tensors(self.pool, shapes)
 
     def _pool_step(self, grad: Tensor, state: dict) -> tuple[Tensor, dict]:
         if self.tensorwise and "params" not in state:
