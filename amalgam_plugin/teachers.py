@@ -41,6 +41,8 @@ class Teacher:
     warmup: Callable[[Tensor, State], State] | None = None
     ranked: bool = False  # its state needs the coordinates' tensor ranks ("ranks"), set at a trajectory's start
     tensorwise: bool = False  # its update reads "params" and "shapes" from its state (``in_context``)
+    # a ValueError for a set of tensors it cannot act on, raised before any step (``check_tensors``)
+    check_shapes: Callable[[list[tuple[int, ...]]], None] | None = None
 
     def warmup_step(self, grad: Tensor, state: State) -> State:
         return self.warmup(grad, state) if self.warmup is not None else self.update(grad, state)[1]
@@ -56,6 +58,14 @@ def in_context(rule: Any, state: State, params: Tensor, shapes: Sequence[tuple[i
     if not getattr(rule, "tensorwise", False):
         return state
     return {**state, "params": params, "shapes": [tuple(int(d) for d in s) for s in shapes]}
+
+
+def check_tensors(rules: Sequence[Any], shapes: Sequence[tuple[int, ...]]) -> None:
+    """A ValueError from the first rule (a teacher, or a student over teachers) that cannot act on tensors of
+    these shapes, e.g. Muon on vectors alone."""
+    for rule in rules:
+        if getattr(rule, "check_shapes", None) is not None:
+            rule.check_shapes([tuple(int(d) for d in s) for s in shapes])
 
 
 def _ema(old: Tensor, new: Tensor, beta: float) -> Tensor:
@@ -233,18 +243,20 @@ def muon(lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.1, ns
     """torch.optim.Muon (``modern_rules.muon_step``) on each tensor of rank >= 2 as the matrix [shape[0], rest]
     (a conv kernel as Keller Jordan's Muon takes it), and AdamW (torch's defaults but ``adamw_lr`` and
     ``adamw_weight_decay``) on the tensors of rank <= 1, as the Muon authors pair them. A ValueError where no
-    tensor has rank >= 2: nothing for Muon to act on."""
+    tensor has rank >= 2 (``check_tensors``): nothing for Muon to act on."""
     modern_rules.check("muon", dict(lr=lr, adamw_lr=adamw_lr), dict(weight_decay=weight_decay),
                        dict(momentum=momentum))
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps <= 99:
         raise ValueError(f"teacher 'muon': ns_steps={ns_steps!r} must be an integer in [1, 99]")
     fallback = adamw(adamw_lr, weight_decay=adamw_weight_decay)
 
-    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
-        shapes = s["shapes"]
+    def check_shapes(shapes: list[tuple[int, ...]]) -> None:
         if not any(len(shape) >= 2 for shape in shapes):
             raise ValueError(f"the muon teacher needs a tensor of rank >= 2, but all {len(shapes)} tensors given "
                              "have rank <= 1; use adamw for them")
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        shapes = s["shapes"]
         states = s["tensors"] or [g.new_zeros(shape) if len(shape) >= 2 else fallback.init(g.new_zeros(shape))
                                   for shape in shapes]
         steps = [modern_rules.muon_step(gi, pi, si, lr, momentum, weight_decay, ns_steps) if gi.dim() >= 2
@@ -255,7 +267,7 @@ def muon(lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.1, ns
 
     return Teacher("muon", lambda p: {"tensors": None}, update,
                    dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps, adamw_lr=adamw_lr,
-                        adamw_weight_decay=adamw_weight_decay), tensorwise=True)
+                        adamw_weight_decay=adamw_weight_decay), tensorwise=True, check_shapes=check_shapes)
 
 
 # --- any torch optimizer -----------------------------------------------------------------------------------
@@ -459,6 +471,7 @@ class TeacherOptimizer(torch.optim.Optimizer):
     def __init__(self, params, teacher: Teacher):
         super().__init__(params, dict(lr=1.0))
         self.teacher = teacher
+        check_tensors([teacher], [p.shape for group in self.param_groups for p in group["params"]])
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..amalgamation import imitation_distance, log_improvement, reduce_imitation
 from ..problems import Batch, Problem
-from ..teachers import Teacher, in_context
+from ..teachers import Teacher, check_tensors, in_context
 
 SCALE_SPREAD = 3.0  # s = exp(u), u ~ U[−3, 3] per scalar (Lv et al. 2017)
 
@@ -62,7 +62,8 @@ def frozen_choice_teacher(net: nn.Module) -> Teacher:
             return net(g, s, s["ranks"])
 
     return Teacher("choice", lambda p: net.init_state(p.numel(), p), update, {}, differentiable=True,
-                   warmup=net.warmup_step, ranked=True, tensorwise=getattr(net, "tensorwise", False))
+                   warmup=net.warmup_step, ranked=True, tensorwise=getattr(net, "tensorwise", False),
+                   check_shapes=getattr(net, "check_shapes", None))
 
 
 @dataclass
@@ -105,6 +106,7 @@ def new_trajectory(
     problem = problem.pick(generator)
     tensors = problem.init_params(generator)
     layout = Layout([t.shape for t in tensors])
+    check_tensors([student, *teachers], layout.shapes)  # e.g. Muon on a problem of vectors alone: before any step
     theta = torch.cat([t.flatten() for t in tensors])
     n = theta.numel()
     scaled = random_scale and problem.random_scale
