@@ -332,7 +332,7 @@ class Pool:
         return [TEACHERS[name].make(**kw) for name, kw in self.members]
 
 
-# Pools with the paper's hyper-parameters (docs/method.md#teachers, #choice-pools).
+# Pools with the paper's hyper-parameters (docs/method.md#teachers, #choice-pools), and the modern pool.
 POOLS: Registry[Pool] = Registry("pool", {
     "small": (Pool((("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005)))), "Adam 0.005, RMSProp 0.005"),
     "large": (Pool((
@@ -353,6 +353,13 @@ POOLS: Registry[Pool] = Registry("pool", {
         ("powersign", dict(lr=1.0)),
         ("addsign", dict(lr=1.0)),
     )), "the large choice network's own pool"),
+    # lrs by a sweep on Train's training loss (docs/method.md#modern-pool); the rest torch's (Lion: its paper's)
+    "modern": (Pool((
+        ("adamw", dict(lr=0.01)),
+        ("lion", dict(lr=0.003)),
+        ("adafactor", dict(lr=0.3)),
+        ("muon", dict(lr=0.02, adamw_lr=0.01)),
+    )), "AdamW 0.01, Lion 0.003, Adafactor 0.3, Muon 0.02 (AdamW 0.01 on tensors of rank <= 1)"),
 })
 
 

