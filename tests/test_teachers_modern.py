@@ -186,11 +186,12 @@ def test_muon_on_vectors_alone_is_refused_before_any_step():
     TeacherOptimizer([torch.nn.Parameter(torch.zeros(3, 2)), *model.parameters()], make_teacher("muon"))  # fine
 
 
-def test_cli_refuses_a_nonsense_muon_in_one_line():
+def test_cli_refuses_a_nonsense_muon_in_one_line(tmp_path):
+    out = tmp_path / "never-written"
     result = subprocess.run([sys.executable, "-m", "amalgam_plugin.cli", "amalgamate", "--pool",
-                             "adamw+muon:ns_steps=0", "--out", "/nonexistent/never-written"],
+                             "adamw+muon:ns_steps=0", "--preset", "smoke", "--out", str(out)],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not out.exists()
     assert result.stderr.rstrip("\n") == (  # one line, as every refused request of this command
         "amalgam amalgamate: pool 'adamw+muon:ns_steps=0': teacher 'muon': ns_steps=0 must be an integer in [1, 99]")
 
