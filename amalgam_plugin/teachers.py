@@ -5,8 +5,8 @@ by ``-delta``.  Most act coordinate by coordinate on a flat vector; a *tensorwis
 weight decay, factored moments, orthogonalization) also reads the current parameters and the tensors' shapes,
 which its caller puts into the state before every update (``in_context``).  The *paper* forms copy the authors'
 l2o code (constant bias correction, epsilon inside the square root, EMA momentum, smooth AddSign/PowerSign); the
-*textbook* and *modern* forms match ``torch.optim`` (Lion: its paper).  Any
-``torch.optim.Optimizer`` class can also be a teacher: it runs for real on its own copy of the parameters.
+*textbook* and *modern* forms match ``torch.optim`` (Lion: its paper).  Any ``torch.optim.Optimizer`` class can
+also be a teacher: it runs for real on its own copy of the parameters.
 """
 
 from __future__ import annotations
