@@ -103,6 +103,13 @@ def orthogonalized(update: Tensor, steps: int) -> Tensor:
     return x.T if tall else x
 
 
+def check_matrix(shapes: list[tuple[int, ...]]) -> None:
+    """The muon teacher's refusal of tensors among which none has rank >= 2 (nothing for Muon to act on)."""
+    if not any(len(shape) >= 2 for shape in shapes):
+        raise ValueError(f"the muon teacher needs a tensor of rank >= 2, but all {len(shapes)} tensors given "
+                         "have rank <= 1; use adamw for them")
+
+
 def muon_step(g: Tensor, p: Tensor, buffer: Tensor, lr: float, momentum: float, weight_decay: float,
               ns_steps: int) -> tuple[Tensor, Tensor]:
     """One tensor's Δ, as the matrix ``[shape[0], rest]``: ``lr·wd·θ + lr·√max(1, rows/cols) · NS(g + μ(b − g))``

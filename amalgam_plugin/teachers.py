@@ -250,11 +250,6 @@ def muon(lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.1, ns
         raise ValueError(f"teacher 'muon': ns_steps={ns_steps!r} must be an integer in [1, 99]")
     fallback = adamw(adamw_lr, weight_decay=adamw_weight_decay)
 
-    def check_shapes(shapes: list[tuple[int, ...]]) -> None:
-        if not any(len(shape) >= 2 for shape in shapes):
-            raise ValueError(f"the muon teacher needs a tensor of rank >= 2, but all {len(shapes)} tensors given "
-                             "have rank <= 1; use adamw for them")
-
     def update(g: Tensor, s: State) -> tuple[Tensor, State]:
         shapes = s["shapes"]
         states = s["tensors"] or [g.new_zeros(shape) if len(shape) >= 2 else fallback.init(g.new_zeros(shape))
@@ -267,7 +262,7 @@ def muon(lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.1, ns
 
     return Teacher("muon", lambda p: {"tensors": None}, update,
                    dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps, adamw_lr=adamw_lr,
-                        adamw_weight_decay=adamw_weight_decay), tensorwise=True, check_shapes=check_shapes)
+                        adamw_weight_decay=adamw_weight_decay), tensorwise=True, check_shapes=modern_rules.check_matrix)
 
 
 # --- any torch optimizer -----------------------------------------------------------------------------------
