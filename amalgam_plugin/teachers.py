@@ -1,9 +1,12 @@
 """Teacher optimizers as pure, differentiable per-coordinate rules (docs/method.md#teachers).
 
 A teacher is ``init(param) -> state`` and ``update(grad, state) -> (delta, new_state)``; the parameter moves
-by ``-delta``.  The *paper* forms copy the authors' l2o code (constant bias correction, epsilon inside the
-square root, EMA momentum, smooth AddSign/PowerSign); the *textbook* forms match ``torch.optim``.  Any
-``torch.optim.Optimizer`` class can also be a teacher: it runs for real on its own copy of the parameters.
+by ``-delta``.  Most act coordinate by coordinate on a flat vector; a *tensorwise* teacher (the modern pool's:
+weight decay, factored moments, orthogonalization) also reads the current parameters and the tensors' shapes,
+which its caller puts into the state before every update (``in_context``).  The *paper* forms copy the authors'
+l2o code (constant bias correction, epsilon inside the square root, EMA momentum, smooth AddSign/PowerSign); the
+*textbook* and *modern* forms match ``torch.optim`` (Lion: its paper).  Any ``torch.optim.Optimizer`` class can
+also be a teacher: it runs for real on its own copy of the parameters.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import modern_rules
 from .registry import Registry
 
 State = dict[str, Any]
@@ -36,6 +40,9 @@ class Teacher:
     # the state update of a warm-up step, when it differs from ``update`` (learned teachers freeze their LSTM)
     warmup: Callable[[Tensor, State], State] | None = None
     ranked: bool = False  # its state needs the coordinates' tensor ranks ("ranks"), set at a trajectory's start
+    tensorwise: bool = False  # its update reads "params" and "shapes" from its state (``in_context``)
+    # a ValueError for a set of tensors it cannot act on, raised before any step (``check_tensors``)
+    check_shapes: Callable[[list[tuple[int, ...]]], None] | None = None
 
     def warmup_step(self, grad: Tensor, state: State) -> State:
         return self.warmup(grad, state) if self.warmup is not None else self.update(grad, state)[1]
@@ -43,6 +50,22 @@ class Teacher:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         return f"{self.name}({args})"
+
+
+def in_context(rule: Any, state: State, params: Tensor, shapes: Sequence[tuple[int, ...]]) -> State:
+    """``state`` as a tensorwise rule (a teacher, or a student over tensorwise teachers) reads it at an update:
+    with the current parameters (flat, in the rule's own coordinates) and the shapes of the tensors they join."""
+    if not getattr(rule, "tensorwise", False):
+        return state
+    return {**state, "params": params, "shapes": [tuple(int(d) for d in s) for s in shapes]}
+
+
+def check_tensors(rules: Sequence[Any], shapes: Sequence[tuple[int, ...]]) -> None:
+    """A ValueError from the first rule (a teacher, or a student over teachers) that cannot act on tensors of
+    these shapes, e.g. Muon on vectors alone."""
+    for rule in rules:
+        if getattr(rule, "check_shapes", None) is not None:
+            rule.check_shapes([tuple(int(d) for d in s) for s in shapes])
 
 
 def _ema(old: Tensor, new: Tensor, beta: float) -> Tensor:
@@ -158,6 +181,90 @@ def sgd_textbook(lr: float = 0.2) -> Teacher:
     return Teacher("sgd-textbook", lambda p: {}, lambda g, s: (lr * g, s), dict(lr=lr))
 
 
+# --- the modern pool's forms (torch.optim.AdamW, Adafactor, Muon; Lion from its paper) ------------------------
+
+
+def adamw(lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.01) -> Teacher:
+    """torch.optim.AdamW: Δ = lr·wd·θ + lr/(1−β1^t) · m / (√v/√(1−β2^t) + ε), with √0's slope taken as 0 (a
+    coordinate that never had a gradient would make the meta-gradient NaN)."""
+    modern_rules.check("adamw", dict(lr=lr, eps=eps), dict(weight_decay=weight_decay), dict(beta1=beta1, beta2=beta2))
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        t = s["step"] + 1
+        m, v = _ema(s["m"], g, beta1), _ema(s["v"], g * g, beta2)
+        denom = modern_rules.sqrt0(v) / math.sqrt(1 - beta2**t) + eps
+        delta = lr / (1 - beta1**t) * m / denom + modern_rules.decay(s["params"], lr, weight_decay)
+        return delta, {"m": m, "v": v, "step": t}
+
+    def init(p: Tensor) -> State:
+        return {"m": torch.zeros_like(p), "v": torch.zeros_like(p), "step": 0}
+
+    return Teacher("adamw", init, update, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+                   tensorwise=True)
+
+
+def lion(lr: float = 1e-4, beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0) -> Teacher:
+    """Lion (Chen et al. 2023): Δ = lr·wd·θ + lr · sign(β1·m + (1−β1)·g); then m ← β2·m + (1−β2)·g."""
+    modern_rules.check("lion", dict(lr=lr), dict(weight_decay=weight_decay), dict(beta1=beta1, beta2=beta2))
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        direction = torch.sign(_ema(s["m"], g, beta1))
+        return lr * direction + modern_rules.decay(s["params"], lr, weight_decay), {"m": _ema(s["m"], g, beta2)}
+
+    return Teacher("lion", _zeros("m"), update, dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay),
+                   tensorwise=True)
+
+
+def adafactor(lr: float = 1e-2, beta2_decay: float = -0.8, eps1: float | None = None, eps2: float = 1e-3,
+              d: float = 1.0, weight_decay: float = 0.0) -> Teacher:
+    """torch.optim.Adafactor, per tensor (``modern_rules.adafactor_step``); ``eps1`` None: the dtype's machine
+    epsilon, as torch."""
+    modern_rules.check("adafactor", dict(lr=lr, eps2=eps2, **({} if eps1 is None else dict(eps1=eps1))),
+                       dict(weight_decay=weight_decay))
+    if not (d >= 1 and beta2_decay <= 0):
+        raise ValueError(f"teacher 'adafactor': needs d >= 1 and beta2_decay <= 0, got d={d!r}, "
+                         f"beta2_decay={beta2_decay!r}")
+    hparams = dict(lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, weight_decay=weight_decay)
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        t, shapes = s["step"] + 1, s["shapes"]
+        moments = s["moments"] or [modern_rules.adafactor_moments(shape, g) for shape in shapes]
+        steps = [modern_rules.adafactor_step(gi, pi, mi, t, **hparams) for gi, pi, mi in
+                 zip(modern_rules.split(g, shapes), modern_rules.split(s["params"], shapes), moments, strict=True)]
+        return modern_rules.join([d for d, _ in steps]), {"step": t, "moments": [m for _, m in steps]}
+
+    return Teacher("adafactor", lambda p: {"step": 0, "moments": None}, update,
+                   {k: v for k, v in hparams.items() if v is not None}, tensorwise=True)
+
+
+def muon(lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.1, ns_steps: int = 5,
+         adamw_lr: float = 1e-3, adamw_weight_decay: float = 0.01) -> Teacher:
+    """torch.optim.Muon (``modern_rules.muon_step``) on each tensor of rank >= 2 as the matrix [shape[0], rest]
+    (a conv kernel as Keller Jordan's Muon takes it), and AdamW (torch's defaults but ``adamw_lr`` and
+    ``adamw_weight_decay``) on the tensors of rank <= 1, as the Muon authors pair them. A ValueError where no
+    tensor has rank >= 2 (``check_tensors``): nothing for Muon to act on."""
+    modern_rules.check("muon", dict(lr=lr, adamw_lr=adamw_lr), dict(weight_decay=weight_decay),
+                       dict(momentum=momentum))
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps <= 99:
+        raise ValueError(f"teacher 'muon': ns_steps={ns_steps!r} must be an integer in [1, 99]")
+    fallback = adamw(adamw_lr, weight_decay=adamw_weight_decay)
+
+    def update(g: Tensor, s: State) -> tuple[Tensor, State]:
+        shapes = s["shapes"]
+        states = s["tensors"] or [g.new_zeros(shape) if len(shape) >= 2 else fallback.init(g.new_zeros(shape))
+                                  for shape in shapes]
+        steps = [modern_rules.muon_step(gi, pi, si, lr, momentum, weight_decay, ns_steps) if gi.dim() >= 2
+                 else fallback.update(gi, {**si, "params": pi})
+                 for gi, pi, si in zip(modern_rules.split(g, shapes), modern_rules.split(s["params"], shapes), states,
+                                       strict=True)]
+        return modern_rules.join([d for d, _ in steps]), {"tensors": [t for _, t in steps]}
+
+    return Teacher("muon", lambda p: {"tensors": None}, update,
+                   dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps, adamw_lr=adamw_lr,
+                        adamw_weight_decay=adamw_weight_decay), tensorwise=True, check_shapes=modern_rules.check_matrix)
+
+
 # --- any torch optimizer -----------------------------------------------------------------------------------
 
 
@@ -203,6 +310,10 @@ TEACHERS: Registry[TeacherRule] = Registry("teacher", {
     "rmsprop-textbook": (TeacherRule(rmsprop_textbook), "torch.optim.RMSprop"),
     "sgd-textbook": (TeacherRule(sgd_textbook), "torch.optim.SGD"),
     "momentum-textbook": (TeacherRule(momentum_textbook), "torch.optim.SGD(momentum=beta)"),
+    "adamw": (TeacherRule(adamw), "torch.optim.AdamW (decoupled weight decay)"),
+    "lion": (TeacherRule(lion), "Lion (Chen et al. 2023): the sign of an interpolated momentum"),
+    "adafactor": (TeacherRule(adafactor), "torch.optim.Adafactor (factored second moment, relative step)"),
+    "muon": (TeacherRule(muon), "torch.optim.Muon on tensors of rank >= 2, AdamW on the rest"),
 })
 
 
@@ -216,7 +327,7 @@ class Pool:
         return [TEACHERS[name].make(**kw) for name, kw in self.members]
 
 
-# Pools with the paper's hyper-parameters (docs/method.md#teachers, #choice-pools).
+# Pools with the paper's hyper-parameters (docs/method.md#teachers, #choice-pools), and the modern pool.
 POOLS: Registry[Pool] = Registry("pool", {
     "small": (Pool((("adam", dict(lr=0.005)), ("rmsprop", dict(lr=0.005)))), "Adam 0.005, RMSProp 0.005"),
     "large": (Pool((
@@ -237,6 +348,13 @@ POOLS: Registry[Pool] = Registry("pool", {
         ("powersign", dict(lr=1.0)),
         ("addsign", dict(lr=1.0)),
     )), "the large choice network's own pool"),
+    # lrs by a sweep on Train's training loss (docs/method.md#modern-pool); the rest torch's (Lion: its paper's)
+    "modern": (Pool((
+        ("adamw", dict(lr=0.01)),
+        ("lion", dict(lr=0.003)),
+        ("adafactor", dict(lr=0.3)),
+        ("muon", dict(lr=0.02, adamw_lr=0.01)),
+    )), "AdamW 0.01, Lion 0.003, Adafactor 0.3, Muon 0.02 (AdamW 0.01 on tensors of rank <= 1)"),
 })
 
 
@@ -355,6 +473,7 @@ class TeacherOptimizer(torch.optim.Optimizer):
     def __init__(self, params, teacher: Teacher):
         super().__init__(params, dict(lr=1.0))
         self.teacher = teacher
+        check_tensors([teacher], [p.shape for group in self.param_groups for p in group["params"]])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -369,6 +488,9 @@ class TeacherOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if "rule" not in state:
                     state["rule"] = self.teacher.init(p)
-                delta, state["rule"] = self.teacher.update(p.grad, state["rule"])
-                p.sub_(group["lr"] * delta)
+                # a tensorwise teacher gets the tensor flat, with its values and shape (``in_context``)
+                rule = in_context(self.teacher, state["rule"], p.reshape(-1), [p.shape])
+                delta, state["rule"] = self.teacher.update(p.grad.reshape(-1) if self.teacher.tensorwise else p.grad,
+                                                           rule)
+                p.sub_(group["lr"] * delta.view_as(p))
         return loss

@@ -2,8 +2,10 @@
 
 Everything is flat: the optimizee's tensors are concatenated into one vector of n scalars, so the student (a
 coordinate-wise network) runs once per inner step over all n coordinates, and teachers (elementwise rules) act
-on the same vector.  The student works in the randomly scaled coordinates p = θ / s; teachers run with
-"oracle scaling" (unscaled gradients, θ-space updates mapped back by 1/s).
+on the same vector; a tensorwise teacher, or a student over such teachers, also gets the current parameters and
+the tensors' shapes in its state at every step (``teachers.in_context``).  The student works in the randomly
+scaled coordinates p = θ / s; teachers run with "oracle scaling" (unscaled gradients, θ-space updates mapped
+back by 1/s).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 from ..amalgamation import imitation_distance, log_improvement, reduce_imitation
 from ..problems import Batch, Problem
-from ..teachers import Teacher
+from ..teachers import Teacher, check_tensors, in_context
 
 SCALE_SPREAD = 3.0  # s = exp(u), u ~ U[−3, 3] per scalar (Lv et al. 2017)
 
@@ -60,7 +62,8 @@ def frozen_choice_teacher(net: nn.Module) -> Teacher:
             return net(g, s, s["ranks"])
 
     return Teacher("choice", lambda p: net.init_state(p.numel(), p), update, {}, differentiable=True,
-                   warmup=net.warmup_step, ranked=True)
+                   warmup=net.warmup_step, ranked=True, tensorwise=getattr(net, "tensorwise", False),
+                   check_shapes=getattr(net, "check_shapes", None))
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Trajectory:
     noise: torch.Generator | None = None  # the random perturbations' draws along this trajectory
     problem: Problem | None = None  # the problem it runs on (a mixture's draw)
     per_tensor: bool = False  # the student takes the tensors' shapes, not the coordinates' ranks
+    tensorwise: bool = False  # the student's state gets the parameters and shapes at every step (``in_context``)
 
     def structure(self) -> Tensor | list[torch.Size]:
         """The student's third argument: the coordinates' ranks, or the tensors' shapes for a student that
@@ -102,6 +106,7 @@ def new_trajectory(
     problem = problem.pick(generator)
     tensors = problem.init_params(generator)
     layout = Layout([t.shape for t in tensors])
+    check_tensors([student, *teachers], layout.shapes)  # e.g. Muon on a problem of vectors alone: before any step
     theta = torch.cat([t.flatten() for t in tensors])
     n = theta.numel()
     scaled = random_scale and problem.random_scale
@@ -118,8 +123,8 @@ def new_trajectory(
         for _ in range(warmup_steps):
             g_theta = flat_grad(problem, layout, scale * params, next(batches))
             g_p = g_theta * scale
-            state = student.warmup_step(g_p, state)
-            teacher_states = [t.warmup_step(g_theta, s) if r else s
+            state = student.warmup_step(g_p, in_context(student, state, params, layout.shapes))
+            teacher_states = [t.warmup_step(g_theta, in_context(t, s, scale * params, layout.shapes)) if r else s
                               for t, s, r in zip(teachers, teacher_states, replays, strict=True)]
             params = params - warmup_lr * g_p
     theta = scale * params
@@ -128,7 +133,7 @@ def new_trajectory(
     return Trajectory(
         layout, ranks, scale, params, state, batches, list(teachers),
         [params.clone() for _ in teachers], teacher_states, problem=problem,
-        per_tensor=getattr(student, "per_tensor", False),
+        per_tensor=getattr(student, "per_tensor", False), tensorwise=getattr(student, "tensorwise", False),
     )
 
 
@@ -196,7 +201,8 @@ def unroll(
             reference = flat_loss(problem, traj.layout, theta_start, batch)
         log_terms.append(log_improvement(objective if differentiable else objective.detach(), reference))
         ran += 1
-        delta, new_state = student(grad, state, traj.structure())
+        context = in_context(traj, state, params, traj.layout.shapes)
+        delta, new_state = student(grad, context, traj.structure())
         if _finite(delta):
             params, state = params - delta, new_state
         else:
@@ -216,7 +222,8 @@ def _teachers_step(traj: Trajectory, problem: Problem, batch: Batch) -> None:
     """Each teacher on its own trajectory and the same minibatch, with oracle scaling."""
     for k, teacher in enumerate(traj.teachers):
         theta = traj.scale * traj.teacher_params[k]
-        delta, new_state = teacher.update(flat_grad(problem, traj.layout, theta, batch), traj.teacher_states[k])
+        state = in_context(teacher, traj.teacher_states[k], theta, traj.layout.shapes)
+        delta, new_state = teacher.update(flat_grad(problem, traj.layout, theta, batch), state)
         if _finite(delta):
             traj.teacher_params[k] = traj.teacher_params[k] - delta / traj.scale
             traj.teacher_states[k] = new_state

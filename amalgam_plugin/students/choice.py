@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..teachers import POOLS, TEACHERS, Teacher
+from ..teachers import POOLS, TEACHERS, Teacher, check_tensors, in_context
 from .base import Dense, HubStudent, StudentConfig, check_real, check_sizes, lstm_stack, run_lstm_stack, zero_lstm_state
 
 MAX_POOL = 32
@@ -59,6 +59,8 @@ class ChoiceNet(nn.Module, HubStudent):
         super().__init__()
         self.config = config or ChoiceConfig()
         self.pool: list[Teacher] = [TEACHERS.lookup(name).make(**kw) for name, kw in self.config.pool]  # built once
+        # over tensorwise teachers it needs the parameters and shapes in its state at every step (``in_context``)
+        self.tensorwise = any(t.tensorwise for t in self.pool)
         sizes = list(self.config.hidden_sizes)
         self.recurrent = lstm_stack(sizes, input_size=len(self.config.pool) + 4)
         self.choice = Dense(sizes[-1], len(self.config.pool))
@@ -77,13 +79,21 @@ class ChoiceNet(nn.Module, HubStudent):
             **zero_lstm_state(list(self.config.hidden_sizes), n, like),
         }
 
+    def check_shapes(self, shapes: list[tuple[int, ...]]) -> None:
+        """A ValueError when a teacher of its pool cannot act on tensors of these shapes (``check_tensors``)."""
+        check_tensors(self.pool, shapes)
+
     def _pool_step(self, grad: Tensor, state: dict) -> tuple[Tensor, dict]:
+        if self.tensorwise and "params" not in state:
+            raise ValueError("a choice network over tensorwise teachers (adamw, lion, adafactor, muon) needs the "
+                             "parameters and shapes in its state (teachers.in_context), which meta-training gives")
         deltas, pool_states = [], []
         for teacher, s in zip(self.pool, state["pool"], strict=True):
-            d, s = teacher.update(grad, s)
+            d, s = teacher.update(grad, in_context(teacher, s, state.get("params"), state.get("shapes", [])))
             deltas.append(d)
             pool_states.append(s)
-        return torch.stack(deltas, dim=-1), {**state, "pool": pool_states, "t": state["t"] + 1}
+        own = {k: v for k, v in state.items() if k not in ("params", "shapes")}
+        return torch.stack(deltas, dim=-1), {**own, "pool": pool_states, "t": state["t"] + 1}
 
     def warmup_step(self, grad: Tensor, state: dict) -> dict:
         """Warm-up: pool states and the time counter advance, the LSTM state stays frozen."""
