@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"e.g. 'adam:lr=0.01+sgd' (teachers: {TEACHERS.valid()}, or a dotted "
                         "torch.optim.Optimizer class). Default: large")
     _choice(a, "--mechanism", MECHANISMS, "choice")
-    from .engine import DEFAULT_THREADS, PERTURBATIONS, PRESETS, SELECTIONS  # the engine loads only when needed
+    from .engine import DEFAULT_THREADS, PERTURBATIONS, PRESETS, SELECT_FLAGS  # the engine loads only when needed
 
     _choice(a, "--preset", PRESETS, "quick")
     _choice(a, "--problem", PROBLEMS, "train", "training problem")
@@ -238,11 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trajectories whose meta-gradients are averaged into one meta-update (default: the "
                         "preset's 1, or the number of processes under torchrun / accelerate launch, which share "
                         "them out; the student does not depend on how many processes ran it)")
-    a.add_argument("--select", choices=SELECTIONS, default=None,
+    a.add_argument("--select", choices=SELECT_FLAGS, default=None,
                    help="how the student's final checkpoint is chosen (default: the preset's): best (the last "
-                        "stage's best validation), last (the final period) or horizon (of the stages' best "
+                        "stage's best validation), last (the final period), horizon (of the stages' best "
                         "checkpoints, the one that trains best over whole runs on validation digits; "
-                        "docs/method.md#horizon-selection)")
+                        "docs/method.md#horizon-selection) or average (the mean of the last stage's weights, "
+                        "quick's; docs/method.md#weight-averaging)")
     a.add_argument("--device", default="cpu",
                    help="where meta-training runs: cpu (default) or cuda (under a launcher, each process its own "
                         "GPU); the card's evaluation runs on the CPU")

@@ -436,7 +436,7 @@ def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
     (dict(threads=0), "threads must be between 1 and"),
     (dict(trajectories_per_step=0), "trajectories per step must be between the number of processes (1) and 1000"),
     (dict(device="tpu"), "device must be 'cpu' or 'cuda[:N]'"),
-    (dict(select="bets"), "unknown select 'bets'; valid: best, last, horizon"),
+    (dict(select="bets"), "unknown select 'bets'; valid: best, last, horizon, average"),
     pytest.param(dict(device="cuda"), "is not available here", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a GPU is here")),
 ])
@@ -610,7 +610,7 @@ def test_bundled_students_cards_state_the_recipe_their_preset_has_today():
     preset's recipe (a field added to the recipes since then must default to what the run did)."""
     import ast
 
-    from amalgam_plugin.engine import PRESETS
+    from amalgam_plugin.engine import PRESETS, SELECT_FLAGS
 
     hub = Path(__file__).resolve().parents[1] / "hub_models"
     checked = 0
@@ -626,7 +626,7 @@ def test_bundled_students_cards_state_the_recipe_their_preset_has_today():
             if phase == "student":  # the mechanism, imitation and a --select flag are the provenance's
                 expected.update(imitation_schedule=provenance["imitation"])
                 flag = re.search(r"--select (\w+)", provenance["command"])
-                expected.update(select=flag.group(1) if flag else expected["select"])
+                expected.update(SELECT_FLAGS[flag.group(1)] if flag else {})
             assert {k: expected[k] for k in card if k != "mechanism"} == {k: v for k, v in card.items()
                                                                          if k != "mechanism"}, folder.name
             assert all(expected[k] == PhaseConfig().settings()[k] for k in expected.keys() - card.keys())
@@ -665,6 +665,23 @@ def test_horizon_selection_keeps_the_stage_whose_whole_runs_train_best(tmp_path)
 def test_an_unknown_selection_is_refused():
     with pytest.raises(ValueError, match="unknown select 'bets'; valid: best, last, horizon"):
         ScheduleConfig(select="bets")
+
+
+@pytest.mark.parametrize("preset,select,flag", [("quick", None, ""), ("quick", "best", " --select best"),
+                                                 ("smoke", "average", " --select average"), ("cpu", None, "")])
+def test_select_sets_the_final_model_and_the_cards_command_gives_it_back(preset, select, flag):
+    """--select names the final model in one word (quick's default: "average", the last stage's weight average);
+    the recipe gets both of its settings, and the card's command names a choice exactly when it is not the
+    preset's, so the command reproduces the run."""
+    from amalgam_plugin.engine import PRESETS, SELECT_FLAGS
+    from amalgam_plugin.engine.provenance import _select_flag
+    from amalgam_plugin.engine.request import recipe_of
+
+    settings = recipe_of(request(preset=preset, select=select), 1).student.settings()
+    chosen = select or {"quick": "average", "cpu": "horizon"}[preset]
+    assert {k: settings[k] for k in SELECT_FLAGS[chosen]} == SELECT_FLAGS[chosen]
+    assert _select_flag({"preset": preset, "student_recipe": settings}) == flag
+    assert PRESETS.lookup("quick").student.schedule.average_last_stage
 
 
 @pytest.mark.slow  # a horizon-selection run and its card: half a minute on 2 cores

@@ -30,7 +30,8 @@ def train_losses(stdout: str) -> list[float]:
     "script, student_flag",
     [
         ("train_with_trainer.py", ["--optim-args", "student={}"]),
-        ("train_timm.py", ["--student", "{}"]),
+        # the timm CNN with a student also runs in test_timm_example_runs_the_student_at_the_lr_multiplier_asked
+        pytest.param("train_timm.py", ["--student", "{}"], marks=pytest.mark.slow),
         ("train_timm.py", ["--model", "vit", "--student", "{}"]),
         ("train_accelerate.py", ["--student", "{}"]),
     ],
@@ -45,7 +46,7 @@ def test_example_smoke(script, student_flag, paper_student_name, tmp_path):
 
 @pytest.mark.parametrize("script, flags", [
     ("train_with_trainer.py", ["--optim", "adamw_torch", "--learning-rate", "3e-3"]),
-    ("train_timm.py", ["--opt", "adamw", "--lr", "3e-3"]),
+    pytest.param("train_timm.py", ["--opt", "adamw", "--lr", "3e-3"], marks=pytest.mark.slow),  # the ViT's covers it
     ("train_timm.py", ["--model", "vit", "--opt", "adamw", "--lr", "3e-3"]),
 ])
 def test_examples_run_the_adamw_baseline_of_benchmarks_example_tasks(script, flags, tmp_path):

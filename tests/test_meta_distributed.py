@@ -56,6 +56,7 @@ def test_two_processes_give_the_meta_gradient_and_the_student_of_one(single, tmp
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
+@pytest.mark.slow  # half a minute; one process's exact resume is in the default run (test_crash_safety.py)
 def test_a_killed_two_process_run_resumes_exactly(single, tmp_path):
     killed = two_processes("killed", tmp_path / "run", tmp_path / "unused.safetensors")
     assert killed.returncode != 0 and not (tmp_path / "unused.safetensors").exists()

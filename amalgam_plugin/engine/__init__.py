@@ -25,8 +25,8 @@ from .presets import PRESETS, Preset
 from .provenance import model_card
 from .request import DEFAULT_THREADS, AmalgamateRequest, check_request
 from .run import amalgamate
-from .selection import SELECTIONS
+from .selection import SELECT_FLAGS, SELECTIONS
 
-__all__ = ["DEFAULT_THREADS", "KNOWN_RUNS", "PERTURBATIONS", "PRESETS", "SELECTIONS", "AmalgamateRequest",
-           "Curriculum", "EstimatorConfig", "LearnerConfig", "Perturbation", "PhaseConfig", "Preset",
-           "ScheduleConfig", "amalgamate", "check_request", "model_card"]
+__all__ = ["DEFAULT_THREADS", "KNOWN_RUNS", "PERTURBATIONS", "PRESETS", "SELECT_FLAGS", "SELECTIONS",
+           "AmalgamateRequest", "Curriculum", "EstimatorConfig", "LearnerConfig", "Perturbation", "PhaseConfig",
+           "Preset", "ScheduleConfig", "amalgamate", "check_request", "model_card"]

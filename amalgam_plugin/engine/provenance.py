@@ -12,6 +12,7 @@ from .card_evaluation import evaluation_seeds
 from .perturbations import Perturbation
 from .presets import PRESETS, Preset
 from .request import choice_pool
+from .selection import select_flag
 
 
 def _teachers(config: dict) -> list[dict]:
@@ -33,9 +34,9 @@ def _per_step_flag(recipe: dict) -> str:
 
 
 def _select_flag(config: dict) -> str:
-    select = config["student_recipe"].get("select", "best")
+    select = select_flag(config["student_recipe"])
     preset = PRESETS.get(config["preset"])
-    return "" if preset is None or preset.student.schedule.select == select else f" --select {select}"
+    return "" if preset is None or select_flag(preset.student.settings()) == select else f" --select {select}"
 
 
 def _perturbation_flags(recipe: dict) -> str:

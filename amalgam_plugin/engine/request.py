@@ -16,6 +16,7 @@ from .outdir import check_out
 from .perturbations import Perturbation
 from .pes import check_memory, optimizee_size, state_floats
 from .presets import PRESETS, Preset
+from .selection import SELECT_FLAGS
 
 DEFAULT_THREADS = 1
 """torch threads of meta-training. Measured on 2 cores (README, "Threads"): two threads are a third faster when
@@ -69,6 +70,8 @@ def check_request(request: AmalgamateRequest) -> None:
         _integer("threads", r.threads, 1, cpus, f"between 1 and this machine's {cpus} CPUs")
     if r.workers is not None:  # the card's evaluation forks this many one-thread processes: no more than CPUs
         _integer("workers", r.workers, 1, cpus, f"between 1 and this machine's {cpus} CPUs")
+    if r.select is not None and r.select not in SELECT_FLAGS:
+        raise ValueError(f"unknown select {r.select!r}; valid: {', '.join(SELECT_FLAGS)}")
     resolve_device(r.device)
     processes = launched_world_size()
     if r.trajectories_per_step is not None:
@@ -107,7 +110,7 @@ def recipe_of(request: AmalgamateRequest, processes: int) -> Preset:
     recipe = preset if isinstance(preset, Preset) else PRESETS.lookup(preset)
     student = recipe.student
     if request.select is not None:
-        student = student.changed(select=request.select)
+        student = student.changed(**SELECT_FLAGS[request.select])
     per_step = request.trajectories_per_step or (processes if processes > 1 else None)
     choice = recipe.choice
     if per_step is not None:

@@ -89,8 +89,8 @@ def amalgamate(
     the other processes return ``out`` once meta-training is done.
     ``device``: where meta-training runs, ``cpu`` or ``cuda`` (each process its own GPU under a launcher, NCCL);
     the card's evaluation runs on the CPU.
-    ``select``: how the student's final checkpoint is chosen, one of ``SELECTIONS`` (None: the preset's;
-    docs/method.md#horizon-selection).
+    ``select``: how the student's final checkpoint is chosen, one of ``SELECT_FLAGS`` (None: the preset's;
+    docs/method.md#horizon-selection, docs/method.md#weight-averaging).
     """
     return run(AmalgamateRequest(
         pool=pool, mechanism=mechanism, preset=preset, problem=problem, out=out, seed=seed, resume=resume,

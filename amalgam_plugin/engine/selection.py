@@ -20,6 +20,17 @@ from .distributed import Group
 from .learner import Learner
 
 SELECTIONS = ("best", "last", "horizon")
+# ``--select`` names the final model in one word: a selection, or "average", the best-validation transitions with
+# the last stage's weight average as the student (``ScheduleConfig.average_last_stage``)
+SELECT_FLAGS = {**{name: {"select": name, "average_last_stage": False} for name in SELECTIONS},
+                "average": {"select": "best", "average_last_stage": True}}
+
+
+def select_flag(schedule: dict) -> str:
+    """The ``--select`` value that gives a recipe's final-model settings (``schedule``: its settings by name)."""
+    return next((flag for flag, settings in SELECT_FLAGS.items()
+                 if all(schedule.get(k, False if k == "average_last_stage" else None) == v
+                        for k, v in settings.items())), schedule["select"])
 HORIZON_FIRST_SEED = 100  # the selection runs' seeds: apart from the evaluation's 0..9, so no draw is shared
 
 
