@@ -26,11 +26,14 @@ SELECT_FLAGS = {**{name: {"select": name, "average_last_stage": False} for name 
                 "average": {"select": "best", "average_last_stage": True}}
 
 
-def select_flag(schedule: dict) -> str:
-    """The ``--select`` value that gives a recipe's final-model settings (``schedule``: its settings by name)."""
+def select_flag(recipe: dict) -> str:
+    """The ``--select`` value that gives a recipe's final-model settings (``recipe``: its settings by name; one
+    recorded before a setting existed had its default)."""
+    recipe = {"select": "best", "average_last_stage": False, **recipe}
     return next((flag for flag, settings in SELECT_FLAGS.items()
-                 if all(schedule.get(k, False if k == "average_last_stage" else None) == v
-                        for k, v in settings.items())), schedule["select"])
+                 if all(recipe[k] == v for k, v in settings.items())), recipe["select"])
+
+
 HORIZON_FIRST_SEED = 100  # the selection runs' seeds: apart from the evaluation's 0..9, so no draw is shared
 
 
