@@ -73,3 +73,48 @@ def test_whether_a_problem_can_be_evaluated_is_its_registry_entry_s_field(tmp_pa
         assert main(["evaluate", "torch.optim.SGD:lr=0.1", "--problems", name, "--out", str(out)]) == 2
         assert "not one to evaluate" in capsys.readouterr().err
     assert evaluable_problem("train") == "train" and not out.exists()
+
+
+def test_the_augmented_mixture_draws_batch_sizes_loss_scales_and_deeper_mlps():
+    """mix-aug: every trajectory's loss is its family's loss times a scale drawn over three decades, digit problems
+    draw their batch size, and ReLU MLPs of 2 or 3 hidden layers join the families; draws are the generator's."""
+    import torch.nn.functional as F
+
+    from amalgam_plugin.problems import LOSS_SCALE_DECADES
+
+    mix = make_problem("mix-aug")
+    picks = [mix.pick(torch.Generator().manual_seed(seed)) for seed in range(60)]
+    assert [p.name for p in picks] == [mix.pick(torch.Generator().manual_seed(s)).name for s in range(60)]
+    scales, batches, depths = [], set(), set()
+    for seed, problem in enumerate(picks):
+        if problem.name.startswith(("char-lstm-", "transformer-")):
+            assert problem.batch_size == 32 and not problem.random_scale
+            continue
+        generator = torch.Generator().manual_seed(seed)
+        params = problem.init_params(generator)
+        x, y = next(problem.train_batches(generator))
+        unscaled = F.cross_entropy(problem.architecture.forward(params, x), y)
+        scales.append(float(problem.loss(params, (x, y)) / unscaled))
+        assert scales[-1] == pytest.approx(float(problem.name.rsplit("-loss", 1)[1]), rel=5e-3)
+        batches.add(len(x))
+        if problem.name.startswith("relu-mlp-"):
+            depths.add(len(params) // 2 - 1)
+    bound = 10 ** LOSS_SCALE_DECADES
+    assert all(1 / bound <= s <= bound for s in scales) and min(scales) < 0.1 and max(scales) > 10
+    assert batches == {32, 64, 128} and depths == {2, 3}
+
+
+def test_a_relu_mlp_is_the_torch_stack_it_names():
+    from amalgam_plugin.problems.models import relu_mlp
+
+    arch = relu_mlp([7, 5], "relu-mlp-7-5")
+    params = arch.init_params(torch.Generator().manual_seed(0))
+    reference = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 7), torch.nn.ReLU(),
+                                    torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 10))
+    with torch.no_grad():
+        layers = [reference[1], reference[3], reference[5]]
+        for layer, (w, b) in zip(layers, zip(params[::2], params[1::2], strict=True), strict=True):
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(arch.forward(params, x), reference(x), atol=1e-6)

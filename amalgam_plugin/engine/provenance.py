@@ -107,7 +107,8 @@ def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict |
         "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
         "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
                       + ("; the language models of the mixture: the first 90% of the standard library's bytes "
-                         "(docs/method.md#mixtures); the card evaluates on Train" if config["problem"] == "mix" else "")
+                         "(docs/method.md#mixtures); the card evaluates on Train"
+                         if config["problem"] in ("mix", "mix-aug") else "")
                       + "; meta-training reads the training data only",
         "recipe": {"choice": {k: v for k, v in config["choice_recipe"].items() if k != "mechanism"} if choice else None,
                    "student": {**config["student_recipe"], "mechanism": config["mechanism"],

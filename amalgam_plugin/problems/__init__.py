@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..registry import Registry
 from .data import DigitSplit, load_digits
-from .models import ARCHITECTURES, Architecture, conv_net, mlp
+from .models import ARCHITECTURES, Architecture, conv_net, mlp, relu_mlp
 
 Batch = tuple[Tensor, Tensor]
 
@@ -138,6 +138,39 @@ def mixture() -> Mixture:
     return Mixture("mix", ARCHITECTURES["train"], digits, 128, families=[cnn, perceptron, lstm_lm, transformer_lm])
 
 
+LOSS_SCALE_DECADES = 1.5  # mix-aug scales a trajectory's loss by 10^u, u uniform in [-1.5, 1.5]
+
+
+def augmented_mixture() -> Mixture:
+    """The ``mix-aug`` problem (docs/method.md#task-augmentation): ``mix``'s families plus ReLU MLPs of 2 or 3
+    hidden layers, every trajectory also drawing its batch size and a scale of its loss, so the student meets
+    gradients of every size. The meta loss is a log improvement, so the scale changes the gradients, not the
+    objective."""
+    base = mixture()
+    digits = base.data
+
+    def deep_perceptron(gen: torch.Generator) -> Problem:
+        widths = [_choose([32, 64, 128], gen) for _ in range(_choose([2, 3], gen))]
+        name = "relu-mlp-" + "-".join(map(str, widths))
+        return Problem(name, relu_mlp(widths, name), digits, 128)
+
+    def augmented(family: Callable[[torch.Generator], Problem]) -> Callable[[torch.Generator], Problem]:
+        def draw(gen: torch.Generator) -> Problem:
+            problem = family(gen)
+            batch = _choose([32, 64, 128], gen) if problem.data is digits else problem.batch_size
+            scale = 10.0 ** (LOSS_SCALE_DECADES * (2 * float(torch.rand((), generator=gen)) - 1))
+            return replace(problem, name=f"{problem.name}-b{batch}-loss{scale:.3g}", batch_size=batch,
+                           loss_fn=scaled_loss(problem.loss_fn, scale))
+        return draw
+
+    families = [augmented(family) for family in [*base.families, deep_perceptron]]
+    return Mixture("mix-aug", base.architecture, digits, 128, families=families)
+
+
+def scaled_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda output, target: scale * loss_fn(output, target)
+
+
 @dataclass(frozen=True)
 class ProblemSpec:
     """A registry entry: an architecture of ``ARCHITECTURES`` on a dataset at a batch size, or a problem ``build``
@@ -163,6 +196,9 @@ PROBLEMS: Registry[ProblemSpec] = Registry("problem", {
     "mix": (ProblemSpec("train", evaluable=False, build=mixture),
             "meta-training on CNNs and MLPs of drawn widths (digits) and byte-level LSTM and transformer LMs "
             "(stdlib); the card evaluates on Train"),
+    "mix-aug": (ProblemSpec("train", evaluable=False, build=augmented_mixture),
+                "mix with deeper ReLU MLPs, and every trajectory's batch size and loss scale drawn; the card "
+                "evaluates on Train"),
 })
 
 

@@ -77,6 +77,22 @@ def mlp(hidden: int = 20) -> Architecture:
     return Architecture("mlp", init, forward)
 
 
+def relu_mlp(widths: list[int], name: str) -> Architecture:
+    """Dense(w, ReLU) for each width, then Dense(10): the deeper MLPs of the ``mix-aug`` mixture."""
+    sizes = [784, *widths, 10]
+
+    def init(generator: torch.Generator) -> list[Tensor]:
+        return [t for n_in, n_out in zip(sizes, sizes[1:], strict=False) for t in dense_params(n_in, n_out, generator)]
+
+    def forward(params: list[Tensor], x: Tensor) -> Tensor:
+        h = x.flatten(1)
+        for k in range(0, len(params) - 2, 2):
+            h = F.relu(F.linear(h, params[k], params[k + 1]))
+        return F.linear(h, params[-2], params[-1])
+
+    return Architecture(name, init, forward)
+
+
 ARCHITECTURES: Registry[Architecture] = Registry("architecture", {
     "train": (conv_net([(16, 3), (32, 5)], {0, 1}, "train"), "the paper's Train CNN, 18,122 parameters"),
     "wider": (conv_net([(32, 3), (64, 5)], {0, 1}, "wider"), "Train with twice the filters"),
