@@ -79,6 +79,7 @@ def test_more_processes_than_trajectories_per_step_is_one_clear_error(tmp_path):
     assert "2 processes need at least as many trajectories per meta-step, got 1" in done.stderr
 
 
+@pytest.mark.slow  # half a minute; test_two_processes_give_the_meta_gradient_and_the_student_of_one runs torchrun
 def test_amalgam_amalgamate_under_torchrun_writes_one_student(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            "-m", "amalgam_plugin.cli", "amalgamate", "--preset", "smoke", "--no-eval", "--out",
