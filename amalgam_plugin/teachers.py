@@ -486,11 +486,11 @@ class TeacherOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
+                # a tensorwise teacher gets the tensor flat (its state too), with its values and shape (``in_context``)
+                flat = self.teacher.tensorwise
                 if "rule" not in state:
-                    state["rule"] = self.teacher.init(p)
-                # a tensorwise teacher gets the tensor flat, with its values and shape (``in_context``)
+                    state["rule"] = self.teacher.init(p.reshape(-1) if flat else p)
                 rule = in_context(self.teacher, state["rule"], p.reshape(-1), [p.shape])
-                delta, state["rule"] = self.teacher.update(p.grad.reshape(-1) if self.teacher.tensorwise else p.grad,
-                                                           rule)
+                delta, state["rule"] = self.teacher.update(p.grad.reshape(-1) if flat else p.grad, rule)
                 p.sub_(group["lr"] * delta.view_as(p))
         return loss

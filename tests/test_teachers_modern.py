@@ -122,11 +122,19 @@ def test_lion_one_step_by_hand():
     torch.testing.assert_close(new["m"], torch.tensor([-0.895, -0.02, 0.0], dtype=torch.float64))  # 0.99m + 0.01g
 
 
-def test_teacher_optimizer_runs_tensorwise_teachers_per_tensor():
+@pytest.mark.parametrize("spec, make_reference", [
+    ("muon:lr=0.02", lambda ps: [torch.optim.Muon(ps, lr=0.02)]),
+    ("adamw:lr=0.01", lambda ps: [torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01)]),
+    ("adafactor:lr=0.3", lambda ps: [torch.optim.Adafactor(ps, lr=0.3)]),
+    ("lion:lr=0.003", None),  # no torch.optim.Lion: the flat rule itself
+])
+def test_teacher_optimizer_runs_tensorwise_teachers_per_tensor(spec, make_reference):
+    """On a matrix (the card's evaluation runs the pool's forms on conv kernels and linear layers)."""
     start, grads = random_run([(5, 4)])
     param = torch.nn.Parameter(start[0].clone())
-    ours = TeacherOptimizer([param], make_teacher("muon:lr=0.02"))
-    reference = torch_trajectory(lambda ps: [torch.optim.Muon(ps, lr=0.02)], start, grads)[0]
+    ours = TeacherOptimizer([param], make_teacher(spec))
+    reference = (torch_trajectory(make_reference, start, grads) if make_reference else
+                 teacher_trajectory(spec, start, grads))[0]
     for step in grads:
         param.grad = step[0].clone()
         ours.step()
