@@ -42,11 +42,11 @@ DEFAULT_INTENDED_USE = (
 )
 DEFAULT_LIMITATIONS = (
     "Learned optimizers generalise imperfectly: far from the training problem (other architectures, much "
-    "longer runs, very different loss scales) the student may be slower than a tuned Adam or diverge. Its "
-    "update per coordinate is bounded (RNNProp: at most 0.1 per step before `lr`), so `lr` rescales it. "
+    "longer runs, very different loss scales) the student may be slower than a tuned Adam or diverge. "
     "The student keeps per-parameter state (RNNProp: 82 floats per parameter, far more than Adam's 2; the lean "
-    "student: 4)."
+    "and normalized students: 4)."
 )
+DEFAULT_LR_NOTE = "lr multiplies the student's update (1.0 = as trained); weight_decay is in AdamW units"
 TRAINING_SECTION = [  # (card field, label) in the order the Training section shows them
     ("pool", "Teacher pool"),
     ("mechanism", "Mechanism"),
@@ -130,12 +130,13 @@ def render_card(
     plot_name: str | None = None,
     reference: str | None = None,
     card_fields: Sequence[str] = (),
+    lr_note: str = DEFAULT_LR_NOTE,
 ) -> str:
     """The README.md model card of a student with ``config`` (its config.json): YAML metadata (library_name,
     license, tags incl. ``arxiv:2203.06474``) and the sections Intended use, Limits, How to use, Training (teacher
     pool, mechanism, problem, data split, recipe, seeds, architecture: the ``card_fields`` of the config),
     Reproduce, Evaluation (table + plot), Notes, License, Citation. ``card``: a :class:`Card` or a dict of its
-    fields (:data:`CARD_KEYS`)."""
+    fields (:data:`CARD_KEYS`). ``lr_note``: what ``lr`` means for the student type (How to use)."""
     card = Card.of(card)
     student_type = config.get("student_type", "?")
     tags = list(dict.fromkeys(BASE_TAGS + [f"student-{student_type}"] + list(card.tags or [])))
@@ -155,10 +156,11 @@ def render_card(
     out.append(
         "## How to use\n\n```python\nfrom amalgam_plugin.optim import AmalgamOptimizer\n\n"
         'optimizer = AmalgamOptimizer(model.parameters(), student="<this folder, bundled name or repo id>")\n'
-        "# lr multiplies the student's update (1.0 = as trained); weight_decay is in AdamW units\n```\n\n"
-        f"Warm-up: the first {config.get('warmup_steps', 0)} steps are plain SGD at lr "
-        f"{config.get('warmup_lr', 0)} with the student's recurrent state frozen (as the student was "
-        "evaluated); override with `warmup_steps=`.\n"
+        f"# {lr_note}\n```\n\n"
+        + (f"Warm-up: the first {config['warmup_steps']} steps are plain SGD at lr {config.get('warmup_lr', 0)} "
+           "with the student's recurrent state frozen (as the student was evaluated); override with "
+           "`warmup_steps=`.\n" if config.get("warmup_steps", 0) else
+           "No fixed warm-up: the student runs from the first step (add the warm-up of your LR schedule).\n")
     )
     training = []
     for key, label in TRAINING_SECTION:

@@ -72,7 +72,10 @@ CANDIDATES = {
     "val4": lambda: quick_with(validation_trajectories=4),
     "warmup5": lambda: quick_with(warmup_unrolls=[5]),
     "horizon": lambda: quick_with(select="horizon"),
+    "cpu": lambda: PRESETS.lookup("cpu"),  # the next budget up (about 1 hour), if no quick recipe meets the targets
 }
+# Meta-trained in pieces (--max-minutes) and resumed: only the run's own student (the variants need one whole run).
+RESUMABLE = {"cpu"}
 VARIANTS = ("best", "avg", "ema", "last")
 FIELDS = ["candidate", "variant", "seed", "threads", "isa", "started", "load_at_start", "meta_training_s",
           "student_meta_steps", "sha256", "eval_seeds", "best_log_heldout", "per_seed", "diff_vs_baseline",
@@ -137,12 +140,16 @@ def meta_steps(run: Path) -> int:
     return sum(1 for line in log.read_text().splitlines() if '"meta_step"' in line)
 
 
-def train(candidate: str, seed: int, threads: int, isa: str, variants: list[str]) -> dict:
-    """Meta-train one run (unless its student exists); the variants' folders; the run's record."""
+def train(candidate: str, seed: int, threads: int, isa: str, variants: list[str],
+          max_minutes: float | None = None) -> dict | None:
+    """Meta-train one run (unless its student exists); the variants' folders; the run's record. None when
+    ``max_minutes`` stopped a resumable run at a checkpoint."""
     run = RUNS / candidate / f"s{seed}-t{threads}{'-' + isa if isa != 'native' else ''}"
     record_path = run / "study_record.json"
     if record_path.exists() and (run / "model.safetensors").exists():
         return {**json.loads(record_path.read_text()), "run": run}
+    if candidate in RESUMABLE:
+        return train_resumable(candidate, seed, threads, run, max_minutes)
     shutil.rmtree(run, ignore_errors=True)  # an unfinished run is started over: the averages live in memory
     record = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "load_at_start": load_average()}
     recorder = Recorder()
@@ -157,6 +164,24 @@ def train(candidate: str, seed: int, threads: int, isa: str, variants: list[str]
         hub.save_student(student, folder)
         record["sha256"][variant] = sha256(folder / "model.safetensors")
     record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return {**record, "run": run}
+
+
+def train_resumable(candidate: str, seed: int, threads: int, run: Path, max_minutes: float | None) -> dict | None:
+    """A run meta-trained in pieces: ``--resume`` when its checkpoints exist. Its meta-training time is the sum
+    of its meta-steps' times (validation and checkpoints left out), the same whether or not it was cut."""
+    resume = (run / "training").is_dir()
+    record = {"started": "resumed" if resume else datetime.datetime.now().isoformat(timespec="seconds"),
+              "load_at_start": load_average()}
+    finished = (run / "model.safetensors").exists()  # by `amalgam amalgamate` with the same flags, say
+    if not finished and amalgamate(preset=CANDIDATES[candidate](), out=run, seed=seed, threads=threads,
+                                   evaluate=False, resume=resume, max_minutes=max_minutes) is None:
+        return None
+    steps = [json.loads(line) for log in sorted((run / "training").glob("*/log.jsonl"))
+             for line in log.read_text().splitlines()]
+    record.update(meta_training_s=round(sum(s["seconds"] for s in steps if s["event"] == "meta_step"), 1),
+                  student_meta_steps=meta_steps(run), sha256={"best": sha256(run / "model.safetensors")})
+    (run / "study_record.json").write_text(json.dumps(record, indent=2) + "\n")
     return {**record, "run": run}
 
 
@@ -268,7 +293,8 @@ def main() -> None:
     parser.add_argument("--isa", default="native", choices=["native", *ISA_ENV])
     parser.add_argument("--variants", nargs="+", default=["best"], choices=VARIANTS)
     parser.add_argument("--no-score", action="store_true", help="meta-train only")
-    parser.add_argument("--max-minutes", type=float, default=None, help="start no new run after this long")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no new run after this long (a resumable candidate's run stops at a checkpoint)")
     args = parser.parse_args()
     if args.summary:
         print(summary(), end="")
@@ -282,7 +308,11 @@ def main() -> None:
         if args.max_minutes is not None and time.time() - begun > 60 * args.max_minutes:
             print(f"--max-minutes {args.max_minutes} passed: stopping before seed {seed}", flush=True)
             break
-        record = train(args.candidate, seed, args.threads, args.isa, list(args.variants))
+        left = None if args.max_minutes is None else args.max_minutes - (time.time() - begun) / 60
+        record = train(args.candidate, seed, args.threads, args.isa, list(args.variants), left)
+        if record is None:
+            print(f"--max-minutes {args.max_minutes} passed: s{seed} stopped at a checkpoint; rerun to resume")
+            break
         print(f"{args.candidate} s{seed} t{args.threads} {args.isa}: meta-training {record['meta_training_s']} s, "
               f"sha256 {record['sha256']['best']}", flush=True)
         if args.no_score:

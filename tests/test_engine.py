@@ -162,6 +162,20 @@ def test_max_minutes_stops_at_a_checkpoint_and_resume_finishes(tmp_path):
         assert torch.equal(load_file(str(out / "model.safetensors"))[key], value)
 
 
+def test_a_resumed_runs_card_counts_the_meta_training_of_every_piece(tmp_path):
+    """Its card and summary add up every piece's periods (recorded in the checkpoints), not the last piece's."""
+    from amalgam_plugin.engine.learner import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "student"
+    amalgamate(pool="small", mechanism="minmax", preset="smoke", problem="mlp", out=out, evaluate=False)
+    checkpoint = out / "training" / "student" / "checkpoint.safetensors"
+    progress, tensors = load_checkpoint(checkpoint)
+    save_checkpoint(checkpoint, {**progress, "seconds": progress["seconds"] + 1000.0}, tensors)  # an earlier piece
+    amalgamate(pool="small", mechanism="minmax", preset="smoke", problem="mlp", out=out, evaluate=False, resume=True)
+    assert json.loads((out / "training" / "summary.json").read_text())["meta_training_seconds"] >= 1000
+    assert re.search(r"meta-training took 1[67] min \d\d s \(summed over the pieces", (out / "README.md").read_text())
+
+
 @pytest.mark.parametrize("problem", ["mlp", "mix"])
 def test_meta_training_never_reads_the_heldout_digits(problem, tmp_path, monkeypatch):
     reads = []

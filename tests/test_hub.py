@@ -169,6 +169,19 @@ def test_the_card_shows_every_architecture_field_of_the_type(kind):
     assert STUDENTS[kind].card_fields  # every type shows its architecture
 
 
+@pytest.mark.parametrize("kind", sorted(STUDENTS))
+def test_the_cards_how_to_use_says_what_lr_and_the_warm_up_mean_for_the_type(kind, tmp_path):
+    """A normalized student's lr is AdamW's and it has no SGD warm-up; RNNProp's lr scales its trained update."""
+    folder = hub.save_student(fresh(kind), tmp_path / kind)
+    usage = (folder / "README.md").read_text().split("## How to use")[1].split("## Training")[0]
+    assert f"# {STUDENTS[kind].config.lr_note}\n" in usage
+    warmup = STUDENTS[kind].config().warmup_steps
+    assert ("No fixed warm-up" in usage) == (warmup == 0) and (f"the first {warmup} steps are plain SGD" in usage) == (
+        warmup > 0)
+    if kind == "normalized":
+        assert "lr is AdamW's" in usage and "multiplies" not in usage
+
+
 @pytest.mark.parametrize("name", [name for name, _ in hub.list_bundled()])
 def test_bundled_students_resave_byte_identically_and_their_cards_show_their_architecture(tmp_path, name):
     bundled = hub.bundled_root() / name

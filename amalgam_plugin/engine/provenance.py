@@ -67,7 +67,8 @@ def run_text(config: dict, seconds: dict | None) -> str:
     evaluated = (f"its held-out evaluation below took {_duration(seconds['evaluation'])}"
                  if seconds.get("evaluation") is not None else "it was not evaluated (`--no-eval`)")
     cpu = config["versions"].get("cpu", "an unrecorded CPU")
-    return (f" This run: meta-training took {_duration(seconds['meta_training'])} at {config['threads']} torch "
+    pieces = " (summed over the pieces of a run resumed with `--resume`)" if seconds.get("resumed") else ""
+    return (f" This run: meta-training took {_duration(seconds['meta_training'])}{pieces} at {config['threads']} torch "
             f"thread(s) on {cpu}; {evaluated}. Times differ between machines: docs/results.md#timings gives them in "
             "plain passes of the Train CNN.")
 

@@ -30,7 +30,7 @@ from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import Teacher, make_pool
 from ..threads import torch_threads
 from .card_evaluation import against_best_baseline, evaluate_student
-from .curriculum import Curriculum, PhaseConfig
+from .curriculum import Curriculum, PhaseConfig, read_progress
 from .distributed import Group, agreed, launched_group, resolve_device
 from .outdir import RUN_CONFIG, WORKDIR, run_lock
 from .perturbations import Perturbation
@@ -231,6 +231,13 @@ def meta_train(request: AmalgamateRequest, recipe: Preset, problem: Problem, wor
     return student
 
 
+def meta_training_seconds(workdir: Path, this_piece: float) -> float:
+    """A resumed run's meta-training time over all its pieces: the periods' seconds its phases' checkpoints add
+    up (``Progress.seconds``), or this piece's wall time where that is longer (it adds the set-up)."""
+    periods = sum(read_progress(path).seconds for path in workdir.glob("*/checkpoint.safetensors"))
+    return max(periods, this_piece)
+
+
 def _finish(request: AmalgamateRequest, recipe: Preset, student, task, config, started) -> Path:
     """Rank 0 after meta-training: the student in Hub layout with its card, and the run's summary."""
     out, workdir = Path(request.out), Path(request.out) / WORKDIR
@@ -243,9 +250,11 @@ def _finish(request: AmalgamateRequest, recipe: Preset, student, task, config, s
     from .. import hub
 
     evaluated = time.time()
-    seconds = {"meta_training": trained - started, "evaluation": evaluated - trained if evaluation else None}
+    meta_training = meta_training_seconds(workdir, trained - started) if request.resume else trained - started
+    seconds = {"meta_training": meta_training, "evaluation": evaluated - trained if evaluation else None,
+               "resumed": request.resume}
     hub.save_student(student, out, card=model_card(student, config, recipe, seconds), evaluation=evaluation)
-    summary = {"folder": str(out), "meta_training_seconds": round(trained - started, 1),
+    summary = {"folder": str(out), "meta_training_seconds": round(meta_training, 1),
                "evaluation_seconds": round(evaluated - trained, 1), "threads": torch.get_num_threads(),
                "processes": config["processes"],
                **(against_best_baseline(evaluation) if evaluation is not None else {})}

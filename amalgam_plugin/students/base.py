@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from ..cards import PAPER_URL
+from ..cards import DEFAULT_LR_NOTE, PAPER_URL
 from .format import FORMAT_VERSION, write_folder
 from .sources import load
 
@@ -57,10 +57,12 @@ class StudentConfig:
     checked (type and range) when a config is made, so a downloaded one cannot build a broken or huge student.
 
     A student type's config states, once, its ``student_type`` (its key in the registry ``STUDENTS`` and in
-    ``config.json``) and its ``card_fields`` (the fields its model card shows as the architecture)."""
+    ``config.json``), its ``card_fields`` (the fields its model card shows as the architecture) and its
+    ``lr_note`` (what ``lr`` means for it, as its model card says)."""
 
     student_type: ClassVar[str] = ""
     card_fields: ClassVar[tuple[str, ...]] = ()
+    lr_note: ClassVar[str] = DEFAULT_LR_NOTE  # what the optimizer's ``lr`` means, for the model card
 
     warmup_steps: int = 100
     warmup_lr: float = 0.05

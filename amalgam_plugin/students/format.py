@@ -188,8 +188,9 @@ def write_folder(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = config_dict(student)
-    fields_shown = type(student.config).card_fields
-    render_card(config, card, card_fields=fields_shown)  # check the card's keys before writing anything
+    # check the card's keys before writing anything
+    fields_shown, lr_note = type(student.config).card_fields, type(student.config).lr_note
+    render_card(config, card, card_fields=fields_shown, lr_note=lr_note)
     # Interrupted at any point, the folder holds no student that loads: config.json goes first and comes back
     # last, and every file is written beside and renamed into place.
     (folder / CONFIG_NAME).unlink(missing_ok=True)
@@ -202,7 +203,8 @@ def write_folder(
         title = f"{folder.name}: held-out loss on {evaluation.problem}"
         write_atomically(folder / PLOT_NAME, lambda tmp: evaluation.plot(tmp, title, reference or evaluation.reference))
         plot_name = PLOT_NAME
-    write_text_atomically(folder / CARD_NAME, render_card(config, card, evaluation, plot_name, reference, fields_shown))
+    write_text_atomically(folder / CARD_NAME, render_card(config, card, evaluation, plot_name, reference, fields_shown,
+                                                             lr_note))
     write_text_atomically(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     logger.info("saved %s student to %s", config["student_type"], folder)
     return folder
