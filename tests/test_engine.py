@@ -165,6 +165,7 @@ def test_max_minutes_stops_at_a_checkpoint_and_resume_finishes(tmp_path):
 def test_a_resumed_runs_card_counts_the_meta_training_of_every_piece(tmp_path):
     """Its card and summary add up every piece's periods (recorded in the checkpoints), not the last piece's."""
     from amalgam_plugin.engine.learner import load_checkpoint, save_checkpoint
+    from amalgam_plugin.engine.provenance import run_text
 
     out = tmp_path / "student"
     amalgamate(pool="small", mechanism="minmax", preset="smoke", problem="mlp", out=out, evaluate=False)
@@ -174,6 +175,9 @@ def test_a_resumed_runs_card_counts_the_meta_training_of_every_piece(tmp_path):
     amalgamate(pool="small", mechanism="minmax", preset="smoke", problem="mlp", out=out, evaluate=False, resume=True)
     assert json.loads((out / "training" / "summary.json").read_text())["meta_training_seconds"] >= 1000
     assert re.search(r"meta-training took 1[67] min \d\d s \(summed over the pieces", (out / "README.md").read_text())
+    config = json.loads((out / "training" / "run_config.json").read_text())
+    evaluated = run_text(config, {"meta_training": 1000.0, "evaluation": 2.0, "resumed": True})
+    assert "evaluation below took 0 min 02 s in the last piece (runs an earlier piece finished are read" in evaluated
 
 
 @pytest.mark.parametrize("problem", ["mlp", "mix"])

@@ -65,6 +65,8 @@ def run_text(config: dict, seconds: dict | None) -> str:
     if seconds is None:
         return ""
     evaluated = (f"its held-out evaluation below took {_duration(seconds['evaluation'])}"
+                 + (" in the last piece (runs an earlier piece finished are read back from its cache)"
+                    if seconds.get("resumed") else "")
                  if seconds.get("evaluation") is not None else "it was not evaluated (`--no-eval`)")
     cpu = config["versions"].get("cpu", "an unrecorded CPU")
     pieces = " (summed over the pieces of a run resumed with `--resume`)" if seconds.get("resumed") else ""
