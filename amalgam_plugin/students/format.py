@@ -188,8 +188,8 @@ def write_folder(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = config_dict(student)
-    # check the card's keys before writing anything
     fields_shown, lr_note = type(student.config).card_fields, type(student.config).lr_note
+    # check the card's keys before writing anything
     render_card(config, card, card_fields=fields_shown, lr_note=lr_note)
     # Interrupted at any point, the folder holds no student that loads: config.json goes first and comes back
     # last, and every file is written beside and renamed into place.
