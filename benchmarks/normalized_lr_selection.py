@@ -5,18 +5,15 @@ meta-training cannot learn. This picks the default the way the card's torch Adam
 grid ``ADAM_TUNING_LRS`` widened by one rate each side (``GRID``, so that both bests sit inside), the mean best
 log loss over seeds 0-2 and 1000 steps on ``selection_problem`` (1,000 validation digits carved from the training
 digits), here summed over two of the mixture's families: the Train CNN and the sigmoid MLP. Torch Adam is tuned
-the same way beside it. With ``--write FOLDER`` the student is saved there with the chosen ``lr`` as its default
-(the same weights).
+the same way beside it.
 
     python benchmarks/normalized_lr_selection.py benchmarks/results/normalized-modern-mixaug/run \
-        --cache runs/normalized-lr-selection.json --write benchmarks/results/normalized-modern-mixaug/lr-selected
+        --cache runs/normalized-lr-selection.json
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
-from pathlib import Path
 
 from amalgam_plugin import hub
 from amalgam_plugin.evaluate import evaluate
@@ -47,25 +44,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("student", help="a normalized student (folder or bundled name)")
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
-    parser.add_argument("--write", help="save the student with the chosen lr as its default into this new folder")
     args = parser.parse_args()
     student = hub.load_student(args.student)
     if student.config.student_type != "normalized":
         parser.error(f"{args.student!r} is a {student.config.student_type} student; its lr is no step size")
-    if args.write and Path(args.write).exists():
-        parser.error(f"--write {args.write!r} exists; give a new folder")
     totals = scores(args.student, args.cache)
     for kind, by_lr in totals.items():
         best = min(by_lr, key=by_lr.get)
         edge = " (at the grid's edge)" if best in (min(by_lr), max(by_lr)) else ""
         print(f"{kind}: " + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in by_lr.items()) + f"; best lr {best:g}{edge}")
-    chosen = min(totals["student"], key=totals["student"].get)
-    if args.write:
-        student.config = replace(student.config, lr=chosen)
-        hub.save_student(student, args.write, card={"description": (
-            f"The student of `{args.student}` (the same weights) with its default lr chosen on meta-training "
-            f"validation by `benchmarks/normalized_lr_selection.py`: {chosen:g}.")})
-        print(f"written: {args.write} (lr {chosen:g})")
 
 
 if __name__ == "__main__":

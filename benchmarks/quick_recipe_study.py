@@ -44,6 +44,7 @@ from amalgam_plugin.engine import amalgamate
 from amalgam_plugin.engine.curriculum import Curriculum
 from amalgam_plugin.engine.learner import Learner
 from amalgam_plugin.engine.presets import PRESETS, Preset
+from amalgam_plugin.engine.run import meta_training_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "quick-stability"
@@ -168,8 +169,8 @@ def train(candidate: str, seed: int, threads: int, isa: str, variants: list[str]
 
 
 def train_resumable(candidate: str, seed: int, threads: int, run: Path, max_minutes: float | None) -> dict | None:
-    """A run meta-trained in pieces: ``--resume`` when its checkpoints exist. Its meta-training time is the sum
-    of its meta-steps' times (validation and checkpoints left out), the same whether or not it was cut."""
+    """A run meta-trained in pieces: ``--resume`` when its checkpoints exist. Its meta-training time is the
+    engine's over all its pieces (``meta_training_seconds``: the periods' seconds its checkpoints record)."""
     resume = (run / "training").is_dir()
     record = {"started": "resumed" if resume else datetime.datetime.now().isoformat(timespec="seconds"),
               "load_at_start": load_average()}
@@ -177,9 +178,7 @@ def train_resumable(candidate: str, seed: int, threads: int, run: Path, max_minu
     if not finished and amalgamate(preset=CANDIDATES[candidate](), out=run, seed=seed, threads=threads,
                                    evaluate=False, resume=resume, max_minutes=max_minutes) is None:
         return None
-    steps = [json.loads(line) for log in sorted((run / "training").glob("*/log.jsonl"))
-             for line in log.read_text().splitlines()]
-    record.update(meta_training_s=round(sum(s["seconds"] for s in steps if s["event"] == "meta_step"), 1),
+    record.update(meta_training_s=round(meta_training_seconds(run / "training", 0.0), 1),
                   student_meta_steps=meta_steps(run), sha256={"best": sha256(run / "model.safetensors")})
     (run / "study_record.json").write_text(json.dumps(record, indent=2) + "\n")
     return {**record, "run": run}
