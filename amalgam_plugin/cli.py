@@ -174,7 +174,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _choice(parser: argparse.ArgumentParser, flag: str, registry: Registry, default: str, what: str = "") -> None:
+def _choice(parser: argparse.ArgumentParser, flag: str, registry: Registry, default: str | None, what: str = "",
+            default_text: str = "") -> None:
     """An option whose choices, help and error ("unknown X; valid Xs: ...") come from a registry."""
 
     def known(name: str) -> str:
@@ -185,7 +186,7 @@ def _choice(parser: argparse.ArgumentParser, flag: str, registry: Registry, defa
         return name
 
     parser.add_argument(flag, default=default, type=known, metavar=flag.lstrip("-").upper(),
-                        help=f"{what or registry.kind}: {registry.help()} (default {default})")
+                        help=f"{what or registry.kind}: {registry.help()} (default {default_text or default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     _choice(a, "--preset", PRESETS, "quick")
     _choice(a, "--problem", PROBLEMS, "train", "training problem")
     _choice(a, "--student", Registry("student type", {n: (e, STUDENTS.descriptions[n])
-                                                      for n, e in STUDENTS.items() if e.trainable}), "rnnprop")
+                                                      for n, e in STUDENTS.items() if e.trainable}), None,
+            default_text="the preset's: normalized for quick, rnnprop for the others")
     _choice(a, "--imitation", IMITATION_SCHEDULES, "il_more", "imitation-weight schedule")
     _choice(a, "--perturb", PERTURBATIONS, "none", "perturbation of the student's weights while it is meta-trained")
     a.add_argument("--perturb-magnitude", type=float, default=None, metavar="EPS",
@@ -242,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the student's final checkpoint is chosen (default: the preset's): best (the last "
                         "stage's best validation), last (the final period), horizon (of the stages' best "
                         "checkpoints, the one that trains best over whole runs on validation digits; "
-                        "docs/method.md#horizon-selection) or average (the mean of the last stage's weights, "
-                        "quick's; docs/method.md#weight-averaging)")
+                        "docs/method.md#horizon-selection), average (the mean of the last stage's weights; "
+                        "docs/method.md#weight-averaging) or horizon-start (horizon over the student before "
+                        "meta-training and the stages' checkpoints, the last stage's its average: quick's)")
     a.add_argument("--device", default="cpu",
                    help="where meta-training runs: cpu (default) or cuda (under a launcher, each process its own "
                         "GPU); the card's evaluation runs on the CPU")

@@ -57,15 +57,19 @@ BASELINE = "rmsprop 0.005 (paper)"
 ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
+# quick's final-model rule of 2026-12-03 (the last stage's weight average), which the candidates below change
+AVERAGED = {"select": "best", "average_last_stage": True, "horizon_start": False}
+
+
 def quick_with(**student) -> Preset:
     quick = PRESETS.lookup("quick")
-    return replace(quick, student=quick.student.changed(**student))
+    return replace(quick, student=quick.student.changed(**{**AVERAGED, **student}))
 
 
 CANDIDATES = {
     "smoke": lambda: PRESETS.lookup("smoke"),  # a check of this script in seconds
     "quick": lambda: quick_with(average_last_stage=False),  # the recipe before this study
-    "quick-averaged": lambda: PRESETS.lookup("quick"),  # today's quick: the last stage's weight average
+    "quick-averaged": lambda: quick_with(),  # quick of 2026-12-03 (RNNProp): the last stage's weight average
     "lr1e-3": lambda: quick_with(meta_lr=1e-3),
     "tps2": lambda: quick_with(trajectories_per_step=2),
     "tps4-lr6e-3": lambda: quick_with(trajectories_per_step=4, meta_lr=6e-3),
@@ -74,7 +78,13 @@ CANDIDATES = {
     "warmup5": lambda: quick_with(warmup_unrolls=[5]),
     "horizon": lambda: quick_with(select="horizon"),
     "cpu": lambda: PRESETS.lookup("cpu"),  # the next budget up (about 1 hour), if no quick recipe meets the targets
+    "quick-normalized": lambda: quick_with(),  # quick-averaged with the normalized student type
+    # ... keeping, of its start and its stages' checkpoints, the one whose 1000-step validation runs train best:
+    # today's quick
+    "quick-normalized-horizon": lambda: PRESETS.lookup("quick"),
 }
+# a candidate's student type where it is not the paper's RNNProp
+STUDENT_TYPES = {"quick-normalized": "normalized", "quick-normalized-horizon": "normalized"}
 # Meta-trained in pieces (--max-minutes) and resumed: only the run's own student (the variants need one whole run).
 RESUMABLE = {"cpu"}
 VARIANTS = ("best", "avg", "ema", "last")
@@ -154,7 +164,8 @@ def train(candidate: str, seed: int, threads: int, isa: str, variants: list[str]
     shutil.rmtree(run, ignore_errors=True)  # an unfinished run is started over: the averages live in memory
     record = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "load_at_start": load_average()}
     recorder = Recorder()
-    amalgamate(preset=CANDIDATES[candidate](), out=run, seed=seed, threads=threads, evaluate=False)
+    amalgamate(preset=CANDIDATES[candidate](), out=run, seed=seed, threads=threads, evaluate=False,
+               student=STUDENT_TYPES.get(candidate, "rnnprop"))
     summary = json.loads((run / "training" / "summary.json").read_text())
     record.update(meta_training_s=summary["meta_training_seconds"], student_meta_steps=meta_steps(run),
                   sha256={"best": sha256(run / "model.safetensors")}, last_stage_updates=recorder.averages.count)
@@ -176,7 +187,8 @@ def train_resumable(candidate: str, seed: int, threads: int, run: Path, max_minu
               "load_at_start": load_average()}
     finished = (run / "model.safetensors").exists()  # by `amalgam amalgamate` with the same flags, say
     if not finished and amalgamate(preset=CANDIDATES[candidate](), out=run, seed=seed, threads=threads,
-                                   evaluate=False, resume=resume, max_minutes=max_minutes) is None:
+                                   evaluate=False, resume=resume, max_minutes=max_minutes,
+                                   student=STUDENT_TYPES.get(candidate, "rnnprop")) is None:
         return None
     record.update(meta_training_s=round(meta_training_seconds(run / "training", 0.0), 1),
                   student_meta_steps=meta_steps(run), sha256={"best": sha256(run / "model.safetensors")})

@@ -652,32 +652,41 @@ def test_bundled_students_cards_state_the_recipe_their_preset_has_today():
     assert checked >= 3
 
 
-def test_horizon_selection_keeps_the_stage_whose_whole_runs_train_best(tmp_path):
-    """select="horizon": each stage's best checkpoint trains the problem over the horizon on validation digits
-    carved from the training digits; the scores are those runs' (recomputed here from the checkpoint's tensors)
-    and the final student is the lowest-scoring stage's checkpoint."""
+@pytest.mark.parametrize("with_start", [False, True])
+def test_horizon_selection_keeps_the_candidate_whose_whole_runs_train_best(tmp_path, with_start):
+    """select="horizon": each stage's best checkpoint (and with horizon_start, the student before meta-training)
+    trains the problem over the horizon on validation digits carved from the training digits; the scores are those
+    runs' (recomputed here from the checkpoint's tensors, the start from a copy of the student taken before the
+    run) and the final student is the lowest-scoring candidate."""
     from amalgam_plugin.engine.selection import HORIZON_FIRST_SEED
     from amalgam_plugin.evaluate import run, student_factory
     from amalgam_plugin.problems import selection_problem
 
     problem = tiny_digit_problem(torch.float32)
-    cfg = TINY.changed(select="horizon", horizon_steps=30, horizon_seeds=2)
+    cfg = TINY.changed(select="horizon", horizon_steps=30, horizon_seeds=2, horizon_start=with_start)
     student = RNNProp()
+    start = {k: v.clone() for k, v in student.state_dict().items()}
     Curriculum(student, problem, [], cfg, tmp_path, seed=0).run()
     record = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
     assert record["event"] == "horizon_selection" and record["seeds"] == [HORIZON_FIRST_SEED, HORIZON_FIRST_SEED + 1]
+    assert record["candidates"] == ["initial"] * with_start + ["stage0", "stage1"]
     saved = load_file(tmp_path / "checkpoint.safetensors")
+    weights = {name: {k.split("weights.", 1)[1]: v for k, v in saved.items() if k.startswith(f"{name}.weights.")}
+               for name in record["candidates"]}
+    if with_start:
+        assert weights["initial"].keys() == start.keys()
+        for k, v in start.items():
+            torch.testing.assert_close(weights["initial"][k], v, rtol=0, atol=0)
     target = selection_problem(problem, n_val=len(problem.data.train_x) // 5)
-    for stage, score in enumerate(record["scores"]):
+    for name, score in zip(record["candidates"], record["scores"], strict=True):
         candidate = RNNProp()
-        candidate.load_state_dict({k.split("weights.", 1)[1]: v for k, v in saved.items()
-                                   if k.startswith(f"stage{stage}.weights.")})
+        candidate.load_state_dict(weights[name])
         runs = [run(target, student_factory(candidate), seed, 30) for seed in record["seeds"]]
         assert score == pytest.approx(sum(r.best_log_heldout for r in runs) / 2, abs=1e-12)
-    chosen = min(range(2), key=lambda s: record["scores"][s])
-    assert record["chosen_stage"] == chosen
+    chosen = min(range(len(record["scores"])), key=lambda k: record["scores"][k])
+    assert record["chosen"] == record["candidates"][chosen]
     for name, value in student.state_dict().items():
-        torch.testing.assert_close(value, saved[f"stage{chosen}.weights.{name}"], rtol=0, atol=0)
+        torch.testing.assert_close(value, weights[record["chosen"]][name], rtol=0, atol=0)
 
 
 def test_an_unknown_selection_is_refused():
@@ -686,20 +695,37 @@ def test_an_unknown_selection_is_refused():
 
 
 @pytest.mark.parametrize("preset,select,flag", [("quick", None, ""), ("quick", "best", " --select best"),
-                                                 ("smoke", "average", " --select average"), ("cpu", None, "")])
+                                                 ("quick", "average", " --select average"),
+                                                 ("smoke", "horizon-start", " --select horizon-start"),
+                                                 ("cpu", None, "")])
 def test_select_sets_the_final_model_and_the_cards_command_gives_it_back(preset, select, flag):
-    """--select names the final model in one word (quick's default: "average", the last stage's weight average);
-    the recipe gets both of its settings, and the card's command names a choice exactly when it is not the
-    preset's, so the command reproduces the run."""
-    from amalgam_plugin.engine import PRESETS, SELECT_FLAGS
+    """--select names the final model in one word (quick's default: "horizon-start", horizon selection over the
+    start and the stages, the last stage's weight average among them); the recipe gets all of its settings, and the
+    card's command names a choice exactly when it is not the preset's, so the command reproduces the run."""
+    from amalgam_plugin.engine import SELECT_FLAGS
     from amalgam_plugin.engine.provenance import _select_flag
     from amalgam_plugin.engine.request import recipe_of
 
     settings = recipe_of(request(preset=preset, select=select), 1).student.settings()
-    chosen = select or {"quick": "average", "cpu": "horizon"}[preset]
+    chosen = select or {"quick": "horizon-start", "cpu": "horizon"}[preset]
     assert {k: settings[k] for k in SELECT_FLAGS[chosen]} == SELECT_FLAGS[chosen]
     assert _select_flag({"preset": preset, "student_recipe": settings}) == flag
-    assert PRESETS.lookup("quick").student.schedule.average_last_stage
+
+
+@pytest.mark.parametrize("preset,student,trained,flag", [
+    ("quick", None, "normalized", ""), ("quick", "rnnprop", "rnnprop", " --student rnnprop"),
+    ("cpu", None, "rnnprop", ""), ("cpu", "normalized", "normalized", " --student normalized"),
+    ("paper", "lean", "lean", " --student lean")])
+def test_the_preset_names_the_student_type_unless_the_run_does_and_the_cards_command_gives_it_back(
+        preset, student, trained, flag):
+    """The default job (quick) meta-trains the normalized student, the other presets the paper's RNNProp; a run
+    that names a type trains it, and its card's command names it exactly when it is not the preset's."""
+    from amalgam_plugin.engine.provenance import _student_flag
+    from amalgam_plugin.engine.request import with_student_type
+
+    assert with_student_type(request(preset=preset, student=student)).student == trained
+    assert _student_flag({"preset": preset, "student": trained}) == flag
+    assert _student_flag({"preset": "cpu"}) == ""  # a run recorded before the type was: RNNProp
 
 
 @pytest.mark.slow  # a horizon-selection run and its card: half a minute on 2 cores
@@ -797,25 +823,37 @@ def test_choice_amalgamation_of_an_unnamed_teacher_is_refused_before_any_work(tm
 
 
 def test_the_default_jobs_card_says_the_recipe_that_ran_and_what_was_measured():
-    """The card of ``amalgam amalgamate`` (the defaults) records the quick preset's recipe, a command that rebuilds
-    the defaults, the measured meta-training time and, for a --no-eval run, no evaluation it did not run."""
+    """The card of ``amalgam amalgamate`` (the defaults) records the quick preset's recipe and student type, a
+    command that rebuilds the defaults, the measured meta-training time, which candidate horizon selection kept
+    and, for a --no-eval run, no evaluation it did not run."""
     from amalgam_plugin.cli import build_parser
     from amalgam_plugin.engine.presets import PRESETS
     from amalgam_plugin.engine.provenance import model_card
+    from amalgam_plugin.engine.request import with_student_type
     from amalgam_plugin.engine.run import run_config
+    from amalgam_plugin.students import Normalized
 
-    request, recipe = AmalgamateRequest(), PRESETS.lookup("quick")
+    request, recipe = with_student_type(AmalgamateRequest()), PRESETS.lookup("quick")
     config = run_config(request, recipe, make_problem("train"), 1, torch.device("cpu"))
-    no_eval = model_card(RNNProp(), config, recipe, {"meta_training": 400.4, "evaluation": None})
+    selection = {"event": "horizon_selection", "steps": 1000, "seeds": [100, 101],
+                 "candidates": ["initial", "stage0", "stage1", "stage2"], "scores": [-2.3, -2.31, -2.6, -2.0],
+                 "chosen": "stage1"}
+    no_eval = model_card(Normalized(), config, recipe, {"meta_training": 400.4, "evaluation": None}, selection)
+    assert no_eval.description.startswith("normalized student")
+    assert ("Horizon selection kept stage 1's checkpoint: mean best log validation loss of 2 runs of 1000 steps on "
+            "validation digits, start -2.300, stage 0 -2.310, stage 1 -2.600, stage 2 -2.000.") in no_eval.description
     assert no_eval.recipe["student"] == {**recipe.student.settings(), "mechanism": "choice",
                                          "imitation_schedule": "il_more"}
     assert no_eval.recipe["choice"] == {k: v for k, v in recipe.choice.settings().items() if k != "mechanism"}
     assert "meta-training took 6 min 40 s at" in no_eval.description
     assert "not evaluated (`--no-eval`)" in no_eval.description and "evaluation" not in no_eval.seeds
     assert "about 6 minutes" not in no_eval.description
-    evaluated = model_card(RNNProp(), config, recipe, {"meta_training": 400.4, "evaluation": 39.0})
+    evaluated = model_card(Normalized(), config, recipe, {"meta_training": 400.4, "evaluation": 39.0},
+                           {**selection, "chosen": "initial"})
+    assert "Horizon selection kept its start (the student before meta-training)" in evaluated.description
     assert "held-out evaluation below took 0 min 39 s" in evaluated.description
     assert evaluated.seeds["evaluation"] == list(range(recipe.eval_seeds))
     args = build_parser().parse_args(no_eval.command.replace("'", "").split()[1:])
     assert (args.pool, args.mechanism, args.preset, args.problem, args.seed, args.threads) == (
         request.pool, request.mechanism, request.preset, request.problem, request.seed, request.threads)
+    assert with_student_type(AmalgamateRequest(student=args.student)).student == "normalized"

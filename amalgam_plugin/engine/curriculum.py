@@ -30,7 +30,7 @@ from .distributed import Group, current_group
 from .estimator import Estimate, EstimatorConfig, TruncatedEstimator
 from .learner import Learner, LearnerConfig, load_checkpoint, resume_from_latest, save_checkpoint
 from .pes import PESEstimator
-from .selection import SELECTIONS, select_over_horizon
+from .selection import SELECTIONS, horizon_candidates, select_over_horizon
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class ScheduleConfig:
     select: str = "best"
     horizon_steps: int = 1000  # "horizon": steps of each run, the evaluation's horizon
     horizon_seeds: int = 2  # "horizon": runs per checkpoint
+    horizon_start: bool = False  # "horizon": the student before meta-training is a candidate too
     # the last stage keeps the mean of the student's weights after each of its meta-updates (Polyak averaging)
     # instead of its best-validation checkpoint: one noisy meta-update cannot decide the student
     average_last_stage: bool = False
@@ -280,6 +281,8 @@ class Curriculum:
         elif self.group.main and self.log_path.exists():  # a fresh start (or nothing to resume from): a fresh log
             self.log_path.unlink()
         pr = self.progress
+        if not resumed and self.cfg.select == "horizon" and self.cfg.horizon_start:
+            self.saved.update(self.learner.snapshot("initial."))
         self.bar = tqdm(total=pr.meta_steps + self.remaining_meta_steps(), initial=pr.meta_steps,
                         desc=f"amalgam {self.phase}", unit="meta-step", dynamic_ncols=True,
                         disable=not self.group.main)
@@ -363,7 +366,8 @@ class Curriculum:
 
     def _select_over_horizon(self) -> None:
         cfg = self.cfg
-        scores = select_over_horizon(self.learner, self.saved, self.problem, cfg.stages, cfg.horizon_steps,
+        candidates = horizon_candidates(cfg.stages, cfg.horizon_start)
+        scores = select_over_horizon(self.learner, self.saved, self.problem, candidates, cfg.horizon_steps,
                                      cfg.horizon_seeds, self.group)
         record = dict(event="horizon_selection", phase=self.phase, **scores)
         self._log(record)

@@ -33,6 +33,12 @@ def _per_step_flag(recipe: dict) -> str:
     return "" if per_step == 1 else f" --trajectories-per-step {per_step}"
 
 
+def _student_flag(config: dict) -> str:
+    """``--student`` where the run's type is not its preset's (a run recorded before the type was: RNNProp)."""
+    kind, preset = config.get("student", "rnnprop"), PRESETS.get(config["preset"])
+    return "" if preset is not None and kind == preset.student_type else f" --student {kind}"
+
+
 def _select_flag(config: dict) -> str:
     select = select_flag(config["student_recipe"])
     preset = PRESETS.get(config["preset"])
@@ -75,15 +81,34 @@ def run_text(config: dict, seconds: dict | None) -> str:
             "plain passes of the Train CNN.")
 
 
-def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict | None = None) -> Card:
+def selection_text(record: dict | None) -> str:
+    """Which candidate horizon selection kept, and every candidate's score (``record``: the student phase's
+    ``horizon_selection`` log event; None: the run did not select over the horizon)."""
+    if record is None:
+        return ""
+
+    def label(name: str) -> str:  # "initial" or "stage{k}"
+        return "start" if name == "initial" else name.replace("stage", "stage ")
+
+    scores = ", ".join(f"{label(name)} {score:.3f}"
+                       for name, score in zip(record["candidates"], record["scores"], strict=True))
+    chosen = ("its start (the student before meta-training)" if record["chosen"] == "initial"
+              else f"{label(record['chosen'])}'s checkpoint")
+    return (f" Horizon selection kept {chosen}: mean best log validation loss of {len(record['seeds'])} runs of "
+            f"{record['steps']} steps on validation digits, {scores}.")
+
+
+def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict | None = None,
+               selection: dict | None = None) -> Card:
     """The model card's fields for a student trained by ``amalgamate`` (``config``: its run_config.json;
-    ``seconds``: the measured ``meta_training`` and ``evaluation`` times, evaluation None when it did not run);
-    also records the run in ``student.config.provenance``."""
+    ``seconds``: the measured ``meta_training`` and ``evaluation`` times, evaluation None when it did not run;
+    ``selection``: the student phase's horizon selection, :func:`selection_text`); also records the run in
+    ``student.config.provenance``."""
     command = (f"amalgam amalgamate --pool '{config['pool']}' --mechanism {config['mechanism']} "
                f"--preset {config['preset']} --problem {config['problem']} --seed {config['seed']} "
                f"--threads {config['threads']}"
                + ("" if config["imitation"] == "il_more" else f" --imitation {config['imitation']}")
-               + ("" if config.get("student", "rnnprop") == "rnnprop" else f" --student {config['student']}")
+               + _student_flag(config)
                + (" --full-eval" if config.get("full_eval") else "")
                + _per_step_flag(config["student_recipe"])
                + _select_flag(config)
@@ -106,7 +131,7 @@ def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict |
     return Card.of({
         "title": f"amalgam student: {config['mechanism']} amalgamation of the {config['pool']} pool" + alpha0,
         "description": f"{kind} student meta-trained by amalgam-plugin with the `{recipe.name}` preset."
-                       + run_text(config, seconds),
+                       + selection_text(selection) + run_text(config, seconds),
         "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
         "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
                       + ("; the language models of the mixture: the first 90% of the standard library's bytes "

@@ -41,7 +41,7 @@ class AmalgamateRequest:
     evaluate: bool = True
     data_root: str | os.PathLike | None = None
     threads: int | None = DEFAULT_THREADS
-    student: str = "rnnprop"
+    student: str | None = None  # None: the preset's
     full_eval: bool = False
     workers: int | None = None
     overwrite: bool = False
@@ -56,9 +56,19 @@ class AmalgamateRequest:
         return self.mechanism == "choice" and self.imitation != "none"
 
 
+def with_student_type(request: AmalgamateRequest) -> AmalgamateRequest:
+    """``request`` with its student type named: the preset's where it names none."""
+    if request.student is not None:
+        return request
+    preset = request.preset
+    if not isinstance(preset, (str, Preset)):
+        raise ValueError(f"preset must be a name ({PRESETS.valid()}) or a Preset, got {preset!r}")
+    return replace(request, student=(preset if isinstance(preset, Preset) else PRESETS.lookup(preset)).student_type)
+
+
 def check_request(request: AmalgamateRequest) -> None:
     """Every argument of ``request``, checked before any work."""
-    r = request
+    r = with_student_type(request)
     for name in ("resume", "evaluate", "full_eval", "overwrite"):
         if not isinstance(getattr(r, name), bool):
             raise ValueError(f"{name} must be True or False, got {getattr(r, name)!r}")

@@ -36,7 +36,7 @@ from .outdir import RUN_CONFIG, WORKDIR, run_lock
 from .perturbations import Perturbation
 from .presets import Preset
 from .provenance import model_card
-from .request import DEFAULT_THREADS, AmalgamateRequest, check_request, choice_pool, recipe_of
+from .request import DEFAULT_THREADS, AmalgamateRequest, check_request, choice_pool, recipe_of, with_student_type
 from .unroll import frozen_choice_teacher
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def amalgamate(
     evaluate: bool = True,
     data_root: str | None = None,
     threads: int | None = DEFAULT_THREADS,
-    student: str = "rnnprop",
+    student: str | None = None,
     full_eval: bool = False,
     workers: int | None = None,
     overwrite: bool = False,
@@ -69,8 +69,8 @@ def amalgamate(
     device: str = "cpu",
     select: str | None = None,
 ) -> Path | None:
-    """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry) and write it to
-    ``out`` in Hub layout, with a model card evaluating it on the held-out data.
+    """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry; None: the preset's
+    ``student_type``) and write it to ``out`` in Hub layout, with a model card evaluating it on the held-out data.
 
     Returns the output folder, or None when ``max_minutes`` stopped the run at a checkpoint (rerun with
     ``resume=True`` to continue with exactly the numbers of an uninterrupted run). Every argument is checked before
@@ -106,6 +106,7 @@ def run(request: AmalgamateRequest) -> Path | None:
     with ExitStack() as held:
         with launched_group(place) as group:
             agreed(group, lambda: check_request(request))
+            request = with_student_type(request)
             recipe = recipe_of(request, group.size)
             problem = request.problem
             task = (make_problem(problem, request.data_root) if isinstance(problem, str) else problem).on(place)
@@ -231,6 +232,12 @@ def meta_train(request: AmalgamateRequest, recipe: Preset, problem: Problem, wor
     return student
 
 
+def horizon_selection(log: Path) -> dict | None:
+    """The ``horizon_selection`` event of a phase's log, or None when the phase did not select over the horizon."""
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return next((e for e in reversed(events) if e["event"] == "horizon_selection"), None)
+
+
 def meta_training_seconds(workdir: Path, this_piece: float) -> float:
     """A resumed run's meta-training time over all its pieces: the periods' seconds its phases' checkpoints add
     up (``Progress.seconds``), or this piece's wall time where that is longer (it adds the set-up)."""
@@ -253,7 +260,8 @@ def _finish(request: AmalgamateRequest, recipe: Preset, student, task, config, s
     meta_training = meta_training_seconds(workdir, trained - started) if request.resume else trained - started
     seconds = {"meta_training": meta_training, "evaluation": evaluated - trained if evaluation else None,
                "resumed": request.resume}
-    hub.save_student(student, out, card=model_card(student, config, recipe, seconds), evaluation=evaluation)
+    card = model_card(student, config, recipe, seconds, horizon_selection(workdir / "student" / "log.jsonl"))
+    hub.save_student(student, out, card=card, evaluation=evaluation)
     summary = {"folder": str(out), "meta_training_seconds": round(meta_training, 1),
                "evaluation_seconds": round(evaluated - trained, 1), "threads": torch.get_num_threads(),
                "processes": config["processes"],
