@@ -46,11 +46,12 @@ def main() -> None:
     recipe = replace(quick, name="example", student=quick.student.changed(
         unroll_length=10 if args.smoke else 20, depths=[1, 2] if args.smoke else [1, 2, 5],
         validation_depths=[2, 5, 5], trajectories_per_period=2 if args.smoke else 12, min_periods=1,
-        num_chances=0, max_periods=1 if args.smoke else 2, meta_lr=0.005, max_repeat=0))
+        num_chances=0, max_periods=1 if args.smoke else 2, meta_lr=0.005, max_repeat=0, select="best",
+        horizon_start=False))
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         out = amalgamate(pool=POOL, mechanism="minmax", preset=recipe, problem=problem, out=f"{tmp}/student",
-                         evaluate=False)
+                         evaluate=False, student="rnnprop")
         print(f"amalgamated {POOL} into {out.name} in {time.time() - started:.0f} s")
 
         steps = args.steps or (120 if args.smoke else 500)
