@@ -692,6 +692,8 @@ def test_horizon_selection_keeps_the_candidate_whose_whole_runs_train_best(tmp_p
 def test_an_unknown_selection_is_refused():
     with pytest.raises(ValueError, match="unknown select 'bets'; valid: best, last, horizon"):
         ScheduleConfig(select="bets")
+    with pytest.raises(ValueError, match="horizon_start .* needs select='horizon', got 'best'"):
+        ScheduleConfig(horizon_start=True)
 
 
 @pytest.mark.parametrize("preset,select,flag", [("quick", None, ""), ("quick", "best", " --select best"),

@@ -68,6 +68,9 @@ class ScheduleConfig:
         if self.select == "horizon" and not (self.horizon_steps >= 1 and self.horizon_seeds >= 1):
             raise ValueError(f"horizon selection needs positive steps and seeds, got {self.horizon_steps} and "
                              f"{self.horizon_seeds}")
+        if self.horizon_start and self.select != "horizon":
+            raise ValueError(f"horizon_start weighs the start in horizon selection: it needs select='horizon', got "
+                             f"{self.select!r}")
 
     @property
     def stages(self) -> int:

@@ -56,14 +56,16 @@ class AmalgamateRequest:
         return self.mechanism == "choice" and self.imitation != "none"
 
 
-def with_student_type(request: AmalgamateRequest) -> AmalgamateRequest:
-    """``request`` with its student type named: the preset's where it names none."""
-    if request.student is not None:
-        return request
+def preset_of(request: AmalgamateRequest) -> Preset:
     preset = request.preset
     if not isinstance(preset, (str, Preset)):
         raise ValueError(f"preset must be a name ({PRESETS.valid()}) or a Preset, got {preset!r}")
-    return replace(request, student=(preset if isinstance(preset, Preset) else PRESETS.lookup(preset)).student_type)
+    return preset if isinstance(preset, Preset) else PRESETS.lookup(preset)
+
+
+def with_student_type(request: AmalgamateRequest) -> AmalgamateRequest:
+    """``request`` with its student type named: the preset's where it names none."""
+    return request if request.student is not None else replace(request, student=preset_of(request).student_type)
 
 
 def check_request(request: AmalgamateRequest) -> None:
@@ -114,10 +116,7 @@ def check_request(request: AmalgamateRequest) -> None:
 def recipe_of(request: AmalgamateRequest, processes: int) -> Preset:
     """The preset's recipe as ``request`` changes it: ``select``, the trajectories per meta-step (the request's,
     or one per process when a launcher started several) and the perturbation."""
-    preset = request.preset
-    if not isinstance(preset, (str, Preset)):
-        raise ValueError(f"preset must be a name ({PRESETS.valid()}) or a Preset, got {preset!r}")
-    recipe = preset if isinstance(preset, Preset) else PRESETS.lookup(preset)
+    recipe = preset_of(request)
     student = recipe.student
     if request.select is not None:
         student = student.changed(**SELECT_FLAGS[request.select])
