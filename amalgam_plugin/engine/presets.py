@@ -1,6 +1,6 @@
 """Recipes (docs/method.md#presets): ``paper`` (the full recipe, for a GPU or a long run), ``cpu`` (about 1
-hour on 2 CPU cores, resumable) and ``quick`` (about 37,000 plain passes of the Train CNN: 8 minutes on 2 CPU cores
-at 12.7 ms a pass), both evaluation included."""
+hour on 2 CPU cores, resumable) and ``quick`` (about 37,000 plain passes of the Train CNN: 12 minutes on 2 idle CPU
+cores today), both evaluation included."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.descriptio
     ),
     "quick": Preset(
         "quick",
-        "the normalized student in about 37,000 plain passes of the Train CNN (8 min at 12.7 ms a pass, 28 min at "
-        "45 ms, one torch thread), then a reduced evaluation",
+        "the normalized student in about 37,000 plain passes of the Train CNN (12 min measured idle here, about 28 at "
+        "45 ms a pass, one torch thread), then a reduced evaluation",
         PAPER_CHOICE.changed(unroll_length=20, depths=[1, 2, 5], trajectories_per_period=8,
                 validation_depths=[5], second_order=False, max_repeat=0, meta_lr=3e-3),
         PAPER_STUDENT.changed(unroll_length=20, depths=[1, 2, 5], validation_depths=[2, 5, 10],
