@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints, the one that trains best over whole runs on validation digits; "
                         "docs/method.md#horizon-selection), average (the mean of the last stage's weights; "
                         "docs/method.md#weight-averaging) or horizon-start (horizon over the student before "
-                        "meta-training and the stages' checkpoints, the last stage's its average: quick's)")
+                        "meta-training and the stages' checkpoints: quick's)")
     a.add_argument("--device", default="cpu",
                    help="where meta-training runs: cpu (default) or cuda (under a launcher, each process its own "
                         "GPU); the card's evaluation runs on the CPU")

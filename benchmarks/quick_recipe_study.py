@@ -57,8 +57,10 @@ BASELINE = "rmsprop 0.005 (paper)"
 ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
-# quick's final-model rule of 2026-12-03 (the last stage's weight average), which the candidates below change
-AVERAGED = {"select": "best", "average_last_stage": True, "horizon_start": False}
+# the student's curriculum of quick until 2026-12-04 (today's has two stages) with its final-model rule of
+# 2026-12-03 (the last stage's weight average): what the candidates below change
+AVERAGED = {"select": "best", "average_last_stage": True, "horizon_start": False, "depths": [1, 2, 5],
+            "validation_depths": [2, 5, 10]}
 
 
 def quick_with(**student) -> Preset:
@@ -79,12 +81,15 @@ CANDIDATES = {
     "horizon": lambda: quick_with(select="horizon"),
     "cpu": lambda: PRESETS.lookup("cpu"),  # the next budget up (about 1 hour), if no quick recipe meets the targets
     "quick-normalized": lambda: quick_with(),  # quick-averaged with the normalized student type
-    # ... keeping, of its start and its stages' checkpoints, the one whose 1000-step validation runs train best:
-    # today's quick
-    "quick-normalized-horizon": lambda: PRESETS.lookup("quick"),
+    # ... keeping, of its start, its first stages' checkpoints and its last stage's average, the one whose
+    # 1000-step validation runs train best (quick of 2026-12-03, afternoon)
+    "quick-normalized-horizon": lambda: quick_with(select="horizon", horizon_start=True),
+    # ... without its last stage, which that selection never kept: the candidates are the start and the two
+    # stages' best checkpoints (today's quick)
+    "quick-two-stages": lambda: PRESETS.lookup("quick"),
 }
 # a candidate's student type where it is not the paper's RNNProp
-STUDENT_TYPES = {"quick-normalized": "normalized", "quick-normalized-horizon": "normalized"}
+STUDENT_TYPES = {name: "normalized" for name in ("quick-normalized", "quick-normalized-horizon", "quick-two-stages")}
 # Meta-trained in pieces (--max-minutes) and resumed: only the run's own student (the variants need one whole run).
 RESUMABLE = {"cpu"}
 VARIANTS = ("best", "avg", "ema", "last")

@@ -32,10 +32,11 @@ from amalgam_plugin.engine.presets import PRESETS, Preset
 
 REPO = Path(__file__).resolve().parents[1]
 
-# the quick preset's budget with the paper's final rule (the last stage's best-validation checkpoint) and its
-# RNNProp student: these studies reproduce the paper's claims, not today's default job
+# the quick preset's budget with its former three student stages, the paper's final rule (the last stage's
+# best-validation checkpoint) and its RNNProp student: these studies reproduce the paper's claims, not today's
+# default job
 QUICK = replace(PRESETS["quick"], student=PRESETS["quick"].student.changed(
-    select="best", average_last_stage=False, horizon_start=False))
+    depths=[1, 2, 5], validation_depths=[2, 5, 10], select="best", average_last_stage=False, horizon_start=False))
 # (c)'s recipe: a shortened quick preset, cheap enough for 8 replicates of every setting
 STABILITY = Preset(
     "stability", "the quick preset with 4 trajectories per period and exactly 2 periods per stage (study c)",

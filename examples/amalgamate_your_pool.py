@@ -47,7 +47,7 @@ def main() -> None:
         unroll_length=10 if args.smoke else 20, depths=[1, 2] if args.smoke else [1, 2, 5],
         validation_depths=[2, 5, 5], trajectories_per_period=2 if args.smoke else 12, min_periods=1,
         num_chances=0, max_periods=1 if args.smoke else 2, meta_lr=0.005, max_repeat=0, select="best",
-        horizon_start=False))
+        horizon_start=False, average_last_stage=True))
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         out = amalgamate(pool=POOL, mechanism="minmax", preset=recipe, problem=problem, out=f"{tmp}/student",

@@ -702,7 +702,7 @@ def test_an_unknown_selection_is_refused():
                                                  ("cpu", None, "")])
 def test_select_sets_the_final_model_and_the_cards_command_gives_it_back(preset, select, flag):
     """--select names the final model in one word (quick's default: "horizon-start", horizon selection over the
-    start and the stages, the last stage's weight average among them); the recipe gets all of its settings, and the
+    start and the stages' best checkpoints); the recipe gets all of its settings, and the
     card's command names a choice exactly when it is not the preset's, so the command reproduces the run."""
     from amalgam_plugin.engine import SELECT_FLAGS
     from amalgam_plugin.engine.provenance import _select_flag

@@ -23,10 +23,10 @@ from .learner import Learner
 SELECTIONS = ("best", "last", "horizon")
 # ``--select`` names the final model in one word: a selection; "average", the best-validation transitions with
 # the last stage's weight average as the student (``ScheduleConfig.average_last_stage``); "horizon-start", horizon
-# selection over the student before meta-training and each stage's checkpoint, the last stage's being its average
+# selection over the student before meta-training and each stage's best checkpoint
 SELECT_FLAGS = {**{name: {"select": name, "average_last_stage": False, "horizon_start": False} for name in SELECTIONS},
                 "average": {"select": "best", "average_last_stage": True, "horizon_start": False},
-                "horizon-start": {"select": "horizon", "average_last_stage": True, "horizon_start": True}}
+                "horizon-start": {"select": "horizon", "average_last_stage": False, "horizon_start": True}}
 
 
 def select_flag(recipe: dict) -> str:
