@@ -31,17 +31,24 @@ EXAMPLES = """examples:
 """
 
 
+def amalgamate_arguments(args: argparse.Namespace) -> dict:
+    """``amalgam amalgamate``'s flags as the arguments of :func:`~amalgam_plugin.engine.amalgamate`."""
+    from .engine import Perturbation
+
+    return dict(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem, out=args.out,
+                seed=args.seed, resume=args.resume, max_minutes=args.max_minutes, imitation=args.imitation,
+                evaluate=not args.no_eval, data_root=args.data_root, threads=args.threads, student=args.student,
+                full_eval=args.full_eval, workers=args.workers, overwrite=args.overwrite,
+                trajectories_per_step=args.trajectories_per_step, device=args.device, select=args.select,
+                settings=dict(args.set) or None,
+                perturbation=Perturbation(args.perturb, args.perturb_magnitude, args.perturb_steps))
+
+
 def _amalgamate(args: argparse.Namespace) -> int:
-    from .engine import Perturbation, amalgamate
+    from .engine import amalgamate
 
     # amalgamate checks every argument before any work; main() reports a ValueError in one line
-    out = amalgamate(pool=args.pool, mechanism=args.mechanism, preset=args.preset, problem=args.problem,
-                     out=args.out, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
-                     imitation=args.imitation, evaluate=not args.no_eval, data_root=args.data_root,
-                     threads=args.threads, student=args.student, full_eval=args.full_eval, workers=args.workers,
-                     overwrite=args.overwrite, trajectories_per_step=args.trajectories_per_step, device=args.device,
-                     select=args.select,
-                     perturbation=Perturbation(args.perturb, args.perturb_magnitude, args.perturb_steps))
+    out = amalgamate(**amalgamate_arguments(args))
     if out is None:
         print(f"stopped at a checkpoint (--max-minutes {args.max_minutes}); continue with the same command "
               "plus --resume", file=sys.stderr)
@@ -49,6 +56,18 @@ def _amalgamate(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, rank 0 wrote the student and reports it
         print(summary_text(json.loads((Path(out) / "training" / "summary.json").read_text())))
     return 0
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``--set NAME=VALUE``: the name and the JSON value."""
+    name, sep, value = text.partition("=")
+    try:
+        if not (sep and name):
+            raise ValueError
+        return name, json.loads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with VALUE in JSON (--set 'depths=[1,2,5]'), got "
+                                         f"{text!r}") from None
 
 
 def _minutes(seconds: float) -> str:
@@ -247,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/method.md#horizon-selection), average (the mean of the last stage's weights; "
                         "docs/method.md#weight-averaging) or horizon-start (horizon over the student before "
                         "meta-training and the stages' checkpoints: quick's)")
+    a.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+                   help="change one setting of the student's recipe, VALUE in JSON: --set 'depths=[1,2,5]' "
+                        "(the settings: docs/method.md#presets, or a card's recipe); repeatable")
     a.add_argument("--device", default="cpu",
                    help="where meta-training runs: cpu (default) or cuda (under a launcher, each process its own "
                         "GPU); the card's evaluation runs on the CPU")

@@ -57,7 +57,7 @@ BASELINE = "rmsprop 0.005 (paper)"
 ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
-# the student's curriculum of quick until 2026-12-04 (today's has two stages) with its final-model rule of
+# the student's curriculum of quick up to commit 0528c99 (today's has two stages) with its final-model rule of
 # 2026-12-03 (the last stage's weight average): what the candidates below change
 AVERAGED = {"select": "best", "average_last_stage": True, "horizon_start": False, "depths": [1, 2, 5],
             "validation_depths": [2, 5, 10]}
@@ -82,7 +82,7 @@ CANDIDATES = {
     "cpu": lambda: PRESETS.lookup("cpu"),  # the next budget up (about 1 hour), if no quick recipe meets the targets
     "quick-normalized": lambda: quick_with(),  # quick-averaged with the normalized student type
     # ... keeping, of its start, its first stages' checkpoints and its last stage's average, the one whose
-    # 1000-step validation runs train best (quick of 2026-12-03, afternoon)
+    # 1000-step validation runs train best (quick of commits 1f0f456 to 0528c99)
     "quick-normalized-horizon": lambda: quick_with(select="horizon", horizon_start=True),
     # ... without its last stage, which that selection never kept: the candidates are the start and the two
     # stages' best checkpoints (today's quick)

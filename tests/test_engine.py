@@ -455,6 +455,14 @@ def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
     (dict(trajectories_per_step=0), "trajectories per step must be between the number of processes (1) and 1000"),
     (dict(device="tpu"), "device must be 'cpu' or 'cuda[:N]'"),
     (dict(select="bets"), "unknown select 'bets'; valid: best, last, horizon, average"),
+    (dict(settings={"depht": [1, 2]}), "unknown recipe setting 'depht'; valid: depths, validation_depths"),
+    (dict(settings={"select": "best"}), "the setting 'select' has its own argument: --select"),
+    (dict(settings={"depths": 2}), "the setting 'depths' takes a value like [1, 1], got 2"),
+    (dict(settings={"depths": []}), "the setting 'depths' takes a value like [1, 1], got []"),
+    (dict(settings={"depths": [1, 2.5]}), "the setting 'depths' takes a value like [1, 1], got [1, 2.5]"),
+    (dict(settings={"second_order": 1}), "the setting 'second_order' takes a value like false, got 1"),
+    (dict(settings={"meta_lr": "fast"}), "the setting 'meta_lr' takes a value like 0.001, got \"fast\""),
+    (dict(settings={"horizon_steps": 0}, select="horizon"), "horizon selection needs positive steps and seeds"),
     pytest.param(dict(device="cuda"), "is not available here", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a GPU is here")),
 ])
@@ -623,12 +631,15 @@ def test_the_selection_problem_stays_on_its_problems_device():
     assert selection_problem(make_problem("mlp"), n_val=100).device == torch.device("cpu")
 
 
-def test_bundled_students_cards_state_the_recipe_their_preset_has_today():
-    """A bundled amalgam-plugin student's card lists the recipe it was meta-trained with; that must still be its
-    preset's recipe (a field added to the recipes since then must default to what the run did)."""
+def test_bundled_students_cards_commands_rebuild_the_recipes_their_cards_state():
+    """A bundled amalgam-plugin student's card lists the recipe it was meta-trained with and the command that made
+    it: that command, run today, must meta-train with exactly that recipe (a preset changed since then needs
+    ``--set`` in the command; a field added to the recipes since then must default to what the run did)."""
     import ast
+    import shlex
 
-    from amalgam_plugin.engine import PRESETS, SELECT_FLAGS
+    from amalgam_plugin.cli import amalgamate_arguments, build_parser
+    from amalgam_plugin.engine.request import AmalgamateRequest, recipe_of
 
     hub = Path(__file__).resolve().parents[1] / "hub_models"
     checked = 0
@@ -636,15 +647,15 @@ def test_bundled_students_cards_state_the_recipe_their_preset_has_today():
         provenance = json.loads((folder / "config.json").read_text()).get("provenance", {})
         if provenance.get("source") != "amalgam-plugin":
             continue
-        preset = PRESETS.lookup(provenance["preset"])
         lines = (folder / "README.md").read_text().splitlines()
+        assert provenance["command"] in lines, folder.name  # the card shows the command its config records
+        args = build_parser().parse_args(shlex.split(provenance["command"])[1:])
+        recipe = recipe_of(AmalgamateRequest(**amalgamate_arguments(args)), 1)
         for phase in ("choice", "student"):
             card = ast.literal_eval(next(line for line in lines if line.startswith(f"- `{phase}`: ")).split(": ", 1)[1])
-            expected = getattr(preset, phase).settings()
-            if phase == "student":  # the mechanism, imitation and a --select flag are the provenance's
-                expected.update(imitation_schedule=provenance["imitation"])
-                flag = re.search(r"--select (\w+)", provenance["command"])
-                expected.update(SELECT_FLAGS[flag.group(1)] if flag else {})
+            expected = getattr(recipe, phase).settings()
+            if phase == "student":  # the mechanism and imitation are the run's (--mechanism, --imitation)
+                expected.update(imitation_schedule=args.imitation)
             assert {k: expected[k] for k in card if k != "mechanism"} == {k: v for k, v in card.items()
                                                                          if k != "mechanism"}, folder.name
             assert all(expected[k] == PhaseConfig().settings()[k] for k in expected.keys() - card.keys())
@@ -712,6 +723,38 @@ def test_select_sets_the_final_model_and_the_cards_command_gives_it_back(preset,
     chosen = select or {"quick": "horizon-start", "cpu": "horizon"}[preset]
     assert {k: settings[k] for k in SELECT_FLAGS[chosen]} == SELECT_FLAGS[chosen]
     assert _select_flag({"preset": preset, "student_recipe": settings}) == flag
+
+
+def test_set_changes_the_students_recipe_and_the_cards_command_gives_it_back():
+    """--set NAME=VALUE changes one setting of the student's recipe (a float setting takes an integer too); the
+    card's command names with --set exactly the settings that differ from the preset and no other flag gives, and
+    that command, parsed, asks for the same recipe."""
+    import shlex
+
+    from amalgam_plugin.cli import amalgamate_arguments, build_parser
+    from amalgam_plugin.engine.presets import PRESETS
+    from amalgam_plugin.engine.provenance import model_card
+    from amalgam_plugin.engine.request import recipe_of
+    from amalgam_plugin.students import Normalized
+
+    asked = request(preset="quick", settings={"depths": [1, 2, 5], "meta_lr": 1}, select="average")
+    recipe = recipe_of(asked, 1)
+    assert recipe.student.settings()["depths"] == [1, 2, 5] and recipe.student.settings()["meta_lr"] == 1
+    assert recipe.student.settings()["average_last_stage"] and recipe.choice == PRESETS.lookup("quick").choice
+    config = dict(pool="small", mechanism="mean", preset="quick", problem="mlp", seed=0, threads=1,
+                  imitation="il_more", student="normalized", choice_recipe=recipe.choice.settings(),
+                  student_recipe=recipe.student.settings(), versions={})
+    command = model_card(Normalized(), config, recipe).command
+    assert command.endswith(" --select average --set 'depths=[1,2,5]' --set meta_lr=1")
+    again = amalgamate_arguments(build_parser().parse_args(shlex.split(command)[1:]))
+    assert recipe_of(AmalgamateRequest(**again), 1) == recipe
+
+
+@pytest.mark.parametrize("value", ["depths", "=[1]", "depths=[1,", "depths=nan]"])
+def test_a_malformed_set_is_refused_in_one_line(value):
+    result = amalgam_cli("amalgamate", "--set", value, "--preset", "smoke", "--no-eval")
+    assert result.returncode == 2 and "expected NAME=VALUE with VALUE in JSON" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("preset,student,trained,flag", [

@@ -1,5 +1,5 @@
 """Recipes (docs/method.md#presets): ``paper`` (the full recipe, for a GPU or a long run), ``cpu`` (about 1
-hour on 2 CPU cores, resumable) and ``quick`` (about 37,000 plain passes of the Train CNN: 12 minutes on 2 idle CPU
+hour on 2 CPU cores, resumable) and ``quick`` (about 20,400 plain passes of the Train CNN: 7 minutes on 2 idle CPU
 cores today), both evaluation included."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ PRESETS: Registry[Preset] = Registry("preset", {name: (preset, preset.descriptio
     ),
     "quick": Preset(
         "quick",
-        "the normalized student in about 37,000 plain passes of the Train CNN (12 min measured idle here, about 28 at "
+        "the normalized student in about 20,400 plain passes of the Train CNN (6 min measured idle here, about 15 at "
         "45 ms a pass, one torch thread), then a reduced evaluation",
         PAPER_CHOICE.changed(unroll_length=20, depths=[1, 2, 5], trajectories_per_period=8,
                 validation_depths=[5], second_order=False, max_repeat=0, meta_lr=3e-3),

@@ -3,6 +3,9 @@ from the run's recorded config (``OUT/training/run_config.json``). ``hub.save_st
 
 from __future__ import annotations
 
+import json
+import shlex
+
 from torch import nn
 
 from ..cards import Card
@@ -11,7 +14,7 @@ from ..teachers import make_pool, pool_spec
 from .card_evaluation import evaluation_seeds
 from .perturbations import Perturbation
 from .presets import PRESETS, Preset
-from .request import choice_pool
+from .request import SET_BY_OTHER_ARGUMENTS, choice_pool
 from .selection import select_flag
 
 
@@ -43,6 +46,17 @@ def _select_flag(config: dict) -> str:
     select = select_flag(config["student_recipe"])
     preset = PRESETS.get(config["preset"])
     return "" if preset is None or select_flag(preset.student.settings()) == select else f" --select {select}"
+
+
+def _set_flags(config: dict) -> str:
+    """``--set`` for each student setting that differs from the preset's and that no other flag gives."""
+    preset = PRESETS.get(config["preset"])
+    if preset is None:
+        return ""
+    expected, recipe = preset.student.settings(), config["student_recipe"]
+    changed = [f"{name}={json.dumps(value, separators=(',', ':'))}" for name, value in recipe.items()
+               if name not in SET_BY_OTHER_ARGUMENTS and name in expected and value != expected[name]]
+    return "".join(f" --set {shlex.quote(setting)}" for setting in changed)
 
 
 def _perturbation_flags(recipe: dict) -> str:
@@ -112,6 +126,7 @@ def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict |
                + (" --full-eval" if config.get("full_eval") else "")
                + _per_step_flag(config["student_recipe"])
                + _select_flag(config)
+               + _set_flags(config)
                + ("" if config.get("device", "cpu") == "cpu" else f" --device {config['device']}")
                + _perturbation_flags(config["student_recipe"]))
     estimators = {config["student_recipe"].get("gradient_estimator"), config["choice_recipe"].get("gradient_estimator")}

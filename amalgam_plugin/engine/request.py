@@ -3,6 +3,7 @@ one ValueError naming the bad value (and the valid ones) before any work is done
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,6 +12,7 @@ from ..amalgamation import IMITATION_SCHEDULES, MECHANISMS
 from ..problems import PROBLEMS, Problem
 from ..students import STUDENTS, ChoiceConfig, ChoiceNet
 from ..teachers import POOLS, TEACHERS, make_pool
+from .curriculum import PhaseConfig
 from .distributed import launched_world_size, resolve_device
 from .outdir import check_out
 from .perturbations import Perturbation
@@ -23,6 +25,11 @@ DEFAULT_THREADS = 1
 the machine is idle and more than twice as slow when one other process is busy; the evaluation runs in worker
 processes of one thread each."""
 MAX_TRAJECTORIES_PER_STEP = 1000
+# student recipe settings a request changes through their own arguments, not ``settings``
+SET_BY_OTHER_ARGUMENTS = {"select": "--select", "average_last_stage": "--select", "horizon_start": "--select",
+                          "trajectories_per_step": "--trajectories-per-step", "perturbation": "--perturb",
+                          "perturbation_magnitude": "--perturb-magnitude", "perturbation_steps": "--perturb-steps",
+                          "mechanism": "--mechanism", "imitation_schedule": "--imitation"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class AmalgamateRequest:
     trajectories_per_step: int | None = None
     device: str = "cpu"
     select: str | None = None
+    settings: dict | None = None  # the student's recipe settings changed by name (``--set``)
 
     @property
     def choice_phase(self) -> bool:
@@ -84,6 +92,7 @@ def check_request(request: AmalgamateRequest) -> None:
         _integer("workers", r.workers, 1, cpus, f"between 1 and this machine's {cpus} CPUs")
     if r.select is not None and r.select not in SELECT_FLAGS:
         raise ValueError(f"unknown select {r.select!r}; valid: {', '.join(SELECT_FLAGS)}")
+    check_settings(r.settings, preset_of(r).student)
     resolve_device(r.device)
     processes = launched_world_size()
     if r.trajectories_per_step is not None:
@@ -113,13 +122,46 @@ def check_request(request: AmalgamateRequest) -> None:
     check_out(Path(r.out), r.overwrite)
 
 
+def check_settings(settings: dict | None, recipe: PhaseConfig) -> None:
+    """Each changed setting names one of the recipe's, not one another argument sets, with a value of its type
+    (JSON's: an integer where a float is expected too; a list of the same kind of items)."""
+    if settings is None:
+        return
+    if not isinstance(settings, dict):
+        raise ValueError(f"settings must be a dict of recipe settings by name, got {settings!r}")
+    current = recipe.settings()
+    for name, value in settings.items():
+        if name in SET_BY_OTHER_ARGUMENTS:
+            raise ValueError(f"the setting {name!r} has its own argument: {SET_BY_OTHER_ARGUMENTS[name]}")
+        if name not in current:
+            raise ValueError(f"unknown recipe setting {name!r}; valid: "
+                             f"{', '.join(k for k in current if k not in SET_BY_OTHER_ARGUMENTS)}")
+        if not _same_kind(value, current[name]):
+            raise ValueError(f"the setting {name!r} takes a value like {json.dumps(current[name])}, got "
+                             f"{json.dumps(value)}")
+    recipe.changed(**settings)  # the recipe's own checks (a selection's needs, say)
+
+
+def _same_kind(value, like) -> bool:
+    if isinstance(like, list):
+        return (isinstance(value, list) and len(value) > 0
+                and all(_same_kind(v, like[0]) for v in value))
+    if like is None:  # a setting whose default is "none given" (a number where it is given)
+        return value is None or _is_number(value)
+    if isinstance(like, float):
+        return _is_number(value)
+    return type(value) is type(like)
+
+
 def recipe_of(request: AmalgamateRequest, processes: int) -> Preset:
-    """The preset's recipe as ``request`` changes it: ``select``, the trajectories per meta-step (the request's,
-    or one per process when a launcher started several) and the perturbation."""
+    """The preset's recipe as ``request`` changes it: ``select``, ``settings``, the trajectories per meta-step (the
+    request's, or one per process when a launcher started several) and the perturbation."""
     recipe = preset_of(request)
     student = recipe.student
     if request.select is not None:
         student = student.changed(**SELECT_FLAGS[request.select])
+    if request.settings:
+        student = student.changed(**request.settings)
     per_step = request.trajectories_per_step or (processes if processes > 1 else None)
     choice = recipe.choice
     if per_step is not None:

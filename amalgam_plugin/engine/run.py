@@ -68,6 +68,7 @@ def amalgamate(
     trajectories_per_step: int | None = None,
     device: str = "cpu",
     select: str | None = None,
+    settings: dict | None = None,
 ) -> Path | None:
     """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry; None: the preset's
     ``student_type``) and write it to ``out`` in Hub layout, with a model card evaluating it on the held-out data.
@@ -91,12 +92,15 @@ def amalgamate(
     the card's evaluation runs on the CPU.
     ``select``: how the student's final checkpoint is chosen, one of ``SELECT_FLAGS`` (None: the preset's;
     docs/method.md#horizon-selection, docs/method.md#weight-averaging).
+    ``settings``: the student's recipe settings changed by name (``{"depths": [1, 2, 5]}``; docs/method.md#presets),
+    each of the preset's type; those other arguments set (``select``, ...) are refused here.
     """
     return run(AmalgamateRequest(
         pool=pool, mechanism=mechanism, preset=preset, problem=problem, out=out, seed=seed, resume=resume,
         max_minutes=max_minutes, imitation=imitation, evaluate=evaluate, data_root=data_root, threads=threads,
         student=student, full_eval=full_eval, workers=workers, overwrite=overwrite, perturbation=perturbation,
-        trajectories_per_step=trajectories_per_step, device=device, select=select))
+        trajectories_per_step=trajectories_per_step, device=device, select=select,
+        settings=settings))
 
 
 def run(request: AmalgamateRequest) -> Path | None:
