@@ -462,6 +462,9 @@ def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
     (dict(settings={"depths": [1, 2.5]}), "the setting 'depths' takes a value like [1, 1], got [1, 2.5]"),
     (dict(settings={"second_order": 1}), "the setting 'second_order' takes a value like false, got 1"),
     (dict(settings={"meta_lr": "fast"}), "the setting 'meta_lr' takes a value like 0.001, got \"fast\""),
+    (dict(settings={"meta_lr": float("nan")}), "the setting 'meta_lr' takes a value like 0.001, got NaN"),
+    (dict(settings={"meta_lr": -1}), "the setting 'meta_lr' takes a value like 0.001, got -1"),
+    (dict(settings={"gradient_estimator": "es"}), "unknown gradient_estimator 'es'; valid: truncated, pes"),
     (dict(settings={"horizon_steps": 0}, select="horizon"), "horizon selection needs positive steps and seeds"),
     pytest.param(dict(device="cuda"), "is not available here", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a GPU is here")),

@@ -4,6 +4,7 @@ one ValueError naming the bad value (and the valid ones) before any work is done
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,7 +125,8 @@ def check_request(request: AmalgamateRequest) -> None:
 
 def check_settings(settings: dict | None, recipe: PhaseConfig) -> None:
     """Each changed setting names one of the recipe's, not one another argument sets, with a value of its type
-    (JSON's: an integer where a float is expected too; a list of the same kind of items)."""
+    (JSON's: an integer where a float is expected too; a list of the same kind of items; numbers finite and not
+    negative, as every number of a recipe is). The recipe's own checks run when :func:`recipe_of` builds it."""
     if settings is None:
         return
     if not isinstance(settings, dict):
@@ -139,17 +141,14 @@ def check_settings(settings: dict | None, recipe: PhaseConfig) -> None:
         if not _same_kind(value, current[name]):
             raise ValueError(f"the setting {name!r} takes a value like {json.dumps(current[name])}, got "
                              f"{json.dumps(value)}")
-    recipe.changed(**settings)  # the recipe's own checks (a selection's needs, say)
 
 
 def _same_kind(value, like) -> bool:
     if isinstance(like, list):
-        return (isinstance(value, list) and len(value) > 0
-                and all(_same_kind(v, like[0]) for v in value))
-    if like is None:  # a setting whose default is "none given" (a number where it is given)
-        return value is None or _is_number(value)
-    if isinstance(like, float):
-        return _is_number(value)
+        return isinstance(value, list) and len(value) > 0 and all(_same_kind(v, like[0]) for v in value)
+    if _is_number(like):
+        return (_is_number(value) and math.isfinite(value) and value >= 0
+                and (isinstance(like, float) or isinstance(value, int)))
     return type(value) is type(like)
 
 
