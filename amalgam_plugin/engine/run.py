@@ -93,7 +93,7 @@ def amalgamate(
     ``select``: how the student's final checkpoint is chosen, one of ``SELECT_FLAGS`` (None: the preset's;
     docs/method.md#horizon-selection, docs/method.md#weight-averaging).
     ``settings``: the student's recipe settings changed by name (``{"depths": [1, 2, 5]}``; docs/method.md#presets),
-    each of the preset's type; those other arguments set (``select``, ...) are refused here.
+    each to a value of its type; a setting another argument gives (``select``, ...) is refused here.
     """
     return run(AmalgamateRequest(
         pool=pool, mechanism=mechanism, preset=preset, problem=problem, out=out, seed=seed, resume=resume,
