@@ -103,8 +103,10 @@ def summary_text(summary: dict) -> str:
             f"{summary['best_baseline_log_heldout']:.3f}; baseline - student = {d['mean']:+.3f} "
             f"[{d['low']:+.3f}, {d['high']:+.3f}] (95% CI): {verdict(d['mean'], d['low'], d['high'])}")
     total = summary["meta_training_seconds"] + summary["evaluation_seconds"]
+    evaluation = (f"evaluation {_minutes(summary['evaluation_seconds'])}" if "difference" in summary
+                  else "not evaluated: --no-eval")
     lines.append(f"time: {_minutes(total)} (meta-training {_minutes(summary['meta_training_seconds'])}, "
-                 f"evaluation {_minutes(summary['evaluation_seconds'])}; {summary['threads']} torch thread(s))")
+                 f"{evaluation}; {summary['threads']} torch thread(s))")
     return "\n".join(lines)
 
 

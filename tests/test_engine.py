@@ -257,7 +257,16 @@ def test_cli_prints_a_summary(tmp_path):
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and lines[0].startswith(f"student: {tmp_path / 's'}/")
     assert "held-out, 2 paired seeds" in lines[1] and "best baseline" in lines[1] and "95% CI" in lines[1]
-    assert lines[2].startswith("time: ") and "1 torch thread(s)" in lines[2]
+    assert lines[2].startswith("time: ") and ", evaluation " in lines[2] and "1 torch thread(s)" in lines[2]
+
+
+def test_the_summary_of_a_run_without_evaluation_says_so():
+    from amalgam_plugin.cli import summary_text
+
+    lines = summary_text({"folder": "s", "meta_training_seconds": 64.0, "evaluation_seconds": 0.0,
+                          "threads": 1}).splitlines()
+    assert lines == ["student: s/ (model card README.md, config.json, model.safetensors)",
+                     "time: 1 min 04 s (meta-training 1 min 04 s, not evaluated: --no-eval; 1 torch thread(s))"]
 
 
 @pytest.mark.parametrize("mean,low,high,says", [
