@@ -475,6 +475,8 @@ def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
     (dict(settings={"meta_lr": -1}), "the setting 'meta_lr' takes a value like 0.001, got -1"),
     (dict(settings={"gradient_estimator": "es"}), "unknown gradient_estimator 'es'; valid: truncated, pes"),
     (dict(settings={"horizon_steps": 0}, select="horizon"), "horizon selection needs positive steps and seeds"),
+    (dict(settings={"depths": [1, 0]}), "depths needs at least one truncation in every stage, got [1, 0]"),
+    (dict(settings={"validation_trajectories": 0}), "a period needs at least one trajectory and one validation"),
     pytest.param(dict(device="cuda"), "is not available here", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a GPU is here")),
 ])

@@ -63,6 +63,12 @@ class ScheduleConfig:
     imitation_schedule: str = "il_more"  # the imitation weight per stage (docs/method.md#imitation-weight)
 
     def __post_init__(self):
+        for name in ("depths", "validation_depths"):
+            if not getattr(self, name) or min(getattr(self, name)) < 1:
+                raise ValueError(f"{name} needs at least one truncation in every stage, got {getattr(self, name)}")
+        if min(self.trajectories_per_period, self.validation_trajectories) < 1:
+            raise ValueError(f"a period needs at least one trajectory and one validation trajectory, got "
+                             f"{self.trajectories_per_period} and {self.validation_trajectories}")
         if self.select not in SELECTIONS:
             raise ValueError(f"unknown select {self.select!r}; valid: {', '.join(SELECTIONS)}")
         if self.select == "horizon" and not (self.horizon_steps >= 1 and self.horizon_seeds >= 1):
