@@ -764,6 +764,22 @@ def test_set_changes_the_students_recipe_and_the_cards_command_gives_it_back():
     assert recipe_of(AmalgamateRequest(**again), 1) == recipe
 
 
+def test_a_final_model_rule_no_flag_gives_sends_the_card_to_the_python_api():
+    """A recipe whose select, average_last_stage and horizon_start match no --select value (horizon selection
+    over the start and an averaged last stage, the three-stage quick's) gets no command that would rebuild
+    something else."""
+    from amalgam_plugin.engine.presets import PRESETS
+    from amalgam_plugin.engine.provenance import model_card
+    from amalgam_plugin.students import Normalized
+
+    recipe = dc_replace(PRESETS.lookup("quick"), student=PRESETS.lookup("quick").student.changed(
+        average_last_stage=True))
+    config = dict(pool="small", mechanism="mean", preset="quick", problem="mlp", seed=0, threads=1,
+                  imitation="il_more", student="normalized", choice_recipe=recipe.choice.settings(),
+                  student_recipe=recipe.student.settings(), versions={})
+    assert model_card(Normalized(), config, recipe).command.startswith("the Python API amalgamate(...)")
+
+
 @pytest.mark.parametrize("value", ["depths", "=[1]", "depths=[1,", "depths=nan]"])
 def test_a_malformed_set_is_refused_in_one_line(value):
     result = amalgam_cli("amalgamate", "--set", value, "--preset", "smoke", "--no-eval")

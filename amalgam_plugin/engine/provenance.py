@@ -45,7 +45,8 @@ def _student_flag(config: dict) -> str:
 def _select_flag(config: dict) -> str:
     select = select_flag(config["student_recipe"])
     preset = PRESETS.get(config["preset"])
-    return "" if preset is None or select_flag(preset.student.settings()) == select else f" --select {select}"
+    return "" if select is None or preset is None or select_flag(preset.student.settings()) == select \
+        else f" --select {select}"
 
 
 def _set_flags(config: dict) -> str:
@@ -130,7 +131,8 @@ def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict |
                + ("" if config.get("device", "cpu") == "cpu" else f" --device {config['device']}")
                + _perturbation_flags(config["student_recipe"]))
     estimators = {config["student_recipe"].get("gradient_estimator"), config["choice_recipe"].get("gradient_estimator")}
-    if config["problem"] not in PROBLEMS or config["preset"] not in PRESETS or "pes" in estimators:
+    if (config["problem"] not in PROBLEMS or config["preset"] not in PRESETS or "pes" in estimators
+            or select_flag(config["student_recipe"]) is None):  # no flag gives that final-model rule
         command = "the Python API amalgamate(...) with a custom problem or recipe (see training/run_config.json)"
     alpha0 = " (alpha = 0 baseline: meta loss only)" if config["imitation"] == "none" else ""
     perturbed = _perturbation_of(config["student_recipe"])

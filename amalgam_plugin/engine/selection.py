@@ -29,12 +29,12 @@ SELECT_FLAGS = {**{name: {"select": name, "average_last_stage": False, "horizon_
                 "horizon-start": {"select": "horizon", "average_last_stage": False, "horizon_start": True}}
 
 
-def select_flag(recipe: dict) -> str:
+def select_flag(recipe: dict) -> str | None:
     """The ``--select`` value that gives a recipe's final-model settings (``recipe``: its settings by name; one
-    recorded before a setting existed had its default)."""
+    recorded before a setting existed had its default); None when no value gives them."""
     recipe = {"select": "best", "average_last_stage": False, "horizon_start": False, **recipe}
     return next((flag for flag, settings in SELECT_FLAGS.items()
-                 if all(recipe[k] == v for k, v in settings.items())), recipe["select"])
+                 if all(recipe[k] == v for k, v in settings.items())), None)
 
 
 HORIZON_FIRST_SEED = 100  # the selection runs' seeds: apart from the evaluation's 0..9, so no draw is shared
