@@ -40,7 +40,7 @@ def amalgamate_arguments(args: argparse.Namespace) -> dict:
                 evaluate=not args.no_eval, data_root=args.data_root, threads=args.threads, student=args.student,
                 full_eval=args.full_eval, workers=args.workers, overwrite=args.overwrite,
                 trajectories_per_step=args.trajectories_per_step, device=args.device, select=args.select,
-                settings=dict(args.set) or None,
+                settings=dict(args.set) or None, student_config=dict(args.student_config) or None,
                 perturbation=Perturbation(args.perturb, args.perturb_magnitude, args.perturb_steps))
 
 
@@ -59,15 +59,15 @@ def _amalgamate(args: argparse.Namespace) -> int:
 
 
 def _setting(text: str) -> tuple[str, object]:
-    """``--set NAME=VALUE``: the name and the JSON value."""
+    """``--set`` or ``--student-config`` ``NAME=VALUE``: the name and the JSON value."""
     name, sep, value = text.partition("=")
     try:
         if not (sep and name):
             raise ValueError
         return name, json.loads(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with VALUE in JSON (--set 'depths=[1,2,5]'), got "
-                                         f"{text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with VALUE in JSON (--set 'depths=[1,2,5]', "
+                                         f"--student-config orthogonalize=true), got {text!r}") from None
 
 
 def _minutes(seconds: float) -> str:
@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=VALUE",
                    help="change one setting of the student's recipe, VALUE in JSON: --set 'depths=[1,2,5]' "
                         "(the settings: docs/method.md#presets, or a card's recipe); repeatable")
+    a.add_argument("--student-config", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+                   help="change one field of the student's config.json before it is meta-trained, VALUE in JSON: "
+                        "--student-config orthogonalize=true (the normalized student's harness, "
+                        "docs/method.md#normalized); repeatable")
     a.add_argument("--device", default="cpu",
                    help="where meta-training runs: cpu (default) or cuda (under a launcher, each process its own "
                         "GPU); the card's evaluation runs on the CPU")

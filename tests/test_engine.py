@@ -477,6 +477,12 @@ def test_a_users_folder_is_never_overwritten_unasked(tmp_path, monkeypatch):
     (dict(settings={"horizon_steps": 0}, select="horizon"), "horizon selection needs positive steps and seeds"),
     (dict(settings={"depths": [1, 0]}), "depths needs at least one truncation in every stage, got [1, 0]"),
     (dict(settings={"validation_trajectories": 0}), "a period needs at least one trajectory and one validation"),
+    (dict(student="normalized", student_config={"orthogonalise": True}),
+     "unknown field 'orthogonalise' of a normalized student's config; valid: warmup_steps, warmup_lr"),
+    (dict(student="normalized", student_config={"orthogonalize": 1}), "orthogonalize must be true or false, got 1"),
+    (dict(student="normalized", student_config={"lr": 0}), "lr must be a finite number in (0.0, 10.0]"),
+    (dict(student="lean", student_config={"adamw_1d": True}), "unknown field 'adamw_1d' of a lean student's config"),
+    (dict(student="normalized", student_config={"provenance": {}}), "unknown field 'provenance'"),
     pytest.param(dict(device="cuda"), "is not available here", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a GPU is here")),
 ])
@@ -813,6 +819,28 @@ def test_select_flag_overrides_the_presets_choice_and_the_card_says_so(tmp_path)
     assert log[-1]["event"] == "horizon_selection" and len(log[-1]["scores"]) == 2
     recipe = json.loads((out / "training" / "run_config.json").read_text())["student_recipe"]
     assert recipe["select"] == "horizon"
+
+
+def test_student_config_meta_trains_that_student_and_the_cards_command_gives_it_back(tmp_path):
+    """--student-config NAME=VALUE changes a field of the student's config.json before meta-training: the student
+    is trained and saved with it, the card's command names it (and, parsed, asks for it again), and a resume with
+    another config is refused."""
+    import shlex
+
+    from amalgam_plugin.cli import amalgamate_arguments, build_parser
+    from amalgam_plugin.hub import load_student
+
+    harness = {"orthogonalize": True, "adamw_1d": True}
+    out = amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=tmp_path / "s",
+                     student="normalized", student_config=harness, evaluate=False)
+    student = load_student(str(out))
+    assert student.config.orthogonalize and student.config.adamw_1d
+    command = json.loads((out / "config.json").read_text())["provenance"]["command"]
+    assert command.endswith(" --student-config orthogonalize=true --student-config adamw_1d=true")
+    assert amalgamate_arguments(build_parser().parse_args(shlex.split(command)[1:]))["student_config"] == harness
+    with pytest.raises(ValueError, match="changed: student_config"):
+        amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=out, student="normalized",
+                   resume=True, evaluate=False)
 
 
 def test_resume_into_a_folder_that_is_no_run_of_ours_is_refused_up_front(tmp_path):

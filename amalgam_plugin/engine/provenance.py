@@ -55,9 +55,13 @@ def _set_flags(config: dict) -> str:
     if preset is None:
         return ""
     expected, recipe = preset.student.settings(), config["student_recipe"]
-    changed = [f"{name}={json.dumps(value, separators=(',', ':'))}" for name, value in recipe.items()
-               if name not in SET_BY_OTHER_ARGUMENTS and name in expected and value != expected[name]]
-    return "".join(f" --set {shlex.quote(setting)}" for setting in changed)
+    return "".join(f" --set {_assignment(name, value)}" for name, value in recipe.items()
+                   if name not in SET_BY_OTHER_ARGUMENTS and name in expected and value != expected[name])
+
+
+def _assignment(name: str, value) -> str:  # noqa: ANN001 (any JSON value)
+    """``NAME=VALUE`` with VALUE in compact JSON, quoted for the shell where needed."""
+    return shlex.quote(f"{name}={json.dumps(value, separators=(',', ':'))}")
 
 
 def _perturbation_flags(recipe: dict) -> str:
@@ -128,6 +132,8 @@ def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict |
                + _per_step_flag(config["student_recipe"])
                + _select_flag(config)
                + _set_flags(config)
+               + "".join(f" --student-config {_assignment(name, value)}"
+                         for name, value in config.get("student_config", {}).items())
                + ("" if config.get("device", "cpu") == "cpu" else f" --device {config['device']}")
                + _perturbation_flags(config["student_recipe"]))
     estimators = {config["student_recipe"].get("gradient_estimator"), config["choice_recipe"].get("gradient_estimator")}

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..amalgamation import IMITATION_SCHEDULES, MECHANISMS
 from ..problems import PROBLEMS, Problem
-from ..students import STUDENTS, ChoiceConfig, ChoiceNet
+from ..students import STUDENTS, ChoiceConfig, ChoiceNet, StudentConfig
 from ..teachers import POOLS, TEACHERS, make_pool
 from .curriculum import PhaseConfig
 from .distributed import launched_world_size, resolve_device
@@ -58,6 +58,7 @@ class AmalgamateRequest:
     device: str = "cpu"
     select: str | None = None
     settings: dict | None = None  # the student's recipe settings changed by name (``--set``)
+    student_config: dict | None = None  # fields of the student's config.json changed by name (``--student-config``)
 
     @property
     def choice_phase(self) -> bool:
@@ -112,6 +113,7 @@ def check_request(request: AmalgamateRequest) -> None:
     if not STUDENTS.lookup(r.student).trainable:
         trainable = ", ".join(n for n, e in STUDENTS.items() if e.trainable)
         raise ValueError(f"student type {r.student!r} is not meta-trained by amalgamate; trainable: {trainable}")
+    student_config_of(r)
     make_pool(r.pool)
     if r.choice_phase:
         choice_pool(r.pool)
@@ -152,6 +154,25 @@ def _same_kind(value, like) -> bool:
     return type(value) is type(like)
 
 
+# fields of a student's config.json that are no choice of the run: the format and the record of its origin
+NOT_STUDENT_CHOICES = ("format_version", "provenance")
+
+
+def student_config_of(request: AmalgamateRequest) -> StudentConfig:
+    """The config the run's student starts from: its type's defaults with ``request.student_config``'s fields
+    (``{"orthogonalize": true}``), each checked by the config itself (a ValueError naming a bad one)."""
+    config_class = STUDENTS.lookup(with_student_type(request).student).config
+    changes = request.student_config or {}
+    if not isinstance(changes, dict):
+        raise ValueError(f"student_config must be a dict of config fields by name, got {changes!r}")
+    valid = [f.name for f in fields(config_class) if f.name not in NOT_STUDENT_CHOICES]
+    unknown = [name for name in changes if name not in valid]
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} of a {config_class.student_type} student's config; valid: "
+                         f"{', '.join(valid)}")
+    return config_class(**changes)
+
+
 def recipe_of(request: AmalgamateRequest, processes: int) -> Preset:
     """The preset's recipe as ``request`` changes it: ``select``, ``settings``, the trajectories per meta-step (the
     request's, or one per process when a launcher started several) and the perturbation."""
@@ -178,7 +199,7 @@ def recipe_of(request: AmalgamateRequest, processes: int) -> Preset:
 def check_pes_memory(request: AmalgamateRequest, recipe: Preset, processes: int) -> None:
     """A phase meta-trained by PES whose particles would not fit in the free memory is refused before any work."""
     entry = STUDENTS.lookup(request.student)
-    phases = [(recipe.student, lambda: entry.module(entry.config()))]
+    phases = [(recipe.student, lambda: entry.module(student_config_of(request)))]
     if request.choice_phase:
         phases.append((recipe.choice, lambda: ChoiceNet(ChoiceConfig(pool=choice_pool(request.pool)))))
     for phase, module in phases:

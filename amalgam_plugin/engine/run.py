@@ -36,15 +36,23 @@ from .outdir import RUN_CONFIG, WORKDIR, run_lock
 from .perturbations import Perturbation
 from .presets import Preset
 from .provenance import model_card
-from .request import DEFAULT_THREADS, AmalgamateRequest, check_request, choice_pool, recipe_of, with_student_type
+from .request import (
+    DEFAULT_THREADS,
+    AmalgamateRequest,
+    check_request,
+    choice_pool,
+    recipe_of,
+    student_config_of,
+    with_student_type,
+)
 from .unroll import frozen_choice_teacher
 
 logger = logging.getLogger(__name__)
 
 # what a resumed run must share with the one that wrote the checkpoints (the thread count too: matrix products
 # sum in another order with another count, so the student would be one nobody can reproduce)
-RUN_KEYS = ("pool", "mechanism", "preset", "problem", "seed", "imitation", "student", "threads", "choice_recipe",
-            "student_recipe", "device")
+RUN_KEYS = ("pool", "mechanism", "preset", "problem", "seed", "imitation", "student", "student_config", "threads",
+            "choice_recipe", "student_recipe", "device")
 
 
 def amalgamate(
@@ -69,6 +77,7 @@ def amalgamate(
     device: str = "cpu",
     select: str | None = None,
     settings: dict | None = None,
+    student_config: dict | None = None,
 ) -> Path | None:
     """Amalgamate ``pool`` into a ``student`` (a trainable type of the student registry; None: the preset's
     ``student_type``) and write it to ``out`` in Hub layout, with a model card evaluating it on the held-out data.
@@ -94,13 +103,15 @@ def amalgamate(
     docs/method.md#horizon-selection, docs/method.md#weight-averaging).
     ``settings``: the student's recipe settings changed by name (``{"depths": [1, 2, 5]}``; docs/method.md#presets),
     each to a value of its type; a setting another argument gives (``select``, ...) is refused here.
+    ``student_config``: fields of the student's ``config.json`` changed by name before it is meta-trained
+    (``{"orthogonalize": True, "adamw_1d": True}``: the normalized student's harness), each checked by the config.
     """
     return run(AmalgamateRequest(
         pool=pool, mechanism=mechanism, preset=preset, problem=problem, out=out, seed=seed, resume=resume,
         max_minutes=max_minutes, imitation=imitation, evaluate=evaluate, data_root=data_root, threads=threads,
         student=student, full_eval=full_eval, workers=workers, overwrite=overwrite, perturbation=perturbation,
         trajectories_per_step=trajectories_per_step, device=device, select=select,
-        settings=settings))
+        settings=settings, student_config=student_config))
 
 
 def run(request: AmalgamateRequest) -> Path | None:
@@ -157,7 +168,8 @@ def run_config(request: AmalgamateRequest, recipe: Preset, task: Problem, proces
     pool = request.pool
     return {"pool": pool if isinstance(pool, str) else list(map(str, pool)), "mechanism": request.mechanism,
             "preset": recipe.name, "problem": task.name, "data": task.data.name, "seed": request.seed,
-            "imitation": request.imitation, "student": request.student, "full_eval": request.full_eval,
+            "imitation": request.imitation, "student": request.student,
+            "student_config": request.student_config or {}, "full_eval": request.full_eval,
             "max_minutes": request.max_minutes, "choice_recipe": recipe.choice.settings(),
             "student_recipe": recipe.student.settings(), "notes": recipe.notes, "processes": processes,
             "device": device.type, "threads": torch.get_num_threads(), "versions": _versions(), "argv": sys.argv}
@@ -165,12 +177,12 @@ def run_config(request: AmalgamateRequest, recipe: Preset, task: Problem, proces
 
 def _with_new_settings(config):
     """A run's config with the recipe settings added since it was written (the estimator's) at their defaults,
-    which is what that run did."""
+    and no change to the student's config where it has none, which is what that run did."""
     if not isinstance(config, dict):
         return config
     defaults = PhaseConfig().settings()
-    return {**config, **{k: {**defaults, **config[k]} for k in ("choice_recipe", "student_recipe")
-                         if isinstance(config.get(k), dict)}}
+    return {"student_config": {}, **config, **{k: {**defaults, **config[k]} for k in ("choice_recipe", "student_recipe")
+                                               if isinstance(config.get(k), dict)}}
 
 
 def _check_same_run(path: Path, config: dict) -> None:
@@ -226,8 +238,7 @@ def meta_train(request: AmalgamateRequest, recipe: Preset, problem: Problem, wor
         teachers: list[Teacher] = [frozen_choice_teacher(chooser)]
     else:
         teachers = make_pool(request.pool) if request.imitation != "none" else []
-    entry = STUDENTS.lookup(request.student)
-    student = entry.module(entry.config())
+    student = STUDENTS.lookup(request.student).module(student_config_of(request))
     student.reset_parameters(generator)
     student.to(problem.device)
     if not Curriculum(student, problem, teachers, student_cfg, workdir / "student", seed, "student").run(
