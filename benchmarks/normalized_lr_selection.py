@@ -25,12 +25,13 @@ SEEDS = (0, 1, 2)
 GRID = (5e-4, *ADAM_TUNING_LRS, 2e-2)
 
 
-def scores(student: str, cache: str | None) -> dict[str, dict[float, float]]:
-    """Per optimizer (the student, torch Adam) and lr: the sum over PROBLEMS of the mean best log loss."""
-    totals: dict[str, dict[float, float]] = {"student": {}, "torch adam": {}}
+def scores(student: str, cache: str | None, with_adam: bool = True) -> dict[str, dict[float, float]]:
+    """Per optimizer (the student, torch Adam unless not ``with_adam``) and lr: the sum over PROBLEMS of the mean
+    best log loss."""
+    totals: dict[str, dict[float, float]] = {"student": {}, **({"torch adam": {}} if with_adam else {})}
     for name in PROBLEMS:
         candidates = {**{f"student lr={lr:g}": student_factory(student, lr=lr) for lr in GRID},
-                      **{f"torch adam lr={lr:g}": torch_adam(lr) for lr in GRID}}
+                      **({f"torch adam lr={lr:g}": torch_adam(lr) for lr in GRID} if with_adam else {})}
         evaluation = evaluate(selection_problem(make_problem(name)), candidates, SEEDS, 1000, cache=cache, workers=1)
         for kind in totals:
             for lr in GRID:
@@ -44,11 +45,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("student", help="a normalized student (folder or bundled name)")
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
+    parser.add_argument("--student-only", action="store_true",
+                        help="leave torch Adam out (its scores do not depend on the student: lr-selection.txt of "
+                             "benchmarks/results/normalized-modern-mixaug has them)")
     args = parser.parse_args()
     student = hub.load_student(args.student)
     if student.config.student_type != "normalized":
         parser.error(f"{args.student!r} is a {student.config.student_type} student; its lr is no step size")
-    totals = scores(args.student, args.cache)
+    totals = scores(args.student, args.cache, with_adam=not args.student_only)
     for kind, by_lr in totals.items():
         best = min(by_lr, key=by_lr.get)
         edge = " (at the grid's edge)" if best in (min(by_lr), max(by_lr)) else ""

@@ -27,13 +27,24 @@ FALLBACK_CATEGORIES: dict[str, str] = {
 STRING_OPTIONS = ("student", "fallback", "revision")
 
 
-def student_lr(framework: str, framework_lr: float | None, lr_multiplier: float = 1.0) -> float:
-    """The group ``lr`` an integration gives AmalgamOptimizer: ``1.0 * lr_multiplier``, whatever the
-    framework says.
+def framework_student(
+    framework: str, student: Any, revision: str | None, framework_lr: float | None, lr_multiplier: float = 1.0
+) -> tuple[nn.Module, float]:
+    """The student an integration runs (loaded once, here) and the group ``lr`` it starts at.
 
-    A framework's learning-rate value is tuned for AdamW and means nothing to a learned student (docs/method.md#runtime,
-    "Through an ecosystem"); its schedule still scales the group ``lr``. Logs one line saying so.
+    A student whose config has an ``lr`` (normalized: its update has RMS 1 per tensor) takes AdamW's learning
+    rate, so the framework's value is used as is (the student's own default when the framework gives none),
+    times ``lr_multiplier``. Any other student's ``lr`` multiplies its update as trained: the group starts at
+    ``1.0 * lr_multiplier`` whatever the framework says, since a value tuned for AdamW means nothing to it (one
+    log line says so; docs/method.md#runtime, "Through an ecosystem"). The framework's schedule scales the group
+    ``lr`` either way.
     """
+    from amalgam_plugin.optim import _resolve_student
+
+    module = _resolve_student(student, revision)
+    own_lr = getattr(module.config, "lr", None)
+    if own_lr is not None:
+        return module, float(own_lr if framework_lr is None else framework_lr) * float(lr_multiplier)
     lr = 1.0 * float(lr_multiplier)
     if framework_lr is not None:
         logger.warning(
@@ -45,7 +56,7 @@ def student_lr(framework: str, framework_lr: float | None, lr_multiplier: float 
             lr,
             lr_multiplier,
         )
-    return lr
+    return module, lr
 
 
 def constructor_options(optimizer_cls: type) -> list[str]:

@@ -12,9 +12,10 @@ Usage::
     import amalgam_plugin.integrations.timm  # noqa: F401
     optimizer = timm.optim.create_optimizer_v2(model, opt="amalgam", lr=5e-4, weight_decay=0.05)
 
-timm's ``lr`` value is ignored with one log line (it is tuned for AdamW); every group starts at
-``lr = 1.0 * lr_multiplier`` (``create_optimizer_v2(..., lr_multiplier=0.5)``), and timm's schedulers
-still scale it. timm's weight-decay groups (AdamW units), ``use_fallback`` groups (``fallback_list=``;
+A normalized student's ``lr`` is AdamW's: every group starts at timm's ``lr`` (the student's default when timm
+gives none) times ``lr_multiplier``. For any other student timm's ``lr`` value is ignored with one log line (it is
+tuned for AdamW) and every group starts at ``lr = 1.0 * lr_multiplier`` (``create_optimizer_v2(...,
+lr_multiplier=0.5)``). timm's schedulers scale it either way. timm's weight-decay groups (AdamW units), ``use_fallback`` groups (``fallback_list=``;
 they run AdamW at ``fallback_lr`` times the group ``lr``) and ``lr_scale`` keys (applied by timm's
 schedulers, not the optimizer) are passed through. Other keyword arguments (``student=``,
 ``warmup_steps=``, ``fallback_lr=``...) go to ``AmalgamOptimizer``. A script that builds its optimizer with
@@ -30,7 +31,7 @@ from typing import Any
 
 import timm
 from amalgam_plugin.integrations import UnsupportedLibraryError
-from amalgam_plugin.integrations._common import student_lr
+from amalgam_plugin.integrations._common import framework_student
 from torch.optim import Optimizer
 
 from amalgam_plugin.registry import Registry
@@ -57,13 +58,15 @@ TIMM_NAMES: Registry[TimmName] = Registry("timm optimizer name", {
 def create_amalgam_optimizer(
     params: Any, lr: float | None = None, lr_multiplier: float = 1.0, **kwargs: Any
 ) -> Optimizer:
-    """timm's ``opt_class`` for the amalgam names: ``AmalgamOptimizer(params, lr=1.0 * lr_multiplier, ...)``.
-
-    ``lr`` is what timm passes (its learning rate, tuned for AdamW); it is ignored with one log line.
-    """
+    """timm's ``opt_class`` for the amalgam names: ``AmalgamOptimizer(params, lr=..., ...)`` with the group ``lr``
+    of :func:`~amalgam_plugin.integrations._common.framework_student` (timm's ``lr`` for a normalized student,
+    ``1.0 * lr_multiplier`` for any other)."""
     from amalgam_plugin.optim import AmalgamOptimizer
+    from amalgam_plugin.students.sources import DEFAULT_STUDENT
 
-    return AmalgamOptimizer(params, lr=student_lr("timm", lr, lr_multiplier), **kwargs)
+    student, group_lr = framework_student("timm", kwargs.pop("student", DEFAULT_STUDENT), kwargs.pop("revision", None),
+                                          lr, lr_multiplier)
+    return AmalgamOptimizer(params, student=student, lr=group_lr, **kwargs)
 
 
 def _registry() -> tuple[Any, type]:
@@ -93,7 +96,7 @@ def register() -> None:
             description=(
                 "Optimizer Amalgamation: a learned student optimizer "
                 + (f"({student})" if student else "(the default student)")
-                + "; lr is a multiplier on the student's update, timm's lr value is ignored"
+                + "; lr is AdamW's for a normalized student, else a multiplier on the student's update"
             ),
             has_eps=False,
             has_momentum=False,

@@ -16,12 +16,13 @@ Usage::
     Trainer(model=model, args=args, train_dataset=ds).train()
 
 ``optim_args`` keys: every keyword of ``AmalgamOptimizer`` (``student``, ``warmup_steps``, ``fallback_lr``,
-``maximize``, ...) plus ``lr_multiplier`` (the group ``lr`` is ``1.0 * lr_multiplier``) and ``fallback``
-(categories ``embeddings``, ``norms``, ``biases``, ``1d``, ``all`` or glob patterns on parameter names,
-joined with ``+``; those parameters run AdamW at ``fallback_lr`` times the group ``lr``). ``learning_rate``
-is ignored with one log line, because its value is tuned for AdamW; the Trainer's schedule (warm-up,
-cosine...) still scales the group ``lr``. ``weight_decay`` is passed on (AmalgamOptimizer takes it in AdamW
-units).
+``maximize``, ...) plus ``lr_multiplier`` and ``fallback`` (categories ``embeddings``, ``norms``, ``biases``,
+``1d``, ``all`` or glob patterns on parameter names, joined with ``+``; those parameters run AdamW at
+``fallback_lr`` times the group ``lr``). A normalized student's ``lr`` is AdamW's: the group ``lr`` is
+``learning_rate * lr_multiplier``. Any other student's ``lr`` multiplies its update as trained: the group ``lr``
+is ``1.0 * lr_multiplier`` and ``learning_rate`` is ignored with one log line, because its value is tuned for
+AdamW. The Trainer's schedule (warm-up, cosine...) scales the group ``lr`` either way. ``weight_decay`` is
+passed on (AmalgamOptimizer takes it in AdamW units).
 
 This relies on transformers internals (``_OPTIMIZER_HANDLERS``, the enum's private maps; checked on 5.x,
 Python 3.10-3.13). Where they differ, registration raises
@@ -44,7 +45,7 @@ from typing import Any
 
 import transformers
 from amalgam_plugin.integrations import UnsupportedLibraryError
-from amalgam_plugin.integrations._common import parse_options, select_fallback, student_lr
+from amalgam_plugin.integrations._common import framework_student, parse_options, select_fallback
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -116,16 +117,16 @@ def _add_enum_member(names: type) -> Any:
 def amalgam_handler(ctx: Any) -> tuple[type, dict[str, Any]]:
     """The ``_OPTIMIZER_HANDLERS["amalgam"]`` entry: ``OptimizerContext -> (AmalgamOptimizer, kwargs)``."""
     from amalgam_plugin.optim import AmalgamOptimizer
+    from amalgam_plugin.students.sources import DEFAULT_STUDENT
 
     options = parse_options(ctx.optim_args, AmalgamOptimizer, extra=INTEGRATION_OPTIONS)
     if "lr" in options:
         raise ValueError("optim_args cannot set 'lr' for optim='amalgam'; use lr_multiplier=... instead")
     multiplier = options.pop("lr_multiplier", 1.0)
     fallback = options.pop("fallback", None)
-    kwargs: dict[str, Any] = {
-        **options,
-        "lr": student_lr("transformers Trainer", ctx.args.learning_rate, multiplier),
-    }
+    student, lr = framework_student("transformers Trainer", options.pop("student", DEFAULT_STUDENT),
+                                    options.pop("revision", None), ctx.args.learning_rate, multiplier)
+    kwargs: dict[str, Any] = {**options, "student": student, "lr": lr}
     if fallback is not None:
         if ctx.model is None:
             raise ValueError("optim_args fallback=... needs the Trainer's model")

@@ -117,3 +117,15 @@ def test_family_names_build_their_bundled_students():
         optimizer = create_optimizer_v2(torch.nn.Linear(3, 2), opt=name, lr=5e-4)
         ids.add(optimizer.param_groups[0]["student_id"].split()[-1])
     assert len(ids) == len(FAMILIES)
+
+
+def test_a_normalized_student_takes_timms_lr_as_adamw_would(caplog):
+    """timm's lr (AdamW's) is a normalized student's group lr, times lr_multiplier; without one, the student's
+    default (its config's lr)."""
+    model = tiny_resnet()
+    optimizer = create_optimizer_v2(model, opt="amalgam", lr=2e-3, lr_multiplier=0.5,
+                                    student="amalgam-choice-large-quick")
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-3}
+    assert not [r for r in caplog.records if "is ignored" in r.getMessage()]
+    optimizer = create_optimizer_v2(model, opt="amalgam", student="amalgam-choice-large-quick")
+    assert {g["lr"] for g in optimizer.param_groups} == {optimizer.student.config.lr}

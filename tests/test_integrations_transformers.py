@@ -90,7 +90,10 @@ def test_command_line_optim_amalgam(paper_student_name):
     )  # fmt: skip
     assert args.optim is OptimizerNames.AMALGAM
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, tiny_gpt2())
-    assert cls is AmalgamOptimizer and kwargs == {"student": paper_student_name, "lr": 2.0}
+    from amalgam_plugin.hub import student_identity
+
+    assert cls is AmalgamOptimizer and sorted(kwargs) == ["lr", "student"] and kwargs["lr"] == 2.0
+    assert student_identity(kwargs["student"])["name"] == paper_student_name  # loaded once, by the handler
 
 
 def test_unknown_optim_args_name_the_valid_ones(paper_student_name):
@@ -128,6 +131,20 @@ def test_trainer_ignores_learning_rate_and_uses_the_multiplier(paper_student_nam
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.1]  # Trainer's groups kept
     assert learned_branch_ran(optimizer) and result.global_step == 4
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_trainer_gives_a_normalized_student_its_learning_rate(tmp_path, caplog):
+    """A normalized student's lr is AdamW's: the group lr is learning_rate x lr_multiplier, nothing is ignored."""
+    args = training_args(tmp_path, learning_rate=3e-3,
+                         optim_args="student=amalgam-choice-large-quick,lr_multiplier=0.5")
+    model = tiny_gpt2()
+    trainer = Trainer(model=model, args=args, train_dataset=ByteWindows())
+    with caplog.at_level(logging.WARNING, logger="amalgam_plugin.integrations"):
+        result = trainer.train()
+    assert not [r for r in caplog.records if "is ignored" in r.getMessage()]
+    optimizer = inner(trainer)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [1.5e-3, 1.5e-3]
+    assert optimizer.student.config.student_type == "normalized" and result.global_step == 4
 
 
 def test_stable_route_optimizer_cls_and_kwargs(paper_student_name, tmp_path):
