@@ -10,7 +10,9 @@ The rules (one each, everywhere):
 * Warm-up: the first ``warmup_steps`` steps of every parameter are plain SGD at the student's ``warmup_lr``
   (times ``lr``); the student's moments advance, its LSTM state stays frozen.
 * Fallback groups (``use_fallback=True``, or parameters picked by ``fallback=``) run AdamW at
-  ``fallback_lr * lr`` with the group's ``weight_decay`` in ordinary AdamW units.
+  ``fallback_lr * lr / default_lr`` (``default_lr``: the student's default ``lr``, 1.0 unless its config has one),
+  so ``fallback_lr`` is AdamW's rate while the group runs at the student's default and a schedule scales both; the
+  group's ``weight_decay`` is in ordinary AdamW units.
 * State is lazy, per parameter, tensors and numbers only; student state is float32 whatever the parameter
   dtype and survives ``load_state_dict`` bit-exactly (torch would cast it to the parameter dtype).
 * A parameter whose gradient holds a NaN or an inf is skipped for that step, warm-up or not: its value and
@@ -107,7 +109,8 @@ class AmalgamOptimizer(Optimizer):
         maximize: ascend instead of descend.
         fallback: predicate ``(name, param) -> bool`` (or ``(param) -> bool`` without names) choosing
             parameters that run AdamW instead of the student.
-        fallback_lr: AdamW learning rate of fallback groups (times the group's ``lr``).
+        fallback_lr: AdamW learning rate of fallback groups at the student's default ``lr`` (scaled with the
+            group's ``lr``).
         betas, eps: AdamW's coefficients in fallback groups (the student ignores them).
         foreach: accepted for API compatibility (the student path is always batched).
         differentiable: must be False (the student runs frozen under ``no_grad``).
@@ -148,7 +151,8 @@ class AmalgamOptimizer(Optimizer):
 
         self.student = _resolve_student(student, revision)
         own_lr = getattr(self.student.config, "lr", None)  # the student's update is normalized: lr is AdamW's
-        lr = (1.0 if own_lr is None else own_lr) if lr is None else lr
+        self.default_lr = 1.0 if own_lr is None else float(own_lr)
+        lr = self.default_lr if lr is None else lr
         if own_lr is None and 0 < float(lr) < 0.05:
             warnings.warn(
                 f"AmalgamOptimizer's lr multiplies the student's own update (1.0 = as trained): lr={float(lr):g} "
@@ -397,7 +401,7 @@ class AmalgamOptimizer(Optimizer):
 
     def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
         """AdamW exactly as ``torch.optim.AdamW`` (single-tensor form), state float32."""
-        lr = float(group["lr"]) * float(group["fallback_lr"])
+        lr = float(group["lr"]) * float(group["fallback_lr"]) / self.default_lr
         wd = float(group["weight_decay"])
         beta1, beta2 = group["betas"]
         eps = float(group["eps"])

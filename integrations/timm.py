@@ -16,7 +16,7 @@ A normalized student's ``lr`` is AdamW's: every group starts at timm's ``lr`` (t
 none) times ``lr_multiplier``. For any other student timm's ``lr`` value is ignored with one log line (it is tuned
 for AdamW) and every group starts at ``lr = 1.0 * lr_multiplier`` (``create_optimizer_v2(..., lr_multiplier=0.5)``).
 timm's schedulers scale it either way. timm's weight-decay groups (AdamW units), ``use_fallback`` groups
-(``fallback_list=``; they run AdamW at ``fallback_lr`` times the group ``lr``) and ``lr_scale`` keys (applied by
+(``fallback_list=``; they run AdamW at ``fallback_lr``, scaled with the group ``lr``) and ``lr_scale`` keys (applied by
 timm's schedulers, not the optimizer) are passed through. Other keyword arguments (``student=``, ``warmup_steps=``,
 ``fallback_lr=``...) go to ``AmalgamOptimizer``. A script that builds its optimizer with ``create_optimizer_v2`` (as
 timm's ``train.py`` does) can run unmodified through ``amalgam run SCRIPT.py --opt amalgam ...``, which registers

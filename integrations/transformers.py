@@ -18,7 +18,7 @@ Usage::
 ``optim_args`` keys: every keyword of ``AmalgamOptimizer`` (``student``, ``warmup_steps``, ``fallback_lr``,
 ``maximize``, ...) plus ``lr_multiplier`` and ``fallback`` (categories ``embeddings``, ``norms``, ``biases``,
 ``1d``, ``all`` or glob patterns on parameter names, joined with ``+``; those parameters run AdamW at
-``fallback_lr`` times the group ``lr``). A normalized student's ``lr`` is AdamW's: the group ``lr`` is
+``fallback_lr``, scaled with the group ``lr``). A normalized student's ``lr`` is AdamW's: the group ``lr`` is
 ``learning_rate * lr_multiplier``. Any other student's ``lr`` multiplies its update as trained: the group ``lr``
 is ``1.0 * lr_multiplier`` and ``learning_rate`` is ignored with one log line, because its value is tuned for
 AdamW. The Trainer's schedule (warm-up, cosine...) scales the group ``lr`` either way. ``weight_decay`` is

@@ -334,6 +334,22 @@ def test_fallback_groups_match_torch_adamw(paper_student, digits):
     AmalgamOptimizer(marked, student=paper_student).step()  # no gradients after zero_grad(set_to_none): no-op
 
 
+def test_a_normalized_students_fallback_groups_run_adamw_at_the_groups_lr(digits):
+    """A normalized student's lr is AdamW's, so its fallback AdamW runs at fallback_lr x lr / its default lr: at
+    the default fallback_lr that is the group's own lr (here 3e-3, not 3e-3 x 1e-3)."""
+    ours, ref = mlp(), mlp()
+    for m in (ours, ref):
+        m[0].requires_grad_(False)
+    opt = AmalgamOptimizer(ours.named_parameters(), student="amalgam-choice-large-quick", lr=3e-3,
+                           fallback=lambda name, p: name.startswith("2."))
+    assert opt.default_lr == 1e-3 and [g["use_fallback"] for g in opt.param_groups] == [False, True]
+    adamw = torch.optim.AdamW(ref[2].parameters(), lr=3e-3, weight_decay=0.0, foreach=False)
+    train(ours, opt, digits, 5)
+    train(ref, adamw, digits, 5)
+    for p, q in zip(ours[2].parameters(), ref[2].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
 def test_deepcopy_and_large_state_warning(paper_student, monkeypatch):
     p = torch.ones(10, requires_grad=True)
     opt = AmalgamOptimizer([p], student=paper_student)
