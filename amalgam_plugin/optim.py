@@ -74,7 +74,8 @@ def _sha_of(student_id: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def _resolve_student(student: nn.Module | str | os.PathLike, revision: str | None) -> nn.Module:
+def resolve_student(student: nn.Module | str | os.PathLike, revision: str | None) -> nn.Module:
+    """The student module of a module, bundled name, folder or Hub repo id."""
     if isinstance(student, nn.Module):
         return student
     if isinstance(student, (str, os.PathLike)):
@@ -89,6 +90,12 @@ def _resolve_student(student: nn.Module | str | os.PathLike, revision: str | Non
     raise TypeError(
         f"student must be an nn.Module, a name, a folder or a Hub repo id; got {type(student).__name__}"
     )
+
+
+def adamw_lr_default(student: nn.Module) -> float | None:
+    """The student's default ``lr`` when its ``lr`` is AdamW's (its config has one: a normalized update, RMS 1 per
+    tensor); None when its ``lr`` multiplies its update as trained (default 1.0)."""
+    return getattr(student.config, "lr", None)
 
 
 # --- the optimizer ----------------------------------------------------------------------------------------
@@ -149,8 +156,8 @@ class AmalgamOptimizer(Optimizer):
                 "the student runs frozen under torch.no_grad"
             )
 
-        self.student = _resolve_student(student, revision)
-        own_lr = getattr(self.student.config, "lr", None)  # the student's update is normalized: lr is AdamW's
+        self.student = resolve_student(student, revision)
+        own_lr = adamw_lr_default(self.student)
         self.default_lr = 1.0 if own_lr is None else float(own_lr)
         lr = self.default_lr if lr is None else lr
         if own_lr is None and 0 < float(lr) < 0.05:

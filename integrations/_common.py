@@ -39,10 +39,10 @@ def framework_student(
     log line says so; docs/method.md#runtime, "Through an ecosystem"). The framework's schedule scales the group
     ``lr`` either way.
     """
-    from amalgam_plugin.optim import _resolve_student
+    from amalgam_plugin.optim import adamw_lr_default, resolve_student
 
-    module = _resolve_student(student, revision)
-    own_lr = getattr(module.config, "lr", None)
+    module = resolve_student(student, revision)
+    own_lr = adamw_lr_default(module)
     if own_lr is not None:
         return module, float(own_lr if framework_lr is None else framework_lr) * float(lr_multiplier)
     lr = 1.0 * float(lr_multiplier)
