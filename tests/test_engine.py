@@ -1,6 +1,8 @@
 """Meta-training: second-order meta-gradients, the NaN guard, exact resumption, the held-out guard, and the
 command line."""
 
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from amalgam_plugin import cli
 from amalgam_plugin.engine import AmalgamateRequest, amalgamate, check_request
 from amalgam_plugin.engine.curriculum import Curriculum, PhaseConfig, ScheduleConfig
 from amalgam_plugin.engine.unroll import new_trajectory, unroll
@@ -251,8 +254,9 @@ def test_amalgamate_restores_threads_and_reuses_recorded_baseline_runs(tmp_path,
 
 
 def test_cli_prints_a_summary(tmp_path):
-    result = amalgam_cli("amalgamate", "--pool", "small", "--mechanism", "mean", "--preset", "smoke", "--problem",
-                         "mlp", "--out", str(tmp_path / "s"), "--workers", str(min(2, os.cpu_count() or 1)))
+    result = amalgam_executable("amalgamate", "--pool", "small", "--mechanism", "mean", "--preset", "smoke",
+                                "--problem", "mlp", "--out", str(tmp_path / "s"),
+                                "--workers", str(min(2, os.cpu_count() or 1)))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and lines[0].startswith(f"student: {tmp_path / 's'}/")
@@ -283,9 +287,24 @@ def test_the_summary_calls_a_wide_interval_too_few_seeds_and_states_the_gap(mean
     assert verdict(mean, low, high) == says
 
 
-def amalgam_cli(*args):
+def amalgam_executable(*args):
     return subprocess.run([sys.executable, "-m", "amalgam_plugin.cli", *args], capture_output=True, text=True,
                           timeout=120)
+
+
+def amalgam_cli(*args):
+    """``amalgam ARGS`` in this process: ``cli.main``, which the executable runs (``amalgam_executable``), without
+    a new interpreter's 3 s of imports per bad argument. Its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit_:  # as the interpreter ends: argparse's usage errors, ``--help``, a message
+            code = exit_.code
+            if isinstance(code, str):
+                print(code, file=sys.stderr)
+            code = 1 if isinstance(code, str) else code or 0
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("flag,value,listing", [
