@@ -1,4 +1,4 @@
-"""Issue 25: three questions about the bundled ``normalized-choice-modern-mixaug``'s harness, each answered on
+"""Issue 25: four questions about the bundled ``normalized-choice-modern-mixaug``'s harness, each answered on
 meta-training validation (validation data carved from training data, ``selection_problem``), never on the held-out
 suite. Mean best log validation loss over seeds 0-2, per variant.
 
@@ -8,7 +8,9 @@ suite. Mean best log validation loss over seeds 0-2, per variant.
 2. ``head``: should embeddings and the output layer (the ends) run AdamW at the student's lr, as Muon leaves
    them to AdamW? The Train CNN, the sigmoid MLP and the mixture's byte-level LSTM and transformer LMs, 1,000
    steps, at 2e-3.
-3. ``batchnorm``: are CNNs with batch norm (a family of no mixture) a weakness of the rule or of its learning rate?
+3. ``vectors``: should tensors of rank <= 1 (biases, norms' gains) take the student's rule instead of AdamW's
+   (``adamw_1d`` off)? The same four families, 1,000 steps, at 2e-3.
+4. ``batchnorm``: are CNNs with batch norm (a family of no mixture) a weakness of the rule or of its learning rate?
    Two built here, not the suite's ResNet: three conv-BN-ReLU blocks, and a residual net whose blocks start as
    their shortcut (zero-initialized gains, as timm's); 300 steps of 64 digits; the student at four rates and with
    parts of its harness off, against AdamW's rates.
@@ -79,22 +81,37 @@ def student_with_adamw_ends(student, lr: float, embeddings: int, adamw_ends: boo
     return Specified(make, lambda: {"student": content_hash(student), "lr": lr, "adamw_ends": adamw_ends})
 
 
-def study_head(student, cache, workers) -> None:
-    problems = {"train": (make_problem("train"), 0), "mlp": (make_problem("mlp"), 0),
-                "lstm64": (language_model(CharLSTM(64), "lstm64"), 1),  # embedding
-                "tf64x2": (language_model(TinyTransformer(64, 2), "tf64x2"), 2)}  # token and position embeddings
-    variants = {"the student on the ends": False, "AdamW on the ends": True}
+def mixture_families() -> dict[str, tuple]:
+    """Validation problems of four of the mixture's families, each with its number of leading embeddings."""
+    return {"train": (make_problem("train"), 0), "mlp": (make_problem("mlp"), 0),
+            "lstm64": (language_model(CharLSTM(64), "lstm64"), 1),  # embedding
+            "tf64x2": (language_model(TinyTransformer(64, 2), "tf64x2"), 2)}  # token and position embeddings
+
+
+def compare_on_families(study: str, variants: dict, cache, workers) -> None:
+    """``variants``: label -> (student, adamw_ends), each at 2e-3 on ``mixture_families``; per family and summed."""
     totals = dict.fromkeys(variants, 0.0)
-    for name, (problem, embeddings) in problems.items():
+    for name, (problem, embeddings) in mixture_families().items():
         candidates = {label: student_with_adamw_ends(student, 2e-3, embeddings, ends)
-                      for label, ends in variants.items()}
+                      for label, (student, ends) in variants.items()}
         evaluation = evaluate(selection_problem(problem), candidates, SEEDS, 1000, cache=cache, workers=workers,
                               progress=False)
         for label in variants:
             totals[label] += evaluation.mean(label)
-            print(f"head: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
+            print(f"{study}: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
     for label, total in totals.items():
-        print(f"head: sum over the four: {label}: {total:.3f}")
+        print(f"{study}: sum over the four: {label}: {total:.3f}")
+
+
+def study_head(student, cache, workers) -> None:
+    compare_on_families("head", {"the student on the ends": (student, False), "AdamW on the ends": (student, True)},
+                        cache, workers)
+
+
+def study_vectors(student, cache, workers) -> None:
+    compare_on_families("vectors", {"AdamW on vectors": (student, False),
+                                    "the student on vectors": (with_harness(student, adamw_1d=False), False)},
+                        cache, workers)
 
 
 def conv_bn(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> list[nn.Module]:
@@ -157,12 +174,12 @@ def study_batchnorm(student, cache, workers) -> None:
             print(f"batchnorm: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
 
 
-STUDIES = {"convs": study_convs, "head": study_head, "batchnorm": study_batchnorm}
+STUDIES = {"convs": study_convs, "head": study_head, "vectors": study_vectors, "batchnorm": study_batchnorm}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", choices=sorted(STUDIES), action="append", help="one study (default: all three)")
+    parser.add_argument("--study", choices=sorted(STUDIES), action="append", help="one study (default: all four)")
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
