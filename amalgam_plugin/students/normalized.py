@@ -21,8 +21,9 @@ The harness (Celo2's), each part a switch in ``config.json``, all off by default
 * ``orthogonalize``: tensors of rank ≥ 2 get ``y`` orthogonalized by Newton-Schulz (as Muon; a rank > 2 tensor as
   the matrix ``[shape[0], rest]``), then RMS-normalized (coordinates that never had a gradient still stay put);
 * ``adamw_1d``: tensors of rank ≤ 1 (biases, norms) get AdamW's update ``lr · m̂₂/(√v̂ + ε)`` from the same state
-  (β₁ = betas[1] = 0.9, β₂ = 0.999, ε = 1e-8: torch's defaults). Embeddings are matrices: pass them to the
-  optimizer's ``fallback=`` (AdamW groups) by name;
+  (β₁ = betas[1] = 0.9, β₂ = 0.999, ε = 1e-8: torch's defaults). Embeddings are matrices, orthogonalized too;
+  the optimizer's ``fallback=`` gives them to AdamW by name, as Muon does (worse for the bundled student on
+  validation: docs/results.md#harness-variants);
 * ``weight_decay``: decoupled, AdamW's ``θ ← θ(1 − lr·wd)``: the optimizer's default ``weight_decay``.
 
 With either of the first two on, a model with no tensor of rank ≥ 2 is refused (``check_parameters``).
