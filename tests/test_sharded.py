@@ -41,9 +41,13 @@ def two_processes(mode: str, spec: str, out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("student", ["paper-choice-large", "lean"])
-def test_two_processes_give_the_parameters_of_one(mode, student, lean_folder, tmp_path):
+@pytest.mark.parametrize("student,mode", [  # each student and each mode in the default run; the other pairs: slow
+    ("paper-choice-large", "ddp"),
+    ("lean", "fsdp2"),
+    pytest.param("paper-choice-large", "fsdp2", marks=pytest.mark.slow),
+    pytest.param("lean", "ddp", marks=pytest.mark.slow),
+])
+def test_two_processes_give_the_parameters_of_one(student, mode, lean_folder, tmp_path):
     spec = lean_folder if student == "lean" else student
     sharded = two_processes(mode, spec, tmp_path / "params.safetensors")
     model, batches = model_and_batches()
