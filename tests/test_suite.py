@@ -375,7 +375,7 @@ def test_ctrl_c_during_evaluate_is_one_line_and_the_same_command_resumes(tmp_pat
     """Issue 23.11: SIGINT gives one line and exit 130, no traceback; the rerun keeps the runs finished before."""
     out = tmp_path / "e"
     args = ["torch.optim.SGD:lr=0.1", "torch.optim.Adam:lr=0.001", "--no-baselines", "--problems", "mlp", "--seeds",
-            "6", "--steps", "400", "--eval-every", "200", "--workers", str(min(CPUS, 2)), "--out", str(out)]
+            "8", "--steps", "400", "--eval-every", "200", "--workers", str(min(CPUS, 2)), "--out", str(out)]
     first = amalgam_evaluate(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cache = out / "cache.json"
     assert wait_until(lambda: first.poll() is not None or (cache.exists() and len(json.loads(cache.read_text()))), 120)
@@ -385,11 +385,11 @@ def test_ctrl_c_during_evaluate_is_one_line_and_the_same_command_resumes(tmp_pat
     assert first.returncode == 130 and "Traceback" not in err
     assert err.splitlines()[-1] == "amalgam evaluate: interrupted; rerun the same command to resume"
     done = json.loads(cache.read_text())
-    assert 0 < len(done) < 12  # 12 runs of 400 steps: the signal lands mid-way on an idle or a loaded machine
+    assert 0 < len(done) < 16  # 16 runs of 400 steps: the signal lands mid-way on an idle or a loaded machine
     again = amalgam_evaluate(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert again.wait(timeout=300) == 0
     resumed = json.loads(cache.read_text())
-    assert len(resumed) == 12 and all(resumed[key] == run for key, run in done.items())  # not run again
+    assert len(resumed) == 16 and all(resumed[key] == run for key, run in done.items())  # not run again
 
 
 @pytest.mark.slow  # a benchmark script end to end: over a minute on 2 cores
