@@ -48,7 +48,12 @@ def _amalgamate(args: argparse.Namespace) -> int:
     from .engine import amalgamate
 
     # amalgamate checks every argument before any work; main() reports a ValueError in one line
-    out = amalgamate(**amalgamate_arguments(args))
+    try:
+        out = amalgamate(**amalgamate_arguments(args))
+    except KeyboardInterrupt:  # the checkpoints and the card evaluation's cache.json are on disk
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not turn the line into a traceback
+        print("amalgam amalgamate: interrupted; continue with the same command plus --resume", file=sys.stderr)
+        return 130
     if out is None:
         print(f"stopped at a checkpoint (--max-minutes {args.max_minutes}); continue with the same command "
               "plus --resume", file=sys.stderr)

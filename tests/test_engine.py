@@ -7,8 +7,10 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace as dc_replace
 from pathlib import Path
 
@@ -149,6 +151,30 @@ def test_killed_run_resumes_with_exactly_the_uninterrupted_numbers(tmp_path, mon
         assert torch.equal(student.state_dict()[key], value), key
     checkpoint = load_file(str(tmp_path / "killed" / "checkpoint.safetensors"))
     assert all(torch.isfinite(t).all() for t in checkpoint.values())
+
+
+def test_ctrl_c_during_amalgamate_is_one_line_and_resume_continues(tmp_path):
+    """SIGINT mid meta-training: one line and exit 130, no traceback; ``--resume`` then continues the run."""
+    out = tmp_path / "student"
+    command = [sys.executable, "-m", "amalgam_plugin.cli", "amalgamate", "--pool", "small", "--mechanism", "minmax",
+               "--preset", "smoke", "--problem", "mlp", "--no-eval", "--out", str(out),
+               "--set", "min_periods=1000", "--set", "max_periods=1000"]
+    # SIGINT back to its default in the child, as in a user's terminal (a background test run inherits it ignored)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    checkpoint = out / "training" / "student" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, "meta-training ended before it could be interrupted"
+    first.send_signal(signal.SIGINT)
+    err = first.communicate(timeout=60)[1]
+    assert first.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.splitlines()[-1] == "amalgam amalgamate: interrupted; continue with the same command plus --resume"
+    again = subprocess.run([*command, "--resume", "--max-minutes", "0.05"], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 3, again.stderr[-2000:]  # accepted as the same run, stopped at its next checkpoint
 
 
 def test_max_minutes_stops_at_a_checkpoint_and_resume_finishes(tmp_path):
