@@ -1,4 +1,4 @@
-"""Issue 25: four questions about the bundled ``normalized-choice-modern-mixaug``'s harness, each answered on
+"""Issue 25: five questions about the bundled ``normalized-choice-modern-mixaug`` and its harness, each answered on
 meta-training validation (validation data carved from training data, ``selection_problem``), never on the held-out
 suite. Mean best log validation loss over seeds 0-2, per variant.
 
@@ -14,6 +14,9 @@ suite. Mean best log validation loss over seeds 0-2, per variant.
    Two built here, not the suite's ResNet: three conv-BN-ReLU blocks, and a residual net whose blocks start as
    their shortcut (zero-initialized gains, as timm's); 300 steps of 64 digits; the student at four rates and with
    parts of its harness off, against AdamW's rates.
+5. ``start``: does meta-training beat its starting point? The student against the same config with the weights
+   meta-training starts from (``reset_parameters``: normalized Adam, ``m̂₂/d``, in two hidden units, the other
+   units' output weights small), the four families of 2 and 3 at 2e-3.
 
     python benchmarks/harness_variants.py --cache runs/harness-variants.json
 """
@@ -112,6 +115,12 @@ def study_vectors(student, cache, workers) -> None:
                         cache, workers)
 
 
+def study_start(student, cache, workers) -> None:
+    start = copy.deepcopy(student)
+    start.reset_parameters(torch.Generator().manual_seed(0))
+    compare_on_families("start", {"as meta-trained": (student, False), "its start": (start, False)}, cache, workers)
+
+
 def conv_bn(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out)]
 
@@ -173,12 +182,13 @@ def study_batchnorm(student, cache, workers) -> None:
             print(f"batchnorm: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
 
 
-STUDIES = {"convs": study_convs, "head": study_head, "vectors": study_vectors, "batchnorm": study_batchnorm}
+STUDIES = {"convs": study_convs, "head": study_head, "vectors": study_vectors, "batchnorm": study_batchnorm,
+           "start": study_start}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", choices=sorted(STUDIES), action="append", help="one study (default: all four)")
+    parser.add_argument("--study", choices=sorted(STUDIES), action="append", help="one study (default: all)")
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
