@@ -48,12 +48,7 @@ def _amalgamate(args: argparse.Namespace) -> int:
     from .engine import amalgamate
 
     # amalgamate checks every argument before any work; main() reports a ValueError in one line
-    try:
-        out = amalgamate(**amalgamate_arguments(args))
-    except KeyboardInterrupt:  # the checkpoints and the card evaluation's cache.json are on disk
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not turn the line into a traceback
-        print("amalgam amalgamate: interrupted; continue with the same command plus --resume", file=sys.stderr)
-        return 130
+    out = amalgamate(**amalgamate_arguments(args))
     if out is None:
         print(f"stopped at a checkpoint (--max-minutes {args.max_minutes}); continue with the same command "
               "plus --resume", file=sys.stderr)
@@ -119,15 +114,6 @@ MAX_SEEDS = 100  # ten times the protocol's 10 paired seeds; each seed adds one 
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    try:
-        return _evaluate_suite(args)
-    except KeyboardInterrupt:  # finished runs are in OUT/cache.json: the same command resumes from them
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not turn the line into a traceback
-        print("amalgam evaluate: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-
-
-def _evaluate_suite(args: argparse.Namespace) -> int:
     from . import suite
 
     if args.suite == "heldout":
@@ -335,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what survives Ctrl+C: meta-training's checkpoints and the evaluations' cache.json
+RESUME_ADVICE = {"amalgamate": "; continue with the same command plus --resume",
+                 "evaluate": "; rerun the same command to resume"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -343,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not turn the line into a traceback
+        print(f"amalgam {args.command}: interrupted{RESUME_ADVICE.get(args.command, '')}", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as err:  # bad input (a folder, a student, a name): one line, no traceback
         if args.verbose:
             raise
