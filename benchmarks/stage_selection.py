@@ -1,0 +1,56 @@
+"""Issue 25: horizon selection over the four validation families instead of the Train CNN alone.
+
+Horizon selection (docs/method.md#horizon-selection) keeps the stage whose 1,000-step runs on validation digits
+of the Train CNN are best; every normalized run so far then lost 0.24-0.51 from that stage to its last one. This
+scores every stage checkpoint of the given meta-training work folders on the four validation families of
+``harness_selection.problems`` (the Train CNN, the sigmoid MLP, a byte-level LSTM and transformer LM; data carved
+from their training data), at 2e-3, seeds 0-2, 1,000 steps, beside the bundled ``normalized-choice-modern-mixaug``,
+summed over the four (lower is better). Never the held-out suite.
+
+    python benchmarks/stage_selection.py runs/mixaug-seed1 runs/pes-mixaug --cache runs/harness-variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import harness_variants  # beside this script: the four-family comparison
+from safetensors.torch import load_file
+
+from amalgam_plugin import hub
+
+CHECKPOINT = Path("training/student/checkpoint.safetensors")  # the student phase's, under a run's --out folder
+
+
+def stages(folder: Path) -> dict[str, object]:
+    """``{"<folder> stageK": student}``: the folder's student with each stage's saved weights."""
+    student = hub.load_student(str(folder))
+    saved = load_file(folder / CHECKPOINT)
+    numbers = sorted({int(k.split(".")[0][5:]) for k in saved if k.startswith("stage")})
+    found = {}
+    for k in numbers:
+        prefix = f"stage{k}.weights."
+        staged = copy.deepcopy(student)
+        staged.load_state_dict({name[len(prefix):]: t for name, t in saved.items() if name.startswith(prefix)})
+        found[f"{folder.name} stage{k}"] = staged
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="meta-training --out folders of normalized students")
+    parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    variants = {"bundled": (hub.load_student(harness_variants.STUDENT), False)}
+    for folder in args.folders:
+        if not (folder / CHECKPOINT).is_file():
+            parser.error(f"{folder}: no {CHECKPOINT} (the work folder of a meta-training run is needed)")
+        variants |= {label: (student, False) for label, student in stages(folder).items()}
+    harness_variants.compare_on_families("stages", variants, args.cache, args.workers)
+
+
+if __name__ == "__main__":
+    main()
