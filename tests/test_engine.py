@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from processes import amalgam, wait_until
 from safetensors.torch import load_file
 
 from amalgam_plugin import cli
@@ -156,25 +157,20 @@ def test_killed_run_resumes_with_exactly_the_uninterrupted_numbers(tmp_path, mon
 def test_ctrl_c_during_amalgamate_is_one_line_and_resume_continues(tmp_path):
     """SIGINT mid meta-training: one line and exit 130, no traceback; ``--resume`` then continues the run."""
     out = tmp_path / "student"
-    command = [sys.executable, "-m", "amalgam_plugin.cli", "amalgamate", "--pool", "small", "--mechanism", "minmax",
-               "--preset", "smoke", "--problem", "mlp", "--no-eval", "--out", str(out),
-               "--set", "min_periods=1000", "--set", "max_periods=1000"]
-    # SIGINT back to its default in the child, as in a user's terminal (a background test run inherits it ignored)
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    args = ["--pool", "small", "--mechanism", "minmax", "--preset", "smoke", "--problem", "mlp", "--no-eval",
+            "--out", str(out), "--set", "min_periods=1000", "--set", "max_periods=1000"]
+    first = amalgam("amalgamate", *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = out / "training" / "student" / "checkpoint.safetensors"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: checkpoint.exists() or first.poll() is not None, 120)
     assert first.poll() is None, "meta-training ended before it could be interrupted"
     first.send_signal(signal.SIGINT)
     err = first.communicate(timeout=60)[1]
     assert first.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.splitlines()[-1] == "amalgam amalgamate: interrupted; continue with the same command plus --resume"
-    again = subprocess.run([*command, "--resume", "--max-minutes", "0.05"], capture_output=True, text=True,
-                           timeout=120)
-    assert again.returncode == 3, again.stderr[-2000:]  # accepted as the same run, stopped at its next checkpoint
+    again = amalgam("amalgamate", *args, "--resume", "--max-minutes", "0.05", stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE)
+    err = again.communicate(timeout=120)[1]
+    assert again.returncode == 3, err[-2000:]  # accepted as the same run, stopped at its next checkpoint
 
 
 def test_max_minutes_stops_at_a_checkpoint_and_resume_finishes(tmp_path):
@@ -925,8 +921,6 @@ amalgamate(pool="small", mechanism="mean", preset="smoke", problem="mlp", out=ou
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tmp_path):
     """Two amalgamate processes on one --out: the second is refused in one line naming the first's pid, writes
     nothing, and the first finishes with its own config and student."""
-    import time
-
     out, go = tmp_path / "s", tmp_path / "go"
     first = subprocess.Popen([sys.executable, "-c", HOLDS_THE_FOLDER, str(out), str(go)],
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)

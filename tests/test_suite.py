@@ -9,12 +9,12 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import amalgam, wait_until
 
 from amalgam_plugin import evaluate as ev
 from amalgam_plugin.cli import main
@@ -335,25 +335,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return condition()
-
-
-def amalgam_evaluate(*args: str, **kwargs) -> subprocess.Popen:
-    # SIGINT back to its default in the child: a test run started in the background inherits it ignored, and Python
-    # then installs no KeyboardInterrupt handler (as a user's terminal would)
-    return subprocess.Popen([sys.executable, "-m", "amalgam_plugin.cli", "evaluate", *args], text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux") or CPUS < 2, reason="reads /proc; two workers")
 def test_the_workers_die_with_a_killed_evaluate(tmp_path):
     """Issue 23.7: SIGKILL of the parent (which runs no cleanup) must not leave its two workers running."""
-    parent = amalgam_evaluate("torch.optim.SGD:lr=0.01", "--no-baselines", "--problems", "mlp", "--seeds", "2",
+    parent = amalgam("evaluate", "torch.optim.SGD:lr=0.01", "--no-baselines", "--problems", "mlp", "--seeds", "2",
                               "--steps", "1000000", "--workers", "2", "--out", str(tmp_path / "e"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
@@ -376,7 +361,7 @@ def test_ctrl_c_during_evaluate_is_one_line_and_the_same_command_resumes(tmp_pat
     out = tmp_path / "e"
     args = ["torch.optim.SGD:lr=0.1", "torch.optim.Adam:lr=0.001", "--no-baselines", "--problems", "mlp", "--seeds",
             "8", "--steps", "400", "--eval-every", "200", "--workers", str(min(CPUS, 2)), "--out", str(out)]
-    first = amalgam_evaluate(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = amalgam("evaluate", *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cache = out / "cache.json"
     assert wait_until(lambda: first.poll() is not None or (cache.exists() and len(json.loads(cache.read_text()))), 120)
     assert first.poll() is None, "the evaluation ended before it could be interrupted"
@@ -386,7 +371,7 @@ def test_ctrl_c_during_evaluate_is_one_line_and_the_same_command_resumes(tmp_pat
     assert err.splitlines()[-1] == "amalgam evaluate: interrupted; rerun the same command to resume"
     done = json.loads(cache.read_text())
     assert 0 < len(done) < 16  # 16 runs of 400 steps: the signal lands mid-way on an idle or a loaded machine
-    again = amalgam_evaluate(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    again = amalgam("evaluate", *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert again.wait(timeout=300) == 0
     resumed = json.loads(cache.read_text())
     assert len(resumed) == 16 and all(resumed[key] == run for key, run in done.items())  # not run again
