@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from amalgam_plugin import optim as optim_mod
-from amalgam_plugin.optim import AmalgamOptimizer
+from amalgam_plugin.optim import AmalgamOptimizer, all_finite
 from amalgam_plugin.students import ChoiceNet, RNNProp
 
 
@@ -431,6 +431,22 @@ def test_fallback_adamw_takes_betas_and_eps(paper_student, digits):
             o.step()
     for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_agrees_with_isfinite_all(dtype):
+    """The one-reduction check gives ``isfinite(t).all()`` on NaN, +inf or -inf anywhere, the dtype's largest
+    values (whose sum would overflow) and empty tensors."""
+    big = torch.finfo(dtype).max
+    cases = [torch.zeros(0, dtype=dtype), torch.full((1000,), big, dtype=dtype),
+             torch.tensor([-big, big, -big], dtype=dtype), torch.randn(5, 7, dtype=dtype)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 500, 999):
+            t = torch.randn(1000, dtype=dtype)
+            t[where] = bad
+            cases.append(t)
+    for t in cases:
+        assert all_finite(t).item() == torch.isfinite(t).all().item(), t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -85,11 +86,24 @@ def mlp_weights(student: nn.Module, device: torch.device) -> tuple[Tensor, Tenso
 
 def compiled_or_false(function, tensor: Tensor, constants: dict, name: str):
     """``function(6 tensors, tensor, matrix, constants)`` compiled by ``torch.compile`` and run once on a probe, or
-    False (with a warning) where no compiler works: the caller's eager path computes the same."""
+    False (with a warning) where no compiler works: the caller's eager path computes the same.
+
+    The Python floats (the rule's weights in ``constants``, the rank feature ``matrix``) are compiled in as
+    constants: by default torch.compile passes each float as a runtime double, and the unrolled MLP then converts
+    a hundred of them per vector of coordinates, which halves the step's speed (benchmarks/step_overhead.py). So
+    each call compiles with ``specialize_float``, and each kernel has its own copy of ``function``: the compile
+    cache, and its recompile limit, belong to one student, whose two graphs (matrix 0 and 1) serve every shape."""
     try:
-        compiled = torch.compile(function, dynamic=True, fullgraph=True)
-        compiled(*(torch.zeros(4, device=tensor.device) for _ in range(6)), tensor, 0.0, constants)
-        return compiled
+        own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+        compiled = torch.compile(own, dynamic=True, fullgraph=True)
+
+        def with_constant_floats(*args):
+            with torch._dynamo.config.patch(specialize_float=True):
+                return compiled(*args)
+
+        for matrix in (0.0, 1.0):  # both graphs now, from plain tensors: one first built on a view is not reused
+            with_constant_floats(*(torch.zeros(4, device=tensor.device) for _ in range(6)), tensor, matrix, constants)
+        return with_constant_floats
     except Exception as err:  # noqa: BLE001 (no compiler here)
         logger.warning("torch.compile unavailable for the %s student's step (%s); using the eager path", name,
                        str(err).splitlines()[0] if str(err) else type(err).__name__)
