@@ -1,4 +1,4 @@
-"""Issue 25: five questions about the bundled ``normalized-choice-modern-mixaug`` and its harness, each answered on
+"""Issue 25: six questions about the bundled ``normalized-choice-modern-mixaug`` and its harness, each answered on
 meta-training validation (validation data carved from training data, ``selection_problem``), never on the held-out
 suite. Mean best log validation loss over seeds 0-2, per variant.
 
@@ -17,6 +17,8 @@ suite. Mean best log validation loss over seeds 0-2, per variant.
 5. ``start``: does meta-training beat its starting point? The student against the same config with the weights
    meta-training starts from (``reset_parameters``: normalized Adam, ``m̂₂/d``, in two hidden units, the other
    units' output weights small), the four families of 2 and 3 at 2e-3.
+6. ``lr``: which default ``lr`` do the four families of 2 and 3 pick (1e-3, 2e-3, 3e-3, 5e-3)? The bundled 2e-3
+   was chosen on two of them (the Train CNN and the sigmoid MLP, ``normalized_lr_selection.py``).
 
     python benchmarks/harness_variants.py --cache runs/harness-variants.json
 """
@@ -88,13 +90,13 @@ LEADING_EMBEDDINGS = {"lstm64": 1, "tf64x2": 2}  # the LSTM's byte embedding; th
 
 
 def compare_on_families(study: str, variants: dict, cache, workers) -> None:
-    """``variants``: label -> (student, adamw_ends), each at 2e-3 on the four families of harness selection
+    """``variants``: label -> (student, adamw_ends, lr), on the four families of harness selection
     (``harness_selection.problems``); per family and summed."""
     totals = dict.fromkeys(variants, 0.0)
     for name, problem in harness_selection.problems().items():
         embeddings = LEADING_EMBEDDINGS.get(name, 0)
-        candidates = {label: student_with_adamw_ends(student, 2e-3, embeddings, ends)
-                      for label, (student, ends) in variants.items()}
+        candidates = {label: student_with_adamw_ends(student, lr, embeddings, ends)
+                      for label, (student, ends, lr) in variants.items()}
         evaluation = evaluate(selection_problem(problem), candidates, SEEDS, 1000, cache=cache, workers=workers,
                               progress=False)
         for label in variants:
@@ -105,20 +107,21 @@ def compare_on_families(study: str, variants: dict, cache, workers) -> None:
 
 
 def study_head(student, cache, workers) -> None:
-    compare_on_families("head", {"the student on the ends": (student, False), "AdamW on the ends": (student, True)},
-                        cache, workers)
+    compare_on_families("head", {"the student on the ends": (student, False, 2e-3),
+                                 "AdamW on the ends": (student, True, 2e-3)}, cache, workers)
 
 
 def study_vectors(student, cache, workers) -> None:
-    compare_on_families("vectors", {"AdamW on vectors": (student, False),
-                                    "the student on vectors": (with_parts(student, adamw_1d=False), False)},
+    compare_on_families("vectors", {"AdamW on vectors": (student, False, 2e-3),
+                                    "the student on vectors": (with_parts(student, adamw_1d=False), False, 2e-3)},
                         cache, workers)
 
 
 def study_start(student, cache, workers) -> None:
     start = copy.deepcopy(student)
     start.reset_parameters(torch.Generator().manual_seed(0))
-    compare_on_families("start", {"as meta-trained": (student, False), "its start": (start, False)}, cache, workers)
+    compare_on_families("start", {"as meta-trained": (student, False, 2e-3), "its start": (start, False, 2e-3)},
+                        cache, workers)
 
 
 def conv_bn(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> list[nn.Module]:
@@ -182,8 +185,12 @@ def study_batchnorm(student, cache, workers) -> None:
             print(f"batchnorm: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
 
 
+def study_lr(student, cache, workers) -> None:
+    compare_on_families("lr", {f"lr={lr:g}": (student, False, lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3)}, cache, workers)
+
+
 STUDIES = {"convs": study_convs, "head": study_head, "vectors": study_vectors, "batchnorm": study_batchnorm,
-           "start": study_start}
+           "start": study_start, "lr": study_lr}
 
 
 def main() -> None:

@@ -44,11 +44,11 @@ def main() -> None:
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    variants = {"bundled": (hub.load_student(harness_variants.STUDENT), False)}
+    variants = {"bundled": (hub.load_student(harness_variants.STUDENT), False, 2e-3)}
     for folder in args.folders:
         if not (folder / CHECKPOINT).is_file():
             parser.error(f"{folder}: no {CHECKPOINT} (the work folder of a meta-training run is needed)")
-        variants |= {label: (student, False) for label, student in stages(folder).items()}
+        variants |= {label: (student, False, 2e-3) for label, student in stages(folder).items()}
     harness_variants.compare_on_families("stages", variants, args.cache, args.workers)
 
 
