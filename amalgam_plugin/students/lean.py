@@ -101,7 +101,8 @@ def compiled_or_false(function, tensor: Tensor, constants: dict, name: str):
             with torch._dynamo.config.patch(specialize_float=True):
                 return compiled(*args)
 
-        for matrix in (0.0, 1.0):  # both graphs now, from plain tensors: one first built on a view is not reused
+        # both graphs now, from plain tensors: a graph first built on a view fails its guard on other views
+        for matrix in (0.0, 1.0):
             with_constant_floats(*(torch.zeros(4, device=tensor.device) for _ in range(6)), tensor, matrix, constants)
         return with_constant_floats
     except Exception as err:  # noqa: BLE001 (no compiler here)
