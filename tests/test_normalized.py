@@ -135,25 +135,25 @@ def test_two_students_compiled_in_one_process_keep_their_own_weights(monkeypatch
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("AMALGAM_COMPILE", "always")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    before = counters["stats"]["unique_graphs"]
-    nets = [student(seed=1), student(seed=2)]
-    kernels = [NormalizedKernel(net, torch.device("cpu")) for net in nets]
-    g, state = inputs()
-    sizes = [math.prod(s) for s in SHAPES]
-    for round_ in range(2):
-        for net, kernel in zip(nets, kernels, strict=True):
-            p0 = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(round_))
-            flats = [t.clone() for t in p0.split(sizes)]
-            states = [{**{k: state[k].split(sizes)[i].clone() for k in ("m0", "m1", "m2", "v")},
-                       "step": state["step"] + 1} for i in range(len(sizes))]
-            kernel.step(flats, list(g.split(sizes)), states, 0.01, SHAPES)
-            expected = p0.double().numpy() - reference(net, g, state, SHAPES, 0.01)[0]
-            np.testing.assert_allclose(torch.cat(flats).numpy(), expected, rtol=0, atol=1e-6)
-        if round_ == 0:
-            graphs = counters["stats"]["unique_graphs"]
-            assert graphs == before + 4  # two per student, all compiled
-    assert counters["stats"]["unique_graphs"] == graphs
+    with torch._dynamo.config.patch(recompile_limit=2):  # the config's own patch restores it (setattr does not)
+        before = counters["stats"]["unique_graphs"]
+        nets = [student(seed=1), student(seed=2)]
+        kernels = [NormalizedKernel(net, torch.device("cpu")) for net in nets]
+        g, state = inputs()
+        sizes = [math.prod(s) for s in SHAPES]
+        for round_ in range(2):
+            for net, kernel in zip(nets, kernels, strict=True):
+                p0 = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(round_))
+                flats = [t.clone() for t in p0.split(sizes)]
+                states = [{**{k: state[k].split(sizes)[i].clone() for k in ("m0", "m1", "m2", "v")},
+                           "step": state["step"] + 1} for i in range(len(sizes))]
+                kernel.step(flats, list(g.split(sizes)), states, 0.01, SHAPES)
+                expected = p0.double().numpy() - reference(net, g, state, SHAPES, 0.01)[0]
+                np.testing.assert_allclose(torch.cat(flats).numpy(), expected, rtol=0, atol=1e-6)
+            if round_ == 0:
+                graphs = counters["stats"]["unique_graphs"]
+                assert graphs == before + 4  # two per student, all compiled
+        assert counters["stats"]["unique_graphs"] == graphs
 
 
 def model_and_grads(seed=0, dtype=torch.float32):
