@@ -94,7 +94,8 @@ def compiled_or_false(function, tensor: Tensor, constants: dict, name: str):
     each call compiles with ``specialize_float``, and each kernel has its own copy of ``function``: the compile
     cache, and its recompile limit, belong to one student, whose two graphs (matrix 0 and 1) serve every shape."""
     try:
-        own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+        own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                                 function.__defaults__, function.__closure__)
         compiled = torch.compile(own, dynamic=True, fullgraph=True)
 
         def with_constant_floats(*args):
