@@ -162,8 +162,7 @@ def test_every_third_party_import_is_declared_in_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
     declared = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
-    local = {"amalgam_plugin", "conftest", "select_paper_students", "harness_selection", "harness_variants"}  # siblings
-    local |= {p.stem for p in (ROOT / "tests").glob("*.py")}
+    local = {"amalgam_plugin"} | {p.stem for folder in ("tests", "benchmarks") for p in (ROOT / folder).glob("*.py")}
     imported = set()
     for name in repository_files():
         if name.endswith(".py"):
