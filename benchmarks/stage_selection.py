@@ -17,9 +17,9 @@ import copy
 from pathlib import Path
 
 import harness_variants  # beside this script: the four-family comparison
-from safetensors.torch import load_file
 
 from amalgam_plugin import hub
+from amalgam_plugin.engine.learner import load_checkpoint
 
 CHECKPOINT = Path("training/student/checkpoint.safetensors")  # the student phase's, under a run's --out folder
 
@@ -27,7 +27,7 @@ CHECKPOINT = Path("training/student/checkpoint.safetensors")  # the student phas
 def stages(folder: Path) -> dict[str, object]:
     """``{"<folder> stageK": student}``: the folder's student with each stage's saved weights."""
     student = hub.load_student(str(folder))
-    saved = load_file(folder / CHECKPOINT)
+    saved = load_checkpoint(folder / CHECKPOINT)[1]  # validated: readable, finite
     numbers = sorted({int(k.split(".")[0][5:]) for k in saved if k.startswith("stage")})
     found = {}
     for k in numbers:

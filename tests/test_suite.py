@@ -339,8 +339,8 @@ def alive(pid: int) -> bool:
 def test_the_workers_die_with_a_killed_evaluate(tmp_path):
     """Issue 23.7: SIGKILL of the parent (which runs no cleanup) must not leave its two workers running."""
     parent = amalgam("evaluate", "torch.optim.SGD:lr=0.01", "--no-baselines", "--problems", "mlp", "--seeds", "2",
-                              "--steps", "1000000", "--workers", "2", "--out", str(tmp_path / "e"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     "--steps", "1000000", "--workers", "2", "--out", str(tmp_path / "e"),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     try:
         assert wait_until(lambda: len(children(parent.pid)) >= 2 or parent.poll() is not None, 120)

@@ -97,9 +97,10 @@ def compiled_or_false(function, tensor: Tensor, constants: dict, name: str):
         own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                                  function.__defaults__, function.__closure__)
         compiled = torch.compile(own, dynamic=True, fullgraph=True)
+        constant_floats = torch._dynamo.config.patch(specialize_float=True)  # made once: a new one costs 4x to enter
 
         def with_constant_floats(*args):
-            with torch._dynamo.config.patch(specialize_float=True):
+            with constant_floats:
                 return compiled(*args)
 
         # both graphs now, from plain tensors: a graph first built on a view fails its guard on other views
