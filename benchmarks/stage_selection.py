@@ -5,9 +5,12 @@ of the Train CNN are best; every normalized run so far then lost 0.24-0.51 from 
 scores every stage checkpoint of the given meta-training work folders on the four validation families of
 ``harness_selection.problems`` (the Train CNN, the sigmoid MLP, a byte-level LSTM and transformer LM; data carved
 from their training data), at 2e-3, seeds 0-2, 1,000 steps, beside the bundled ``normalized-choice-modern-mixaug``,
-summed over the four (lower is better). Never the held-out suite.
+summed over the four (lower is better); with ``--broad``, over six: also a residual batch-norm CNN and a tabular
+regression, members of the families ``mix-broad`` adds (``harness_variants.validation_families``). Never the
+held-out suite.
 
     python benchmarks/stage_selection.py runs/mixaug-seed1 runs/pes-mixaug --cache runs/harness-variants.json
+    python benchmarks/stage_selection.py runs/broad --broad --cache runs/harness-variants.json
 """
 
 from __future__ import annotations
@@ -43,13 +46,14 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path, help="meta-training --out folders of normalized students")
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--broad", action="store_true", help="six validation families instead of four")
     args = parser.parse_args()
     variants = {"bundled": (hub.load_student(harness_variants.STUDENT), False, 2e-3)}
     for folder in args.folders:
         if not (folder / CHECKPOINT).is_file():
             parser.error(f"{folder}: no {CHECKPOINT} (the work folder of a meta-training run is needed)")
         variants |= {label: (student, False, 2e-3) for label, student in stages(folder).items()}
-    harness_variants.compare_on_families("stages", variants, args.cache, args.workers)
+    harness_variants.compare_on_families("stages", variants, args.cache, args.workers, args.broad)
 
 
 if __name__ == "__main__":

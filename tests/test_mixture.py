@@ -26,24 +26,29 @@ def test_each_trajectory_draws_its_problem_from_its_own_generator():
     assert not mix.pick(torch.Generator().manual_seed(lm)).random_scale  # language models run unscaled
 
 
-def test_every_family_gives_a_finite_meta_gradient_against_the_choice_teacher():
+BROAD_FAMILIES = (*FAMILIES, "relu-mlp-", "resnet-", "tabular-")
+
+
+@pytest.mark.parametrize(("mixture", "families"), [("mix", FAMILIES), ("mix-broad", BROAD_FAMILIES)])
+def test_every_family_gives_a_finite_meta_gradient_against_the_choice_teacher(mixture, families):
     torch.manual_seed(0)
-    mix = make_problem("mix")
+    mix = make_problem(mixture)
     student = Lean()
     student.reset_parameters(torch.Generator().manual_seed(0))
     estimator = TruncatedEstimator(student, mix, [frozen_choice_teacher(ChoiceNet().requires_grad_(False))],
                                    EstimatorConfig(unroll_length=3, mechanism="choice", second_order=False))
     seen = set()
-    for seed in range(40):
+    for seed in range(60):
         traj = estimator.trajectory(torch.Generator().manual_seed(seed), 3, with_teachers=True)
-        if family(traj.problem.name) in seen:
+        name = next(f for f in families if traj.problem.name.startswith(f))
+        if name in seen:
             continue
-        seen.add(family(traj.problem.name))
+        seen.add(name)
         assert torch.equal(traj.teacher_states[0]["ranks"], traj.ranks)
         estimate = estimator.estimate(traj, alpha=0.5)
         assert estimate.finite and estimate.steps == 3, traj.problem.name
         assert sum(float(p.grad.abs().sum()) for p in student.parameters()) > 0
-    assert seen == set(FAMILIES)
+    assert seen == set(families)
 
 
 def test_byte_windows_label_each_position_with_the_next_byte():
@@ -118,3 +123,61 @@ def test_a_relu_mlp_is_the_torch_stack_it_names():
             layer.bias.copy_(b)
     x = torch.randn(4, 1, 28, 28)
     assert torch.allclose(arch.forward(params, x), reference(x), atol=1e-6)
+
+
+def test_the_broad_mixture_adds_residual_batchnorm_cnns_and_tabular_regressions():
+    """mix-broad: mix-aug's families plus residual BN CNNs (digits, drawn batch sizes, unscaled as normalization
+    layers are) and MLP regressions of a drawn table column (batches of 32, mean squared error times the drawn
+    scale); mix-aug's own draws are unchanged by it."""
+    import torch.nn.functional as F
+
+    mix = make_problem("mix-broad")
+    picks = [mix.pick(torch.Generator().manual_seed(seed)) for seed in range(80)]
+    resnets = [p for p in picks if p.name.startswith("resnet-")]
+    tables = [p for p in picks if p.name.startswith("tabular-")]
+    assert {p.batch_size for p in resnets} == {32, 64, 128} and not any(p.random_scale for p in resnets)
+    assert {p.name.split("-")[1] for p in tables} == {"wine", "breast_cancer"}
+    for problem in tables[:3]:
+        generator = torch.Generator().manual_seed(0)
+        params = problem.init_params(generator)
+        x, y = next(problem.train_batches(generator))
+        assert len(x) == 32 and y.shape == (32, 1)
+        scale = float(problem.name.rsplit("-loss", 1)[1])
+        unscaled = F.mse_loss(problem.architecture.forward(params, x), y)
+        assert float(problem.loss(params, (x, y))) == pytest.approx(scale * float(unscaled), rel=5e-3)
+    aug = make_problem("mix-aug")
+    assert [aug.pick(torch.Generator().manual_seed(s)).name for s in range(3)] == [
+        "relu-mlp-128-32-64-b32-loss0.934", "cnn-32-16-b128-loss0.0387", "transformer-64x2-b32-loss0.838"]
+
+
+def test_a_column_regression_predicts_one_standardized_column_from_the_others():
+    import numpy as np
+    from sklearn.datasets import load_wine
+
+    from amalgam_plugin.problems.tabular import column_regression
+
+    raw = load_wine().data
+    standard = (raw - raw.mean(0)) / raw.std(0, ddof=1)
+    split = column_regression("wine", 3)
+    assert np.allclose(split.train_y.numpy()[:, 0], standard[:, 3], atol=1e-5)
+    assert np.allclose(split.train_x.numpy(), np.delete(standard, 3, axis=1), atol=1e-5)
+    assert len(split.heldout()[0]) == 0  # meta-training reads training rows only
+
+
+def test_a_residual_block_starts_as_its_shortcut():
+    """The last gain of each branch starts at 0 (timm's zero_init_last), so at initialization every block is
+    ReLU(shortcut(x)); the net maps digits to 10 logits, one block per width, halving after the first."""
+    from amalgam_plugin.problems.residual import ResidualBlock, residual_cnn
+
+    torch.manual_seed(0)
+    net = residual_cnn([8, 16, 32], pool_stem=True)
+    blocks = [m for m in net if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 3
+    x = torch.randn(4, 1, 28, 28)
+    assert net(x).shape == (4, 10)
+    h = net[:4](x)  # the stem's output: conv, BN, ReLU, max-pool
+    for block in blocks:
+        out = block(h)
+        assert torch.equal(out, torch.relu(block.shortcut(h)))
+        h = out
+    assert h.shape == (4, 32, 4, 4)

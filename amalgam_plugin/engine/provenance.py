@@ -159,7 +159,8 @@ def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict |
         "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
                       + ("; the language models of the mixture: the first 90% of the standard library's bytes "
                          "(docs/method.md#mixtures); the card evaluates on Train"
-                         if config["problem"] in ("mix", "mix-aug") else "")
+                         if config["problem"] in ("mix", "mix-aug", "mix-broad") else "")
+                      + ("; the tables of the mixture: every row" if config["problem"] == "mix-broad" else "")
                       + "; meta-training reads the training data only",
         "recipe": {"choice": {k: v for k, v in config["choice_recipe"].items() if k != "mechanism"} if choice else None,
                    "student": {**config["student_recipe"], "mechanism": config["mechanism"],

@@ -100,8 +100,8 @@ def new_trajectory(
     warmup_lr: float = 0.05,
     random_scale: bool = True,
 ) -> Trajectory:
-    """Fresh initialisation and scale shared by student and teachers, then the SGD warm-up
-    (docs/method.md#warmup): all move together in p-space, every policy's state advances on the same gradients,
+    """Fresh initialisation and scale shared by student and teachers, then the SGD warm-up where the problem
+    has one (docs/method.md#warmup): all move together in p-space, every policy's state advances on the same gradients,
     the LSTM state stays frozen. A :class:`~amalgam_plugin.problems.Mixture` first draws the problem."""
     problem = problem.pick(generator)
     tensors = problem.init_params(generator)
@@ -120,7 +120,7 @@ def new_trajectory(
     replays = [t.differentiable for t in teachers]
     teacher_states = [_init(t, theta, ranks) if r else None for t, r in zip(teachers, replays, strict=True)]
     with torch.no_grad():
-        for _ in range(warmup_steps):
+        for _ in range(warmup_steps if problem.warmup else 0):
             g_theta = flat_grad(problem, layout, scale * params, next(batches))
             g_p = g_theta * scale
             state = student.warmup_step(g_p, in_context(student, state, params, layout.shapes))

@@ -1,9 +1,10 @@
 """The built-in held-out tasks (docs/heldout.md#tasks): real models no student is meta-trained on, each small
 enough to train in seconds to a minute on one CPU thread, on data that ships offline.
 
-The meta-training mixture (``amalgam_plugin/problems``) holds plain CNN and sigmoid-MLP digit classifiers and
-byte-level LSTM and causal-transformer language models on the standard library; ``in_mixture`` marks the tasks
-whose architecture and objective are kin to one of those, so the suite reports recall and generalization apart.
+The meta-training mixtures (``amalgam_plugin/problems``) hold plain CNN and MLP digit classifiers, byte-level LSTM
+and causal-transformer language models on the standard library, and (``mix-broad``) residual batch-norm CNNs and
+tabular MLP regressions; ``in_mixture`` marks the tasks whose architecture and objective are kin to one of those, so
+the suite reports recall and generalization apart.
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ _TASKS = [
     HeldoutTask("bert-mlm", "bidirectional transformer, masked LM",
                 "BERT (2 layers, width 32) masked LM on standard-library bytes, warm-up + cosine",
                 bert, masked_text, lm_loss, 300, 32, 25, "warmup-cosine", 30, output_layers=("cls.",)),
-    HeldoutTask("resnet", "residual CNN with batch norm", "timm ResNet (4 BasicBlock stages of 1, 8-64 channels) on "
-                "the package's MNIST digits", resnet, mnist_digits, classify, 300, 64, 25, output_layers=("fc.",)),
+    HeldoutTask("resnet", "residual CNN with batch norm (kin: mix-broad's residual CNNs)", "timm ResNet (4 BasicBlock "
+                "stages of 1, 8-64 channels) on the package's MNIST digits", resnet, mnist_digits, classify, 300, 64,
+                25, in_mixture=True, output_layers=("fc.",)),
     HeldoutTask("convnext", "ConvNeXt (depthwise conv, LayerNorm, MLP blocks)", "timm ConvNeXt (4 stages of 1 block, "
                 "dims 8-64) on scikit-learn's 8x8 digits", convnext, sklearn_digits, classify, 300, 64, 25,
                 output_layers=("head.",)),
@@ -195,7 +197,7 @@ _TASKS = [
     HeldoutTask("gru", "recurrent sequence classifier (kin: the mixture's LSTM LMs)", "GRU (48 units) reading MNIST "
                 "digits row by row", RowGRU, mnist_digits, classify, 300, 64, 25, in_mixture=True,
                 output_layers=("head.",)),
-    HeldoutTask("tabular-mlp", "tabular MLP regression (kin: the mixture's MLP classifiers)", "ReLU MLP 10-64-64-1 "
+    HeldoutTask("tabular-mlp", "tabular MLP regression (kin: mix-broad's tabular regressions)", "ReLU MLP 10-64-64-1 "
                 "on scikit-learn's diabetes data, mean squared error", tabular_mlp, diabetes, regress, 300, 32, 25,
                 in_mixture=True),
     HeldoutTask("autoencoder", "MLP autoencoder (kin: the mixture's MLPs)", "autoencoder 64-32-8-32-64 on "

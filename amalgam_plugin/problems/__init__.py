@@ -41,6 +41,9 @@ class Problem:
     # meta-training's random coordinate scaling applies (language models with normalisation layers blow up under
     # it during the SGD warm-up, so the mixture's language models run unscaled)
     random_scale: bool = True
+    # meta-training's SGD warm-up applies (squared-error regressions diverge under it at the larger drawn loss
+    # scales, so the mixture's tables start from their initialization)
+    warmup: bool = True
 
     def on(self, device: str | torch.device) -> Problem:
         """The same problem with its training data on ``device``, where its parameters are made too (held-out
@@ -146,11 +149,11 @@ def mixture() -> Mixture:
 LOSS_SCALE_DECADES = 1.5  # mix-aug scales a trajectory's loss by 10^u, u uniform in [-1.5, 1.5]
 
 
-def augmented_mixture() -> Mixture:
+def augmented_mixture(broad: bool = False) -> Mixture:
     """The ``mix-aug`` problem (docs/method.md#task-augmentation): ``mix``'s families plus ReLU MLPs of 2 or 3
     hidden layers, every trajectory also drawing its batch size and a scale of its loss, so the student meets
     gradients of every size. The meta loss is a log improvement, so the scale changes the gradients, not the
-    objective."""
+    objective. ``broad``: the ``mix-broad`` problem, with residual batch-norm CNNs and tabular regressions too."""
     base = mixture()
     digits = base.data
 
@@ -162,14 +165,45 @@ def augmented_mixture() -> Mixture:
     def augmented(family: Callable[[torch.Generator], Problem]) -> Callable[[torch.Generator], Problem]:
         def draw(gen: torch.Generator) -> Problem:
             problem = family(gen)
-            batch = _choose([32, 64, 128], gen) if problem.data is digits else problem.batch_size
+            batch = _choose([32, 64, 128], gen) if problem.data.train_x is digits.train_x else problem.batch_size
             scale = 10.0 ** (LOSS_SCALE_DECADES * (2 * float(torch.rand((), generator=gen)) - 1))
             return replace(problem, name=f"{problem.name}-b{batch}-loss{scale:.3g}", batch_size=batch,
                            loss_fn=scaled_loss(problem.loss_fn, scale))
         return draw
 
-    families = [augmented(family) for family in [*base.families, deep_perceptron]]
-    return Mixture("mix-aug", base.architecture, digits, 128, families=families)
+    extra = [residual_family(digits), tabular_family] if broad else []
+    families = [augmented(family) for family in [*base.families, deep_perceptron, *extra]]
+    return Mixture("mix-broad" if broad else "mix-aug", base.architecture, digits, 128, families=families)
+
+
+def residual_family(digits: DigitSplit) -> Callable[[torch.Generator], Problem]:
+    """Residual batch-norm CNNs on the digits: a stem of 8 or 16 channels, max-pooled, then 2 or 3 residual blocks
+    doubling the width. Unscaled, as normalization layers are (``random_scale``)."""
+    from .residual import residual_cnn
+
+    def draw(gen: torch.Generator) -> Problem:
+        width, blocks = _choose([8, 16], gen), _choose([2, 3], gen)
+        name = f"resnet-{width}x{blocks}"
+        model = residual_cnn([width * 2**i for i in range(blocks)], pool_stem=True)
+        return replace(module_problem(model, (digits.train_x, digits.train_y), F.cross_entropy, name=name),
+                       random_scale=False)
+
+    return draw
+
+
+def tabular_family(gen: torch.Generator) -> Problem:
+    """A ReLU MLP (1 or 2 hidden layers of 32 or 64) predicting a drawn column of a drawn table, mean squared error,
+    batches of 32; unscaled and without the SGD warm-up (``random_scale``, ``warmup``)."""
+    from .tabular import TABLES, column_regression, regression_mlp, table
+
+    name = _choose(list(TABLES), gen)
+    column = int(torch.randint(table(name).shape[1], (1,), generator=gen))
+    widths = [_choose([32, 64], gen) for _ in range(_choose([1, 2], gen))]
+    data = column_regression(name, column)
+    model = regression_mlp(data.train_x.shape[1], widths)
+    problem = module_problem(model, (data.train_x, data.train_y), F.mse_loss, batch_size=32,
+                             name=f"tabular-{data.name}-" + "-".join(map(str, widths)))
+    return replace(problem, random_scale=False, warmup=False)
 
 
 def scaled_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], scale: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -204,6 +238,9 @@ PROBLEMS: Registry[ProblemSpec] = Registry("problem", {
     "mix-aug": (ProblemSpec("train", evaluable=False, build=augmented_mixture),
                 "mix with deeper ReLU MLPs, and every trajectory's batch size and loss scale drawn; the card "
                 "evaluates on Train"),
+    "mix-broad": (ProblemSpec("train", evaluable=False, build=lambda: augmented_mixture(broad=True)),
+                  "mix-aug with residual batch-norm CNNs (digits) and tabular MLP regressions (a column of "
+                  "scikit-learn's wine or breast-cancer table from the others); the card evaluates on Train"),
 })
 
 
