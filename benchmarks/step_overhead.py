@@ -4,7 +4,7 @@
     python benchmarks/step_overhead.py --quick    # small sizes, few repeats (< 1 minute)
     python benchmarks/step_overhead.py --student lean   # the lean student: compiled and eager steps vs AdamW
     python benchmarks/step_overhead.py --student normalized --threads 1   # the normalized student vs AdamW
-    python benchmarks/step_overhead.py --student normalized --harness     # ... and with its harness (Muon-like cost)
+    python benchmarks/step_overhead.py --student normalized --harness     # ... with its harness, beside Muon
     python benchmarks/step_overhead.py --device cuda --dtype bfloat16   # both students vs AdamW on a GPU
 
 Only the optimizer step is timed (gradients are fixed random tensors; no forward/backward), after warm-up
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from amalgam_plugin.heldout.train import MuonAdamW
 from amalgam_plugin.hub import load_student
 from amalgam_plugin.optim import AmalgamOptimizer
 from amalgam_plugin.students import Lean, RNNProp
@@ -209,16 +210,20 @@ def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
 
 
 def bench_normalized(params: list[torch.Tensor], repeats: int, harness: bool) -> dict[str, float]:
-    """AdamW (foreach), the normalized student bare and (``harness``) with its whole harness, on the same
-    parameters and gradients; every time the median of ``repeats`` steps."""
+    """AdamW (foreach), the normalized student bare and (``harness``) with its whole harness beside Muon (torch's,
+    on the matrices, AdamW on the rest: the same Newton-Schulz iterations), on the same parameters and gradients;
+    every time the median of ``repeats`` steps."""
     set_grads(params)
-    out = {"n": sum(p.numel() for p in params), "harness_s": math.nan}
+    out = {"n": sum(p.numel() for p in params), "harness_s": math.nan, "muon_s": math.nan}
+    matrices = [p for p in params if p.ndim == 2]
     makers = {"adamw": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True),
               "bare": lambda: AmalgamOptimizer(params, student=Normalized()),
               "harness": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(
-                  orthogonalize=True, adamw_1d=True, weight_decay=0.1)))}
+                  orthogonalize=True, adamw_1d=True, weight_decay=0.1))),
+              "muon": lambda: MuonAdamW(matrices, [p for p in params if p.ndim != 2], lr=0.02)}
     if not harness:
         makers.pop("harness")
+        makers.pop("muon")
     for name, make in makers.items():
         opt = make()
         opt.step()  # the state
@@ -232,20 +237,20 @@ def bench_normalized(params: list[torch.Tensor], repeats: int, harness: bool) ->
 
 def main_normalized(models: list[tuple[int, int]], repeats: int, harness: bool) -> None:
     header = (f"{'params':>10} {'adamw ms':>9} {'bare ms':>8} {'ratio':>6} {'harness ms':>10} {'ratio':>6} "
-              f"{'state B/p':>9} {'adamw':>6} {'ratio':>6} {'temp MB':>8} {'adamw':>6}")
+              f"{'muon ms':>9} {'ratio':>6} {'state B/p':>9} {'adamw':>6} {'ratio':>6} {'temp MB':>8} {'adamw':>6}")
 
     def row(r: dict) -> str:
-        ms = {k: r[f"{k}_s"] * 1e3 for k in ("adamw", "bare", "harness")}
+        ms = {k: r[f"{k}_s"] * 1e3 for k in ("adamw", "bare", "harness", "muon")}
         cells = [f"{r['n']:>10,}", f"{ms['adamw']:>9.1f}"]
-        for name, width in (("bare", 8), ("harness", 10)):
+        for name, width in (("bare", 8), ("harness", 10), ("muon", 9)):
             cells += [f"{ms[name]:>{width}.1f}", f"{ms[name] / ms['adamw']:>6.2f}"]
         state = (r["bare_state_bpp"], r["adamw_state_bpp"])
         cells += [f"{state[0]:>9.0f}", f"{state[1]:>6.0f}", f"{state[0] / state[1]:>6.2f}",
                   f"{r['bare_temp_mb']:>8.1f}", f"{r['adamw_temp_mb']:>6.1f}"]
         return " ".join(cells)
 
-    table(f"normalized student (4 floats of state per parameter), bare and with its whole harness; each time the "
-          f"median of {repeats} steps, side by side", header, models,
+    table(f"normalized student (4 floats of state per parameter), bare and with its whole harness, and Muon; each "
+          f"time the median of {repeats} steps, side by side", header, models,
           lambda params: bench_normalized(params, repeats, harness), row)
 
 
