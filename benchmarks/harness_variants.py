@@ -18,9 +18,11 @@ suite. Mean best log validation loss over seeds 0-2, per variant.
    meta-training starts from (``reset_parameters``: normalized Adam, ``m̂₂/d``, in two hidden units, the other
    units' output weights small), the four families of 2 and 3 at 2e-3.
 6. ``lr``: which default ``lr`` do the four families of 2 and 3 pick (1e-3, 2e-3, 3e-3, 5e-3)? The bundled 2e-3
-   was chosen on two of them (the Train CNN and the sigmoid MLP, ``normalized_lr_selection.py``).
+   was chosen on two of them (the Train CNN and the sigmoid MLP, ``normalized_lr_selection.py``). With
+   ``--broad``, on six (``validation_families``); ``--student`` names another student than the bundled one.
 
     python benchmarks/harness_variants.py --cache runs/harness-variants.json
+    python benchmarks/harness_variants.py --study lr --broad --student runs/broad --cache runs/harness-variants.json
 """
 
 from __future__ import annotations
@@ -175,8 +177,9 @@ def study_batchnorm(student, cache, workers) -> None:
             print(f"batchnorm: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
 
 
-def study_lr(student, cache, workers) -> None:
-    compare_on_families("lr", {f"lr={lr:g}": (student, False, lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3)}, cache, workers)
+def study_lr(student, cache, workers, broad: bool = False) -> None:
+    compare_on_families("lr", {f"lr={lr:g}": (student, False, lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3)}, cache, workers,
+                        broad)
 
 
 STUDIES = {"convs": study_convs, "head": study_head, "vectors": study_vectors, "batchnorm": study_batchnorm,
@@ -188,10 +191,14 @@ def main() -> None:
     parser.add_argument("--study", choices=sorted(STUDIES), action="append", help="one study (default: all)")
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--student", default=STUDENT, help=f"a normalized student (default: {STUDENT})")
+    parser.add_argument("--broad", action="store_true", help="--study lr on six validation families, not four")
     args = parser.parse_args()
-    student = hub.load_student(STUDENT)
+    if args.broad and args.study != ["lr"]:
+        parser.error("--broad applies to --study lr alone")
+    student = hub.load_student(args.student)
     for name in args.study or STUDIES:
-        STUDIES[name](student, args.cache, args.workers)
+        STUDIES[name](student, args.cache, args.workers, **({"broad": True} if args.broad else {}))
 
 
 if __name__ == "__main__":
