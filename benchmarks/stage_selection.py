@@ -11,6 +11,7 @@ held-out suite.
 
     python benchmarks/stage_selection.py runs/mixaug-seed1 runs/pes-mixaug --cache runs/harness-variants.json
     python benchmarks/stage_selection.py runs/broad --broad --cache runs/harness-variants.json
+    python benchmarks/stage_selection.py runs/broad --export "broad stage1" runs/broad-stage1   # writes that stage
 """
 
 from __future__ import annotations
@@ -47,12 +48,22 @@ def main() -> None:
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--broad", action="store_true", help="six validation families instead of four")
+    parser.add_argument("--export", nargs=2, metavar=("STAGE", "FOLDER"),
+                        help='write one stage ("<folder name> stageK") as a student folder instead of scoring')
     args = parser.parse_args()
     variants = {"bundled": (hub.load_student(harness_variants.STUDENT), False, 2e-3)}
     for folder in args.folders:
         if not (folder / CHECKPOINT).is_file():
             parser.error(f"{folder}: no {CHECKPOINT} (the work folder of a meta-training run is needed)")
         variants |= {label: (student, False, 2e-3) for label, student in stages(folder).items()}
+    if args.export:
+        label, out = args.export
+        if label not in variants or label == "bundled":
+            parser.error(f"no stage {label!r}; found: {', '.join(sorted(set(variants) - {'bundled'}))}")
+        if Path(out).exists():
+            parser.error(f"{out} exists: not overwritten")
+        print(f"written: {hub.save_student(variants[label][0], out)}")
+        return
     harness_variants.compare_on_families("stages", variants, args.cache, args.workers, args.broad)
 
 
