@@ -117,6 +117,16 @@ def selection_text(record: dict | None) -> str:
             f"{record['steps']} steps on validation digits, {scores}.")
 
 
+def mixture_split_text(problem: str) -> str:
+    """What a mixture's families read beyond the digits (nothing for a single problem)."""
+    if problem not in ("mix", "mix-aug", "mix-broad"):
+        return ""
+    tables = ("; the tables of the mixture (docs/method.md#broad-mixture): every row, none held out"
+              if problem == "mix-broad" else "")
+    return ("; the language models of the mixture: the first 90% of the standard library's bytes "
+            f"(docs/method.md#mixtures){tables}; the card evaluates on Train")
+
+
 def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict | None = None,
                selection: dict | None = None) -> Card:
     """The model card's fields for a student trained by ``amalgamate`` (``config``: its run_config.json;
@@ -157,11 +167,7 @@ def model_card(student: nn.Module, config: dict, recipe: Preset, seconds: dict |
                        + selection_text(selection) + run_text(config, seconds),
         "pool": _teachers(config), "mechanism": config["mechanism"], "problem": config["problem"],
         "data_split": DATA_SPLITS.get(config.get("data", ""), "the user's own training data")
-                      + ("; the language models of the mixture: the first 90% of the standard library's bytes "
-                         "(docs/method.md#mixtures); the card evaluates on Train"
-                         if config["problem"] in ("mix", "mix-aug", "mix-broad") else "")
-                      + ("; the tables of the mixture: every row" if config["problem"] == "mix-broad" else "")
-                      + "; meta-training reads the training data only",
+                      + mixture_split_text(config["problem"]) + "; meta-training reads the training data only",
         "recipe": {"choice": {k: v for k, v in config["choice_recipe"].items() if k != "mechanism"} if choice else None,
                    "student": {**config["student_recipe"], "mechanism": config["mechanism"],
                                "imitation_schedule": config["imitation"]}},
