@@ -137,6 +137,7 @@ def test_the_broad_mixture_adds_residual_batchnorm_cnns_and_tabular_regressions(
     tables = [p for p in picks if p.name.startswith("tabular-")]
     assert {p.batch_size for p in resnets} == {32, 64, 128} and not any(p.random_scale for p in resnets)
     assert {p.name.split("-")[1] for p in tables} == {"wine", "breast_cancer"}
+    assert not any(p.random_scale or p.warmup for p in tables) and all(p.warmup for p in resnets)
     for problem in tables[:3]:
         generator = torch.Generator().manual_seed(0)
         params = problem.init_params(generator)

@@ -1,4 +1,4 @@
-"""Residual CNNs with batch norm, a family of the ``mix-broad`` mixture (docs/method.md#mixtures)."""
+"""Residual CNNs with batch norm, a family of the ``mix-broad`` mixture (docs/method.md#broad-mixture)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tabular regressions, a family of the ``mix-broad`` mixture (docs/method.md#mixtures): one column of a table
+"""Tabular regressions, a family of the ``mix-broad`` mixture (docs/method.md#broad-mixture): one column of a table
 scikit-learn ships (wine, breast cancer) predicted from the others. The held-out suite's table (diabetes) is not
 among them."""
 
