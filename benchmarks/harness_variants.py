@@ -22,7 +22,7 @@ suite. Mean best log validation loss over seeds 0-2, per variant.
    ``--broad``, on six (``validation_families``); ``--student`` names another student than the bundled one.
 
     python benchmarks/harness_variants.py --cache runs/harness-variants.json
-    python benchmarks/harness_variants.py --study lr --broad --student runs/broad --cache runs/harness-variants.json
+    python benchmarks/harness_variants.py --study lr --broad --student runs/broad-stage1 --cache runs/hv.json
 """
 
 from __future__ import annotations
