@@ -51,19 +51,21 @@ def main() -> None:
     parser.add_argument("--export", nargs=2, metavar=("STAGE", "FOLDER"),
                         help='write one stage ("<folder name> stageK") as a student folder instead of scoring')
     args = parser.parse_args()
-    variants = {"bundled": (hub.load_student(harness_variants.STUDENT), False, 2e-3)}
+    found = {}
     for folder in args.folders:
         if not (folder / CHECKPOINT).is_file():
             parser.error(f"{folder}: no {CHECKPOINT} (the work folder of a meta-training run is needed)")
-        variants |= {label: (student, False, 2e-3) for label, student in stages(folder).items()}
+        found |= stages(folder)
     if args.export:
         label, out = args.export
-        if label not in variants or label == "bundled":
-            parser.error(f"no stage {label!r}; found: {', '.join(sorted(set(variants) - {'bundled'}))}")
+        if label not in found:
+            parser.error(f"no stage {label!r}; found: {', '.join(sorted(found))}")
         if Path(out).exists():
             parser.error(f"{out} exists: not overwritten")
-        print(f"written: {hub.save_student(variants[label][0], out)}")
+        print(f"written: {hub.save_student(found[label], out)}")
         return
+    variants = {label: (student, False, 2e-3) for label, student in
+                {"bundled": hub.load_student(harness_variants.STUDENT), **found}.items()}
     harness_variants.compare_on_families("stages", variants, args.cache, args.workers, args.broad)
 
 

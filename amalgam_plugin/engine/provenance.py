@@ -118,8 +118,9 @@ def selection_text(record: dict | None) -> str:
 
 
 def mixture_split_text(problem: str) -> str:
-    """What a mixture's families read beyond the digits (nothing for a single problem)."""
-    if problem not in ("mix", "mix-aug", "mix-broad"):
+    """What a mixture's families read beyond the digits (nothing for a single problem: one ``build`` makes none)."""
+    spec = PROBLEMS.get(problem)
+    if spec is None or spec.build is None:
         return ""
     tables = ("; the tables of the mixture (docs/method.md#broad-mixture): every row, none held out"
               if problem == "mix-broad" else "")
