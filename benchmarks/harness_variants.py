@@ -110,21 +110,25 @@ def validation_families(broad: bool = False) -> dict[str, Problem]:
     return families
 
 
-def compare_on_families(study: str, variants: dict, cache, workers, broad: bool = False) -> None:
-    """``variants``: label -> (student, adamw_ends, lr), on ``validation_families(broad)``; per family and
-    summed."""
+def compare_on_families(study: str, variants: dict, cache, workers, broad: bool = False,
+                        lengths: tuple[int, ...] = (1000,)) -> None:
+    """``variants``: label -> (student, adamw_ends, lr), on ``validation_families(broad)`` with runs of each of
+    ``lengths`` steps; per family and length, and summed over all."""
     totals = dict.fromkeys(variants, 0.0)
     families = validation_families(broad)
     for name, problem in families.items():
         embeddings = LEADING_EMBEDDINGS.get(name, 0)
         candidates = {label: student_with_adamw_ends(student, lr, embeddings, ends)
                       for label, (student, ends, lr) in variants.items()}
-        evaluation = evaluate(problem, candidates, SEEDS, 1000, cache=cache, workers=workers, progress=False)
-        for label in variants:
-            totals[label] += evaluation.mean(label)
-            print(f"{study}: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
+        for steps in lengths:
+            evaluation = evaluate(problem, candidates, SEEDS, steps, cache=cache, workers=workers, progress=False)
+            where = name if lengths == (1000,) else f"{name} {steps} steps"
+            for label in variants:
+                totals[label] += evaluation.mean(label)
+                print(f"{study}: {where}: {label}: {evaluation.mean(label):.3f}", flush=True)
+    runs = f"the {len(families)}" if lengths == (1000,) else f"the {len(families)} x {len(lengths)} run lengths"
     for label, total in totals.items():
-        print(f"{study}: sum over the {len(families)}: {label}: {total:.3f}")
+        print(f"{study}: sum over {runs}: {label}: {total:.3f}")
 
 
 def study_head(student, cache, workers) -> None:
@@ -177,9 +181,12 @@ def study_batchnorm(student, cache, workers) -> None:
             print(f"batchnorm: {name}: {label}: {evaluation.mean(label):.3f}", flush=True)
 
 
-def study_lr(student, cache, workers, broad: bool = False) -> None:
-    compare_on_families("lr", {f"lr={lr:g}": (student, False, lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3)}, cache, workers,
-                        broad)
+LRS = (1e-3, 2e-3, 3e-3, 5e-3)
+
+
+def study_lr(student, cache, workers, broad: bool = False, lengths: tuple[int, ...] = (1000,),
+             lrs: tuple[float, ...] = LRS) -> None:
+    compare_on_families("lr", {f"lr={lr:g}": (student, False, lr) for lr in lrs}, cache, workers, broad, lengths)
 
 
 STUDIES = {"convs": study_convs, "head": study_head, "vectors": study_vectors, "batchnorm": study_batchnorm,
@@ -193,12 +200,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--student", default=STUDENT, help=f"a normalized student (default: {STUDENT})")
     parser.add_argument("--broad", action="store_true", help="--study lr on six validation families, not four")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1000],
+                        help="--study lr: run lengths in steps, their scores summed (default: 1000)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS), help="--study lr: the rates compared")
     args = parser.parse_args()
-    if args.broad and args.study != ["lr"]:
-        parser.error("--broad applies to --study lr alone")
+    lr_options = {"broad": args.broad, "lengths": tuple(args.lengths), "lrs": tuple(args.lrs)}
+    if lr_options != {"broad": False, "lengths": (1000,), "lrs": LRS} and args.study != ["lr"]:
+        parser.error("--broad, --lengths and --lrs apply to --study lr alone")
+    if min(args.lengths) < 1 or min(args.lrs) <= 0:
+        parser.error("--lengths and --lrs must be positive")
     student = hub.load_student(args.student)
     for name in args.study or STUDIES:
-        STUDIES[name](student, args.cache, args.workers, **({"broad": True} if args.broad else {}))
+        STUDIES[name](student, args.cache, args.workers, **(lr_options if name == "lr" else {}))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--broad", action="store_true", help="six validation families instead of four")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1000],
+                        help="run lengths in steps, their scores summed (default: 1000)")
     parser.add_argument("--export", nargs=2, metavar=("STAGE", "FOLDER"),
                         help='write one stage ("<folder name> stageK") as a student folder instead of scoring')
     args = parser.parse_args()
@@ -66,7 +68,8 @@ def main() -> None:
         return
     variants = {label: (student, False, 2e-3) for label, student in
                 {"bundled": hub.load_student(harness_variants.STUDENT), **found}.items()}
-    harness_variants.compare_on_families("stages", variants, args.cache, args.workers, args.broad)
+    harness_variants.compare_on_families("stages", variants, args.cache, args.workers, args.broad,
+                                         tuple(args.lengths))
 
 
 if __name__ == "__main__":
