@@ -23,7 +23,7 @@ from pathlib import Path
 import harness_variants  # beside this script: the four-family comparison
 
 from amalgam_plugin import hub
-from amalgam_plugin.engine.learner import load_checkpoint
+from amalgam_plugin.engine.learner import load_checkpoint, student_weights
 
 CHECKPOINT = Path("training/student/checkpoint.safetensors")  # the student phase's, under a run's --out folder
 
@@ -35,9 +35,8 @@ def stages(folder: Path) -> dict[str, object]:
     numbers = sorted({int(k.split(".")[0][5:]) for k in saved if k.startswith("stage")})
     found = {}
     for k in numbers:
-        prefix = f"stage{k}.weights."
         staged = copy.deepcopy(student)
-        staged.load_state_dict({name[len(prefix):]: t for name, t in saved.items() if name.startswith(prefix)})
+        staged.load_state_dict(student_weights(saved, f"stage{k}."))
         found[f"{folder.name} stage{k}"] = staged
     return found
 

@@ -79,14 +79,20 @@ class Learner:
         return out
 
     def restore(self, tensors: dict[str, Tensor], prefix: str) -> None:
-        weights = {k[len(prefix) + 8 :]: v for k, v in tensors.items() if k.startswith(prefix + "weights.")}
-        self.student.load_state_dict(weights, strict=True)
+        self.student.load_state_dict(student_weights(tensors, prefix), strict=True)
         state: dict[int, dict[str, Tensor]] = {}
         for name, value in tensors.items():
             if name.startswith(prefix + "meta_opt."):
                 index, key = name[len(prefix) + 9 :].split(".", 1)
                 state.setdefault(int(index), {})[key] = value.clone()
         self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
+
+
+def student_weights(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The student's weights saved by :meth:`Learner.snapshot` under ``prefix`` (``"stage1."``, ``"final."``), as
+    its ``state_dict``."""
+    start = prefix + "weights."
+    return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}
 
 
 def previous(path: Path) -> Path:
