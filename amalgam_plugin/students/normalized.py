@@ -24,7 +24,10 @@ The harness (Celo2's), each part a switch in ``config.json``, all off by default
   (β₁ = betas[1] = 0.9, β₂ = 0.999, ε = 1e-8: torch's defaults). Embeddings are matrices, orthogonalized too;
   the optimizer's ``fallback=`` gives them to AdamW by name, as Muon does (worse for the bundled student on
   validation: docs/results.md#harness-variants);
-* ``weight_decay``: decoupled, AdamW's ``θ ← θ(1 − lr·wd)``: the optimizer's default ``weight_decay``.
+* ``weight_decay``: decoupled, AdamW's ``θ ← θ(1 − lr·wd)``: the optimizer's default ``weight_decay``;
+* ``adamw_size``: each tensor's unit update is scaled by the RMS of AdamW's direction ``m̂₂/(√v̂ + ε)`` for that
+  tensor, so it moves as far as AdamW would at the same ``lr`` (about ``0.2·lr`` once its gradients are mostly
+  noise, up to ``lr`` while they agree) in the rule's direction: AdamW's own annealing under a constant ``lr``.
 
 With either of the first two on, a model with no tensor of rank ≥ 2 is refused (``check_parameters``).
 
@@ -63,7 +66,7 @@ Shapes = list[tuple[int, ...]]
 class NormalizedConfig(MomentsConfig):
     student_type: ClassVar[str] = "normalized"
     card_fields: ClassVar[tuple[str, ...]] = ("hidden_size", "betas", "beta2", "epsilon", "lr", "orthogonalize",
-                                              "adamw_1d", "weight_decay", "ns_steps")
+                                              "adamw_1d", "weight_decay", "ns_steps", "adamw_size")
     lr_note: ClassVar[str] = ("lr is AdamW's: each tensor moves by lr RMS per step (the default is config.lr, the "
                               "rate it was meta-trained at), so LR schedules act as on AdamW; weight_decay is "
                               "AdamW's")
@@ -75,13 +78,14 @@ class NormalizedConfig(MomentsConfig):
     adamw_1d: bool = False
     weight_decay: float = 0.0
     ns_steps: int = 5
+    adamw_size: bool = False
     warmup_steps: int = 0  # no SGD warm-up: lr and the user's schedule set the scale from the first step
     decay_ref_lr: float = 1.0  # weight decay in AdamW's own units: θ ← θ(1 − lr·wd)
 
     def validate(self) -> None:
         super().validate()
         check_real("lr", self.lr, 0.0, 10.0, low_open=True)
-        for name in ("orthogonalize", "adamw_1d"):
+        for name in ("orthogonalize", "adamw_1d", "adamw_size"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_real("weight_decay", self.weight_decay, 0.0, 10.0)
@@ -108,6 +112,10 @@ def tensor_shapes(shapes: Any, n: int) -> Shapes:
 def corrections(config: NormalizedConfig, step: int) -> tuple[list[float], float]:
     """Adam's bias corrections ``1 − β^t`` of the three momenta and of the second moment at step ``t`` ≥ 1."""
     return [1 - beta**step for beta in config.betas], 1 - config.beta2**step
+
+
+def rms(y: Tensor) -> Tensor:
+    return y.square().mean().sqrt()
 
 
 def rms_normalized(y: Tensor) -> Tensor:
@@ -192,7 +200,7 @@ class Normalized(nn.Module, HubStudent):
             return adam
         if cfg.orthogonalize and len(shape) >= 2:  # it mixes coordinates: masked again
             y = newton_schulz(y, shape, cfg.ns_steps) * touched
-        return rms_normalized(y)
+        return rms_normalized(y) * (rms(adam) if cfg.adamw_size else 1.0)
 
 
 # --- the runtime kernel --------------------------------------------------------------------------------------
@@ -298,7 +306,15 @@ class NormalizedKernel:
             out = newton_schulz(out, shape, cfg.ns_steps).mul_(s["v"] > 0)
             sum_sq = out.square().sum()
         if lr != 0.0:
-            p.addcmul_(out, torch.rsqrt(sum_sq / p.numel() + NORM_EPS), value=-lr)
+            scale = torch.rsqrt(sum_sq / p.numel() + NORM_EPS)
+            if cfg.adamw_size:
+                scale = scale * self._adamw_rms(s, moment_fixes[1], second_fix)
+            p.addcmul_(out, scale, value=-lr)
+
+    def _adamw_rms(self, s: State, moment_fix: float, second_fix: float) -> Tensor:
+        """The RMS of AdamW's direction ``m̂₂/(√v̂ + ε)`` over one tensor, from its updated state."""
+        denom = (s["v"].sqrt() / math.sqrt(second_fix)).add_(self.config.epsilon)
+        return torch.linalg.vector_norm(s[ADAM_MOMENT] / denom) / (moment_fix * math.sqrt(denom.numel()))
 
     def _scales(self, moment_fixes: list[float], second_fix: float) -> Tensor:
         """``[√fix₂, √fix₂/fix₀, √fix₂/fix₁, √fix₂/fix₂', ε√fix₂]``: the bias corrections on the inputs g, m₀, m₁,
