@@ -17,6 +17,7 @@ from amalgam_plugin.students.normalized import Normalized, NormalizedConfig, Nor
 
 SHAPES = [(30, 20), (20,), (7, 3, 4), (50,)]
 HARNESS = {"orthogonalize": True, "adamw_1d": True, "weight_decay": 0.1}
+CONFIGS = {"plain": {}, "harness": HARNESS, "sized": {**HARNESS, "adamw_size": True}, "sized alone": {"adamw_size": True}}
 
 
 def student(seed: int = 1, **config) -> Normalized:
@@ -63,7 +64,8 @@ def reference(net: Normalized, g, state, shapes, lr):
             continue
         if cfg.orthogonalize and len(shape) >= 2:
             y = np_newton_schulz(y, shape, cfg.ns_steps) * (new["v"][sl] > 0)
-        out.append(y / np.sqrt(np.mean(y * y) + 1e-30))
+        size = np.sqrt(np.mean((hats[1][sl] / d[sl]) ** 2)) if cfg.adamw_size else 1.0
+        out.append(size * y / np.sqrt(np.mean(y * y) + 1e-30))
     return lr * np.concatenate(out), new
 
 
@@ -80,9 +82,9 @@ def inputs(shapes=SHAPES, seed=0, step=3):
     return g, state
 
 
-@pytest.mark.parametrize("harness", [False, True])
-def test_the_rule_matches_the_float64_reference(harness):
-    net, (g, state) = student(**(HARNESS if harness else {})), inputs()
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_rule_matches_the_float64_reference(config):
+    net, (g, state) = student(**CONFIGS[config]), inputs()
     delta, new = net(g, state, SHAPES)
     expected, expected_state = reference(net, g, state, SHAPES, net.config.lr)
     np.testing.assert_allclose(delta.detach().numpy(), expected, rtol=1e-4, atol=1e-8)
@@ -91,10 +93,10 @@ def test_the_rule_matches_the_float64_reference(harness):
     assert new["step"] == 4 and (delta[:7] == 0).all()
 
 
-def kernel_step(mode, monkeypatch, harness=False, chunk=None, lr=0.01):
+def kernel_step(mode, monkeypatch, config="plain", chunk=None, lr=0.01):
     """The runtime kernel on the tensors of SHAPES: the parameters and states after one step, and the module's."""
     monkeypatch.setenv("AMALGAM_COMPILE", mode)
-    net, (g, state) = student(**(HARNESS if harness else {})), inputs()
+    net, (g, state) = student(**CONFIGS[config]), inputs()
     sizes = [math.prod(s) for s in SHAPES]
     kernel = NormalizedKernel(net, torch.device("cpu"), chunk)
     p0 = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(3))
@@ -106,9 +108,9 @@ def kernel_step(mode, monkeypatch, harness=False, chunk=None, lr=0.01):
     return torch.cat(flats), states, p0.double().numpy() - expected, expected_state, kernel
 
 
-@pytest.mark.parametrize("harness", [False, True])
-def test_eager_kernel_matches_the_reference(monkeypatch, harness):
-    p, states, expected_p, expected_state, kernel = kernel_step("never", monkeypatch, harness, chunk=77)  # ragged
+@pytest.mark.parametrize("config", CONFIGS)
+def test_eager_kernel_matches_the_reference(monkeypatch, config):
+    p, states, expected_p, expected_state, kernel = kernel_step("never", monkeypatch, config, chunk=77)  # ragged
     assert kernel._compiled is None  # never built
     np.testing.assert_allclose(p.numpy(), expected_p, rtol=0, atol=1e-6)
     np.testing.assert_allclose(torch.cat([s["v"] for s in states]).numpy(), expected_state["v"], rtol=1e-5, atol=1e-9)
@@ -182,6 +184,29 @@ def test_lr_is_the_rms_of_every_tensors_update_and_its_default():
         opt.step()
         for p, b in zip(params, before, strict=True):
             assert rms(b - p.detach()) == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("compile_mode", ["never", "always"])
+def test_adamw_size_moves_each_tensor_as_far_as_torch_adamw(monkeypatch, compile_mode):
+    """With ``adamw_size`` each tensor's step has the RMS of torch's AdamW step at the same lr on the same
+    gradients (noisy ones here, so AdamW's steps shrink well below lr); the direction stays the rule's."""
+    monkeypatch.setenv("AMALGAM_COMPILE", compile_mode)
+    _, ours = model_and_grads()
+    _, theirs = model_and_grads()
+    opt = AmalgamOptimizer(ours, student=student(adamw_size=True), lr=0.01)
+    adamw = torch.optim.AdamW(theirs, lr=0.01, weight_decay=0.0)
+    sizes = []
+    for step in range(8):
+        before = [p.detach().clone() for p in ours + theirs]
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        opt.step()
+        adamw.step()
+        moved = [rms(b - p.detach()) for p, b in zip(ours + theirs, before, strict=True)]
+        for a, b in zip(moved[: len(ours)], moved[len(ours):], strict=True):
+            assert a == pytest.approx(b, rel=1e-4)
+        sizes.append(moved[0])
+    assert sizes[-1] < 0.5 * 0.01  # AdamW's annealing on noise, which the plain rule (always 0.01) lacks
 
 
 def test_an_adamw_learning_rate_draws_no_warning():
@@ -302,11 +327,11 @@ def test_the_harness_decays_weights_as_adamw():
 
 
 def test_saved_loaded_and_config_json_records_every_switch(tmp_path):
-    net = student(**HARNESS, ns_steps=4, lr=3e-4)
+    net = student(**CONFIGS["sized"], ns_steps=4, lr=3e-4)
     save_student(net, tmp_path / "s")
     config = json.loads((tmp_path / "s" / "config.json").read_text())
-    assert {k: config[k] for k in (*HARNESS, "ns_steps", "lr", "warmup_steps")} == {
-        **HARNESS, "ns_steps": 4, "lr": 3e-4, "warmup_steps": 0}
+    assert {k: config[k] for k in (*CONFIGS["sized"], "ns_steps", "lr", "warmup_steps")} == {
+        **CONFIGS["sized"], "ns_steps": 4, "lr": 3e-4, "warmup_steps": 0}
     again = load_student(tmp_path / "s")
     assert isinstance(again, Normalized) and again.config == net.config
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True))
