@@ -4,9 +4,9 @@ Horizon selection (docs/method.md#horizon-selection) keeps the stage whose 1,000
 of the Train CNN are best; every normalized run so far then lost 0.24-0.51 from that stage to its last one. This
 scores every stage checkpoint of the given meta-training work folders on the four validation families of
 ``harness_selection.problems`` (the Train CNN, the sigmoid MLP, a byte-level LSTM and transformer LM; data carved
-from their training data), at 2e-3, seeds 0-2, 1,000 steps, beside the bundled ``normalized-choice-modern-mixaug``,
-summed over the four (lower is better); with ``--broad``, over six: also a residual batch-norm CNN and a tabular
-regression, members of the families ``mix-broad`` adds (``harness_variants.validation_families``). Never the
+from their training data), at 2e-3 (``--lr``), seeds 0-2, 1,000 steps (``--lengths``), beside the bundled
+``normalized-choice-modern-mixaug`` (at 2e-3), summed over the four (lower is better); with ``--broad``, over six:
+also a residual batch-norm CNN and a tabular regression, members of the families ``mix-broad`` adds (``harness_variants.validation_families``). Never the
 held-out suite.
 
     python benchmarks/stage_selection.py runs/mixaug-seed1 runs/pes-mixaug --cache runs/harness-variants.json
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--broad", action="store_true", help="six validation families instead of four")
+    parser.add_argument("--lr", type=float, default=2e-3, help="the rate every stage runs at (default: 2e-3)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000],
                         help="run lengths in steps, their scores summed (default: 1000)")
     parser.add_argument("--export", nargs=2, metavar=("STAGE", "FOLDER"),
@@ -65,7 +66,9 @@ def main() -> None:
             parser.error(f"{out} exists: not overwritten")
         print(f"written: {hub.save_student(found[label], out)}")
         return
-    variants = {label: (student, False, 2e-3) for label, student in
+    if args.lr <= 0:
+        parser.error("--lr must be positive")
+    variants = {label: (student, False, 2e-3 if label == "bundled" else args.lr) for label, student in
                 {"bundled": hub.load_student(harness_variants.STUDENT), **found}.items()}
     harness_variants.compare_on_families("stages", variants, args.cache, args.workers, args.broad,
                                          tuple(args.lengths))
