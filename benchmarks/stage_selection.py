@@ -6,8 +6,8 @@ scores every stage checkpoint of the given meta-training work folders on the fou
 ``harness_selection.problems`` (the Train CNN, the sigmoid MLP, a byte-level LSTM and transformer LM; data carved
 from their training data), at 2e-3 (``--lr``), seeds 0-2, 1,000 steps (``--lengths``), beside the bundled
 ``normalized-choice-modern-mixaug`` (at 2e-3), summed over the four (lower is better); with ``--broad``, over six:
-also a residual batch-norm CNN and a tabular regression, members of the families ``mix-broad`` adds (``harness_variants.validation_families``). Never the
-held-out suite.
+also a residual batch-norm CNN and a tabular regression, members of the families ``mix-broad`` adds
+(``harness_variants.validation_families``). Never the held-out suite.
 
     python benchmarks/stage_selection.py runs/mixaug-seed1 runs/pes-mixaug --cache runs/harness-variants.json
     python benchmarks/stage_selection.py runs/broad --broad --cache runs/harness-variants.json

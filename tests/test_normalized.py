@@ -17,7 +17,8 @@ from amalgam_plugin.students.normalized import Normalized, NormalizedConfig, Nor
 
 SHAPES = [(30, 20), (20,), (7, 3, 4), (50,)]
 HARNESS = {"orthogonalize": True, "adamw_1d": True, "weight_decay": 0.1}
-CONFIGS = {"plain": {}, "harness": HARNESS, "sized": {**HARNESS, "adamw_size": True}, "sized alone": {"adamw_size": True}}
+CONFIGS = {"plain": {}, "harness": HARNESS, "sized": {**HARNESS, "adamw_size": True},
+           "sized alone": {"adamw_size": True}}
 
 
 def student(seed: int = 1, **config) -> Normalized:

@@ -67,9 +67,9 @@ class NormalizedConfig(MomentsConfig):
     student_type: ClassVar[str] = "normalized"
     card_fields: ClassVar[tuple[str, ...]] = ("hidden_size", "betas", "beta2", "epsilon", "lr", "orthogonalize",
                                               "adamw_1d", "weight_decay", "ns_steps", "adamw_size")
-    lr_note: ClassVar[str] = ("lr is AdamW's: each tensor moves by lr RMS per step (the default is config.lr, the "
-                              "rate it was meta-trained at), so LR schedules act as on AdamW; weight_decay is "
-                              "AdamW's")
+    lr_note: ClassVar[str] = ("lr is AdamW's: each tensor moves by lr RMS per step, or with adamw_size as far as "
+                              "AdamW would at that lr (the default is config.lr), so LR schedules act as on AdamW; "
+                              "weight_decay is AdamW's")
 
     beta2: float = 0.999
     epsilon: float = 1e-8
