@@ -84,8 +84,9 @@ def mlp_weights(student: nn.Module, device: torch.device) -> tuple[Tensor, Tenso
         student.hidden.kernel, student.hidden.bias, student.delta.kernel.flatten(), student.delta.bias))
 
 
-def compiled_or_false(function, tensor: Tensor, constants: dict, name: str):
-    """``function(6 tensors, tensor, matrix, constants)`` compiled by ``torch.compile`` and run once on a probe, or
+def compiled_or_false(function, tensor: Tensor, constants: dict, name: str, tensors: int = 6):
+    """``function(tensors flat tensors, tensor, matrix, constants)`` compiled by ``torch.compile`` and run once on a
+    probe, or
     False (with a warning) where no compiler works: the caller's eager path computes the same.
 
     The Python floats (the rule's weights in ``constants``, the rank feature ``matrix``) are compiled in as
@@ -105,7 +106,8 @@ def compiled_or_false(function, tensor: Tensor, constants: dict, name: str):
 
         # both graphs now, from plain tensors: a graph first built on a view fails its guard on other views
         for matrix in (0.0, 1.0):
-            with_constant_floats(*(torch.zeros(4, device=tensor.device) for _ in range(6)), tensor, matrix, constants)
+            with_constant_floats(*(torch.zeros(4, device=tensor.device) for _ in range(tensors)), tensor, matrix,
+                                 constants)
         return with_constant_floats
     except Exception as err:  # noqa: BLE001 (no compiler here)
         logger.warning("torch.compile unavailable for the %s student's step (%s); using the eager path", name,

@@ -209,11 +209,12 @@ EAGER_CHUNK = 2**14
 
 
 def fused_rule(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Tensor, scales: Tensor,
-               matrix: float, c: dict) -> None:
+               matrix: float, c: dict) -> Tensor:
     """One tensor's accumulators (in place) and the MLP's output into ``out`` in elementwise arithmetic, the MLP
-    unrolled into scalars. ``scales``: the bias corrections folded as in ``_rule`` (a tensor, so a new step count
-    is no new graph). Compiled, one loop with no temporaries; its sum of squares is left out (a reduction would
-    specialise the graph to tensor sizes)."""
+    unrolled into scalars; returns AdamW's direction ``m̂₂/(√v̂ + ε)`` (an input of the MLP, so free to return;
+    compiled without a use, it is never written). ``scales``: the bias corrections folded as in ``_rule`` (a
+    tensor, so a new step count is no new graph). Compiled, one loop with no temporaries; its sum of squares is left
+    out (a reduction would specialise the graph to tensor sizes)."""
     b0, b1, b2 = c["betas"]
     m0n, m1n, m2n = b0 * m0 + (1 - b0) * g, b1 * m1 + (1 - b1) * g, b2 * m2 + (1 - b2) * g
     vn = c["beta2"] * v + (1 - c["beta2"]) * g * g
@@ -230,6 +231,13 @@ def fused_rule(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Te
     m2.copy_(m2n)
     v.copy_(vn)
     out.copy_(y)
+    return x[2]
+
+
+def fused_rule_sized(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Tensor, adam: Tensor,
+                     scales: Tensor, matrix: float, c: dict) -> None:
+    """``fused_rule`` that also writes AdamW's direction into ``adam`` (for ``adamw_size``), in the same loop."""
+    adam.copy_(fused_rule(g, m0, m1, m2, v, out, scales, matrix, c))
 
 
 class NormalizedKernel:
@@ -272,18 +280,23 @@ class NormalizedKernel:
         use_compiler = self.mode == "always" or (self.mode == "auto" and total >= COMPILE_MIN)
         compiled = self._compiled_rule() if use_compiler else None
         out = torch.empty(largest, device=flats[0].device)
+        # the sized compiled rule writes AdamW's direction beside y; the eager one sums its squares by chunks
+        adam = torch.empty(largest, device=flats[0].device) if compiled and self.config.adamw_size else None
         work = None if compiled is not None else self._workspace(largest, flats[0].device)
         for p, g, s, shape in zip(flats, grads, states, shapes, strict=True):
-            self._one(p, g, s, lr, shape, out[: p.numel()], work, compiled)
+            self._one(p, g, s, lr, shape, out[: p.numel()], None if adam is None else adam[: p.numel()], work,
+                      compiled)
 
     def _compiled_rule(self):
         if self._compiled is None:  # probed with the scales of step 1
             scales = self._scales(*corrections(self.config, 1))
-            self._compiled = compiled_or_false(fused_rule, scales, self.constants, "normalized")
+            self._compiled = (compiled_or_false(fused_rule_sized, scales, self.constants, "normalized", tensors=7)
+                              if self.config.adamw_size else
+                              compiled_or_false(fused_rule, scales, self.constants, "normalized"))
         return self._compiled or None
 
     def _one(self, p: Tensor, g: Tensor, s: State, lr: float, shape: tuple[int, ...], out: Tensor,
-             work: tuple[Tensor, Tensor] | None, compiled) -> None:
+             adam: Tensor | None, work: tuple[Tensor, Tensor] | None, compiled) -> None:
         cfg = self.config
         if p.numel() == 0:  # nothing to update (nor an RMS to take)
             return
@@ -297,24 +310,21 @@ class NormalizedKernel:
             return
         matrix = float(len(shape) >= 2)
         if compiled is not None:
-            compiled(g, s["m0"], s["m1"], s["m2"], s["v"], out, self._scales(moment_fixes, second_fix), matrix,
+            buffers = (out,) if adam is None else (out, adam)
+            compiled(g, s["m0"], s["m1"], s["m2"], s["v"], *buffers, self._scales(moment_fixes, second_fix), matrix,
                      self.constants)
             sum_sq = torch.dot(out, out)
+            adam_sq = None if adam is None else torch.dot(adam, adam)
         else:
-            sum_sq = self._rule(g, s, moment_fixes, second_fix, matrix, out, work)
+            sum_sq, adam_sq = self._rule(g, s, moment_fixes, second_fix, matrix, out, work)
         if cfg.orthogonalize and len(shape) >= 2:
             out = newton_schulz(out, shape, cfg.ns_steps).mul_(s["v"] > 0)
             sum_sq = out.square().sum()
         if lr != 0.0:
             scale = torch.rsqrt(sum_sq / p.numel() + NORM_EPS)
-            if cfg.adamw_size:
-                scale = scale * self._adamw_rms(s, moment_fixes[1], second_fix)
+            if cfg.adamw_size:  # × the RMS of AdamW's direction
+                scale = scale * torch.sqrt(adam_sq / p.numel())
             p.addcmul_(out, scale, value=-lr)
-
-    def _adamw_rms(self, s: State, moment_fix: float, second_fix: float) -> Tensor:
-        """The RMS of AdamW's direction ``m̂₂/(√v̂ + ε)`` over one tensor, from its updated state."""
-        denom = (s["v"].sqrt() / math.sqrt(second_fix)).add_(self.config.epsilon)
-        return torch.linalg.vector_norm(s[ADAM_MOMENT] / denom) / (moment_fix * math.sqrt(denom.numel()))
 
     def _scales(self, moment_fixes: list[float], second_fix: float) -> Tensor:
         """``[√fix₂, √fix₂/fix₀, √fix₂/fix₁, √fix₂/fix₂', ε√fix₂]``: the bias corrections on the inputs g, m₀, m₁,
@@ -328,8 +338,9 @@ class NormalizedKernel:
         return torch.empty(rows, 4, device=device), torch.empty(rows, self.config.hidden_size, device=device)
 
     def _rule(self, g: Tensor, s: State, moment_fixes: list[float], second_fix: float, matrix: float, out: Tensor,
-              work: tuple[Tensor, Tensor]) -> Tensor:
-        """The accumulators and the MLP's output ``y`` into ``out``, by chunks; returns ``Σ y²``.
+              work: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The accumulators and the MLP's output ``y`` into ``out``, by chunks; returns ``Σ y²`` and (``adamw_size``)
+        the sum of squares of AdamW's direction, which is the m₂ feature column times ``scales[2]``.
         The bias corrections and the rank feature are folded into the first layer's weights:
         ``src/fix/(√(v/fix₂) + ε) = src · (√fix₂/fix) / (√v + ε√fix₂)``."""
         cfg = self.config
@@ -339,7 +350,7 @@ class NormalizedKernel:
         eps = cfg.epsilon * math.sqrt(second_fix)
         x, h = work
         rows = len(x)
-        sums = []
+        sums, adam_sums = [], []
         for a in range(0, g.numel(), rows):
             b = min(a + rows, g.numel())
             xs, hs, ys = x[: b - a], h[: b - a], out[a:b]
@@ -350,7 +361,10 @@ class NormalizedKernel:
             inv = torch.sqrt(vs, out=ys).add_(eps).reciprocal_()
             for col, src in enumerate((gs, s["m0"][a:b], s["m1"][a:b], s["m2"][a:b])):
                 torch.mul(src, inv, out=xs[:, col])
+            if cfg.adamw_size:
+                adam_sums.append(torch.dot(xs[:, 2], xs[:, 2]))
             torch.addmm(b1, xs, w1, out=hs).relu_()
             torch.addmv(self.b2, hs, self.w2, out=ys).mul_(vs > 0)
             sums.append(torch.dot(ys, ys))
-        return torch.stack(sums).sum()
+        adam_sq = torch.stack(adam_sums).sum() * scales[2] ** 2 if cfg.adamw_size else None
+        return torch.stack(sums).sum(), adam_sq
