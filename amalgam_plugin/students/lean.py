@@ -86,8 +86,7 @@ def mlp_weights(student: nn.Module, device: torch.device) -> tuple[Tensor, Tenso
 
 def compiled_or_false(function, tensor: Tensor, constants: dict, name: str, tensors: int = 6):
     """``function(tensors flat tensors, tensor, matrix, constants)`` compiled by ``torch.compile`` and run once on a
-    probe, or
-    False (with a warning) where no compiler works: the caller's eager path computes the same.
+    probe, or False (with a warning) where no compiler works: the caller's eager path computes the same.
 
     The Python floats (the rule's weights in ``constants``, the rank feature ``matrix``) are compiled in as
     constants: by default torch.compile passes each float as a runtime double, and the unrolled MLP then converts
