@@ -28,7 +28,7 @@ def time_task(name: str, out: Path) -> dict:
     return {"task": name, "parameters": run["parameters"], "steps": task.steps, "batch_size": task.batch_size,
             "run_seconds": round(seconds, 2), "ms_per_step": round(1000 * run["seconds_per_step"], 2),
             "best_log_heldout": run["best_log_heldout"],
-            "runs_per_seed": len(task_optimizers(task, ["a", "b"], DEFAULT_LRS))}
+            "runs_per_seed": len(task_optimizers(task, [{"kind": "student", "name": n} for n in "ab"], DEFAULT_LRS))}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -140,6 +140,33 @@ def test_cache_resumes_without_rerunning(tmp_path):
     assert len(lines) == 1 and "Lion" in lines[0] and "seed 1" in lines[0]
 
 
+def test_a_student_folder_changed_in_place_is_run_again(tmp_path):
+    """The cache knows a student by its content hash, not its path: retrained into the same folder, it runs again
+    (by name alone, the suite would report the old student's runs as the new one's)."""
+    from amalgam_plugin import hub
+    from amalgam_plugin.students.normalized import Normalized, NormalizedConfig
+
+    task, folder = _tiny_task(steps=10), tmp_path / "student"
+    hub.save_student(Normalized(NormalizedConfig(lr=1e-3)), folder)
+    lines: list[str] = []
+    first = run_suite([task], [str(folder)], [0], tmp_path / "out", lrs=(1e-3, 1e-2), progress=lines.append,
+                      widenings=0)
+    assert len(lines) == 4  # AdamW at 2 rates, Lion, the student
+    for path in folder.iterdir():
+        path.unlink()
+    hub.save_student(Normalized(NormalizedConfig(lr=1e-1)), folder)
+    lines.clear()
+    again = run_suite([task], [str(folder)], [0], tmp_path / "out", lrs=(1e-3, 1e-2), progress=lines.append,
+                      widenings=0)
+    assert len(lines) == 1 and str(folder) in lines[0]
+
+    def student(result):
+        return next(r for r in result["tasks"]["tiny-linear"]["rows"] if r["spec"]["kind"] == "student")
+
+    assert student(first)["spec"]["sha256"] != student(again)["spec"]["sha256"]
+    assert student(first)["best_log_heldout"] != student(again)["best_log_heldout"]
+
+
 def test_grid_grows_past_the_edge_where_the_best_rate_sits(tmp_path):
     task = _tiny_task(steps=10)  # 10 steps of a linear regression: the larger the rate the better, up to ~0.1
     result = run_suite([task], [], [0, 1], tmp_path, lrs=(1e-4, 3e-4), progress=lambda line: None, widenings=2)

@@ -56,14 +56,22 @@ def muon_applies(task: HeldoutTask) -> bool:
         return bool(hidden_matrices(task, task.model()))
 
 
-def task_optimizers(task: HeldoutTask, students: Sequence[str], lrs: Sequence[float]) -> list[dict]:
+def student_specs(students: Sequence[str]) -> list[dict]:
+    """The students' run specifications: the name and the content hash (config and weights), so that a folder
+    changed in place is run again, not read from the cache."""
+    from ..hub import content_hash, load_student
+
+    return [{"kind": "student", "name": s, "sha256": content_hash(load_student(s))} for s in students]
+
+
+def task_optimizers(task: HeldoutTask, students: Sequence[dict], lrs: Sequence[float]) -> list[dict]:
     """The grid of AdamW learning rates (with the default's), Lion, Muon where the task has hidden matrices, and
-    the students, untuned."""
+    the students (``student_specs``), untuned."""
     grid = [{"kind": "adamw", "lr": lr} for lr in sorted({*lrs, ADAMW_DEFAULT["lr"]})]
-    return grid + [LION] + ([MUON] if muon_applies(task) else []) + [{"kind": "student", "name": s} for s in students]
+    return grid + [LION] + ([MUON] if muon_applies(task) else []) + list(students)
 
 
-def plan(tasks: Sequence[HeldoutTask], students: Sequence[str], seeds: Sequence[int], lrs: Sequence[float]
+def plan(tasks: Sequence[HeldoutTask], students: Sequence[dict], seeds: Sequence[int], lrs: Sequence[float]
          ) -> list[Job]:
     return [Job(task, spec, seed) for task in tasks for spec in task_optimizers(task, students, lrs) for seed in seeds]
 
@@ -161,7 +169,7 @@ def _difference(a: list[float], b: list[float]) -> dict:
     return {"mean": _number(d.mean), "low": _number(d.low), "high": _number(d.high), "n": d.n}
 
 
-def summarize_task(task: HeldoutTask, students: Sequence[str], seeds: Sequence[int], lrs: Sequence[float],
+def summarize_task(task: HeldoutTask, students: Sequence[dict], seeds: Sequence[int], lrs: Sequence[float],
                    cache: dict) -> dict:
     """Per optimizer: its runs' best log held-out losses, their paired differences against tuned AdamW and AdamW
     at 1e-3 (optimizer minus AdamW: negative is better), time per step, state bytes and peak memory."""
@@ -265,11 +273,12 @@ def run_suite(tasks: Sequence[HeldoutTask], students: Sequence[str], seeds: Sequ
     continue)."""
     if len(lrs) < 2 or min(lrs) <= 0:
         raise ValueError("the AdamW grid needs at least 2 positive learning rates")
+    specs = student_specs(students)  # each loaded and validated before anything is written
     out.mkdir(parents=True, exist_ok=True)
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     grids = {task.name: sorted(lrs) for task in tasks}
     for widening in range(widenings + 1):
-        jobs = [job for task in tasks for job in plan([task], students, seeds, grids[task.name])]
+        jobs = [job for task in tasks for job in plan([task], specs, seeds, grids[task.name])]
         minutes = None if deadline is None else max(0.0, deadline - time.monotonic()) / 60
         cache, complete = run_jobs(jobs, out / "cache.json", workers, minutes, progress)
         if not complete:
@@ -282,7 +291,7 @@ def run_suite(tasks: Sequence[HeldoutTask], students: Sequence[str], seeds: Sequ
                 grids[task.name], grown = sorted([*grid, extra]), True
         if not grown:
             break
-    summaries = {t.name: summarize_task(t, students, seeds, grids[t.name], cache) for t in tasks}
+    summaries = {t.name: summarize_task(t, specs, seeds, grids[t.name], cache) for t in tasks}
     result = {"seeds": list(seeds), "lrs": list(lrs), "students": list(students), "tasks": summaries}
     write_text_atomically(out / "results.json", json.dumps(result, indent=1, allow_nan=False) + "\n")
     write_text_atomically(out / "results.md", markdown(summaries, len(seeds)))
