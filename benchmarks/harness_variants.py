@@ -1,4 +1,4 @@
-"""Issue 25: seven questions about the bundled ``normalized-choice-modern-mixaug`` and its harness, each answered on
+"""Issue 25: six questions about the bundled ``normalized-choice-modern-mixaug`` and its harness, each answered on
 meta-training validation (validation data carved from training data, ``selection_problem``), never on the held-out
 suite. Mean best log validation loss over seeds 0-2, per variant.
 
@@ -21,8 +21,6 @@ suite. Mean best log validation loss over seeds 0-2, per variant.
    was chosen on two of them (the Train CNN and the sigmoid MLP, ``normalized_lr_selection.py``). With
    ``--broad``, on six (``validation_families``); ``--student`` names another student than the bundled one;
    ``--lengths`` sums runs of several lengths, ``--lrs`` sets the rates.
-7. ``adamw``: the held-out suite's yardstick on the same families: AdamW tuned per family and run length over
-   3e-4 to 3e-2, to read the student's scores of ``lr`` against.
 
     python benchmarks/harness_variants.py --cache runs/harness-variants.json
     python benchmarks/harness_variants.py --study lr --broad --student runs/broad-stage1 --cache runs/hv.json
@@ -192,29 +190,8 @@ def study_lr(student, cache, workers, broad: bool = False, lengths: tuple[int, .
     compare_on_families("lr", {f"lr={lr:g}": (student, False, lr) for lr in lrs}, cache, workers, broad, lengths)
 
 
-ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-
-
-def study_adamw(student, cache, workers, broad: bool = False, lengths: tuple[int, ...] = (1000,),
-                lrs: tuple[float, ...] = LRS) -> None:
-    """The yardstick of the held-out suite on validation: AdamW tuned per family (and run length) over a grid,
-    for the student's scores of ``--study lr`` to be read against (``student`` and ``lrs`` are not used)."""
-    tuned = 0.0
-    for name, problem in validation_families(broad).items():
-        candidates = {f"AdamW lr={lr:g}": torch_factory(torch.optim.AdamW, lr=lr) for lr in ADAMW_GRID}
-        for steps in lengths:
-            evaluation = evaluate(problem, candidates, SEEDS, steps, cache=cache, workers=workers, progress=False)
-            means = {lr: evaluation.mean(f"AdamW lr={lr:g}") for lr in ADAMW_GRID}
-            best = min(means, key=means.get)
-            edge = " (at an edge of the grid)" if best in (ADAMW_GRID[0], ADAMW_GRID[-1]) else ""
-            grid = ", ".join(f"{lr:g}: {m:.3f}" for lr, m in means.items())
-            print(f"adamw: {name} {steps} steps: {grid}; tuned {best:g}{edge}: {means[best]:.3f}", flush=True)
-            tuned += means[best]
-    print(f"adamw: sum of the tuned AdamW scores: {tuned:.3f}")
-
-
 STUDIES = {"convs": study_convs, "head": study_head, "vectors": study_vectors, "batchnorm": study_batchnorm,
-           "start": study_start, "lr": study_lr, "adamw": study_adamw}
+           "start": study_start, "lr": study_lr}
 
 
 def main() -> None:
@@ -223,20 +200,20 @@ def main() -> None:
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--student", default=STUDENT, help=f"a normalized student (default: {STUDENT})")
-    parser.add_argument("--broad", action="store_true", help="six validation families, not four")
+    parser.add_argument("--broad", action="store_true", help="--study lr on six validation families, not four")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000],
-                        help="run lengths in steps, their scores summed (default: 1000)")
+                        help="--study lr: run lengths in steps, their scores summed (default: 1000)")
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS), help="--study lr: the rates compared")
     args = parser.parse_args()
     lr_options = {"broad": args.broad, "lengths": tuple(args.lengths), "lrs": tuple(args.lrs)}
     custom = lr_options != {"broad": False, "lengths": (1000,), "lrs": LRS}
-    if custom and (not args.study or set(args.study) - {"lr", "adamw"}):
-        parser.error("--broad, --lengths and --lrs apply to --study lr and adamw alone")
+    if custom and args.study != ["lr"]:
+        parser.error("--broad, --lengths and --lrs apply to --study lr alone")
     if min(args.lengths) < 1 or min(args.lrs) <= 0:
         parser.error("--lengths and --lrs must be positive")
     student = hub.load_student(args.student)
     for name in args.study or STUDIES:
-        STUDIES[name](student, args.cache, args.workers, **(lr_options if name in ("lr", "adamw") else {}))
+        STUDIES[name](student, args.cache, args.workers, **(lr_options if name == "lr" else {}))
 
 
 if __name__ == "__main__":
