@@ -245,8 +245,8 @@ class NormalizedKernel:
     one pass ``θ −= lr · y / RMS(y)``. For a (device, dtype) group of at least 2²⁰ coordinates where a compiler
     works, ``y`` comes from ``fused_rule`` compiled (as the lean student's step); else eagerly by chunks: per chunk
     the accumulators (while in cache), the features, one ``addmm`` → ``relu`` → one ``addmv``. Temporary memory:
-    one buffer of the largest tensor plus a chunk's workspace. Both give the module's numbers within float
-    tolerance."""
+    one buffer of the largest tensor plus a chunk's workspace (compiled with ``adamw_size``, a second buffer for
+    AdamW's direction). Both give the module's numbers within float tolerance."""
 
     per_tensor = True  # the optimizer passes the tensors' shapes (their local shards' under DTensor)
 
