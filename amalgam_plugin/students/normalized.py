@@ -208,13 +208,11 @@ class Normalized(nn.Module, HubStudent):
 EAGER_CHUNK = 2**14
 
 
-def fused_rule(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Tensor, scales: Tensor,
-               matrix: float, c: dict) -> Tensor:
+def _fused(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Tensor, scales: Tensor, matrix: float,
+           c: dict) -> Tensor:
     """One tensor's accumulators (in place) and the MLP's output into ``out`` in elementwise arithmetic, the MLP
-    unrolled into scalars; returns AdamW's direction ``m̂₂/(√v̂ + ε)`` (an input of the MLP, so free to return;
-    compiled without a use, it is never written). ``scales``: the bias corrections folded as in ``_rule`` (a
-    tensor, so a new step count is no new graph). Compiled, one loop with no temporaries; its sum of squares is left
-    out (a reduction would specialise the graph to tensor sizes)."""
+    unrolled into scalars; returns AdamW's direction ``m̂₂/(√v̂ + ε)`` (one of the MLP's inputs). ``scales``: the
+    bias corrections folded as in ``_rule`` (a tensor, so a new step count is no new graph)."""
     b0, b1, b2 = c["betas"]
     m0n, m1n, m2n = b0 * m0 + (1 - b0) * g, b1 * m1 + (1 - b1) * g, b2 * m2 + (1 - b2) * g
     vn = c["beta2"] * v + (1 - c["beta2"]) * g * g
@@ -234,10 +232,18 @@ def fused_rule(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Te
     return x[2]
 
 
+def fused_rule(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Tensor, scales: Tensor,
+               matrix: float, c: dict) -> None:
+    """``_fused`` returning nothing: compiled, one loop with no temporaries and no output but the state and ``out``
+    (a returned tensor would be written out). Its sum of squares is left out (a reduction would specialise the
+    graph to tensor sizes)."""
+    _fused(g, m0, m1, m2, v, out, scales, matrix, c)
+
+
 def fused_rule_sized(g: Tensor, m0: Tensor, m1: Tensor, m2: Tensor, v: Tensor, out: Tensor, adam: Tensor,
                      scales: Tensor, matrix: float, c: dict) -> None:
     """``fused_rule`` that also writes AdamW's direction into ``adam`` (for ``adamw_size``), in the same loop."""
-    adam.copy_(fused_rule(g, m0, m1, m2, v, out, scales, matrix, c))
+    adam.copy_(_fused(g, m0, m1, m2, v, out, scales, matrix, c))
 
 
 class NormalizedKernel:
