@@ -182,3 +182,11 @@ def test_a_residual_block_starts_as_its_shortcut():
         assert torch.equal(out, torch.relu(block.shortcut(h)))
         h = out
     assert h.shape == (4, 32, 4, 4)
+
+
+def test_a_card_says_which_mixtures_read_the_tables():
+    """The card's data split names the tables for the mixture that reads them, and for no other."""
+    from amalgam_plugin.engine.provenance import mixture_split_text
+
+    assert "tables of the mixture" in mixture_split_text("mix-broad")
+    assert all("tables" not in mixture_split_text(name) for name in ("mix", "mix-aug", "train"))

@@ -123,7 +123,7 @@ def mixture_split_text(problem: str) -> str:
     if spec is None or spec.build is None:
         return ""
     tables = ("; the tables of the mixture (docs/method.md#broad-mixture): every row, none held out"
-              if problem == "mix-broad" else "")
+              if spec.tables else "")
     return ("; the language models of the mixture: the first 90% of the standard library's bytes "
             f"(docs/method.md#mixtures){tables}; the card evaluates on Train")
 

