@@ -183,11 +183,12 @@ def test_the_cards_how_to_use_says_what_lr_and_the_warm_up_mean_for_the_type(kin
 
 
 @pytest.mark.parametrize("name", [name for name, _ in hub.list_bundled()])
-def test_bundled_students_resave_byte_identically_and_their_cards_show_their_architecture(tmp_path, name):
+def test_bundled_students_resave_byte_identically_and_their_cards_show_their_architecture_and_lr(tmp_path, name):
     bundled = hub.bundled_root() / name
     config = json.loads((bundled / "config.json").read_text())
-    line = architecture_line(config, STUDENTS[config["student_type"]].card_fields)
-    assert line in (bundled / "README.md").read_text().splitlines()
+    kind = STUDENTS[config["student_type"]]
+    card = (bundled / "README.md").read_text().splitlines()
+    assert architecture_line(config, kind.card_fields) in card and f"# {kind.config.lr_note}" in card
     folder = hub.save_student(hub.load_student(name), tmp_path / name)
     for file in ("model.safetensors", "config.json"):
         assert (folder / file).read_bytes() == (bundled / file).read_bytes(), file
