@@ -1,4 +1,4 @@
-"""Issue 25: six questions about the bundled ``normalized-choice-modern-mixaug`` and its harness, each answered on
+"""Issue 25: seven questions about the bundled ``normalized-choice-modern-mixaug`` and its harness, each answered on
 meta-training validation (validation data carved from training data, ``selection_problem``), never on the held-out
 suite. Mean best log validation loss over seeds 0-2, per variant.
 
@@ -21,9 +21,12 @@ suite. Mean best log validation loss over seeds 0-2, per variant.
    was chosen on two of them (the Train CNN and the sigmoid MLP, ``normalized_lr_selection.py``). With
    ``--broad``, on six (``validation_families``); ``--student`` names another student than the bundled one;
    ``--lengths`` sums runs of several lengths, ``--lrs`` sets the rates.
+7. ``adamw``: the yardstick for 6: how far is torch's AdamW, its rate tuned per family and length over the held-out
+   suite's grid, from the student on each validation family? (Does validation see the suite's gaps?)
 
     python benchmarks/harness_variants.py --cache runs/harness-variants.json
     python benchmarks/harness_variants.py --study lr --broad --student runs/broad-stage1 --cache runs/hv.json
+    python benchmarks/harness_variants.py --study adamw --broad --lengths 300 1000 --cache runs/hv.json
 """
 
 from __future__ import annotations
@@ -190,8 +193,29 @@ def study_lr(student, cache, workers, broad: bool = False, lengths: tuple[int, .
     compare_on_families("lr", {f"lr={lr:g}": (student, False, lr) for lr in lrs}, cache, workers, broad, lengths)
 
 
+ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # the held-out suite's grid
+
+
+def study_adamw(student, cache, workers, broad: bool = False, lengths: tuple[int, ...] = (1000,),
+                lrs: tuple[float, ...] = ADAMW_LRS) -> None:
+    """The yardstick: torch's AdamW over ``lrs`` on the same families and lengths as ``--study lr`` (the student
+    is not run), the best rate's score per family and length and their sum, comparable with that study's lines."""
+    total = 0.0
+    for name, problem in validation_families(broad).items():
+        candidates = {f"AdamW lr={lr:g}": torch_factory(torch.optim.AdamW, lr=lr) for lr in lrs}
+        for steps in lengths:
+            evaluation = evaluate(problem, candidates, SEEDS, steps, cache=cache, workers=workers, progress=False)
+            scores = {label: evaluation.mean(label) for label in candidates}
+            best = min(scores, key=scores.get)
+            edge = " (at the grid's edge)" if best in (f"AdamW lr={lrs[0]:g}", f"AdamW lr={lrs[-1]:g}") else ""
+            total += scores[best]
+            print(f"adamw: {name} {steps} steps: " + ", ".join(f"{k[6:]}: {v:.3f}" for k, v in scores.items())
+                  + f"; tuned {best[6:]}{edge}: {scores[best]:.3f}", flush=True)
+    print(f"adamw: sum of the tuned scores over the families x run lengths: {total:.3f}")
+
+
 STUDIES = {"convs": study_convs, "head": study_head, "vectors": study_vectors, "batchnorm": study_batchnorm,
-           "start": study_start, "lr": study_lr}
+           "start": study_start, "lr": study_lr, "adamw": study_adamw}
 
 
 def main() -> None:
@@ -200,21 +224,25 @@ def main() -> None:
     parser.add_argument("--cache", help="the evaluation cache (a rerun runs nothing again)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--student", default=STUDENT, help=f"a normalized student (default: {STUDENT})")
-    parser.add_argument("--broad", action="store_true", help="--study lr on six validation families, not four")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1000],
-                        help="--study lr: run lengths in steps, their scores summed (default: 1000)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS), help="--study lr: the rates compared")
+    parser.add_argument("--broad", action="store_true",
+                        help="--study lr or adamw on six validation families, not four")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="--study lr or adamw: run lengths in steps, their scores summed (default: 1000)")
+    parser.add_argument("--lrs", type=float, nargs="+",
+                        help=f"--study lr or adamw: the rates compared (default: {LRS} and {ADAMW_LRS})")
     args = parser.parse_args()
-    lr_options = {"broad": args.broad, "lengths": tuple(args.lengths), "lrs": tuple(args.lrs)}
-    custom = lr_options != {"broad": False, "lengths": (1000,), "lrs": LRS}
-    if custom and args.study != ["lr"]:
-        parser.error("--broad, --lengths and --lrs apply to --study lr alone")
-    if min(args.lengths) < 1 or min(args.lrs) <= 0:
+    if (args.broad or args.lengths or args.lrs) and args.study not in (["lr"], ["adamw"]):
+        parser.error("--broad, --lengths and --lrs apply to --study lr or --study adamw alone")
+    if min(args.lengths or [1]) < 1 or min(args.lrs or [1]) <= 0:
         parser.error("--lengths and --lrs must be positive")
     student = hub.load_student(args.student)
     for name in args.study or STUDIES:
-        STUDIES[name](student, args.cache, args.workers, **(lr_options if name == "lr" else {}))
-
+        options = {}
+        if name in ("lr", "adamw"):
+            default_lrs = LRS if name == "lr" else ADAMW_LRS
+            options = {"broad": args.broad, "lengths": tuple(args.lengths or (1000,)),
+                       "lrs": tuple(args.lrs or default_lrs)}
+        STUDIES[name](student, args.cache, args.workers, **options)
 
 if __name__ == "__main__":
     main()

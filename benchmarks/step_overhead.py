@@ -210,16 +210,17 @@ def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
 
 
 def bench_normalized(params: list[torch.Tensor], repeats: int, harness: bool) -> dict[str, float]:
-    """AdamW (foreach), the normalized student bare, with AdamW's step size (``adamw_size``: one more pass per
-    tensor) and (``harness``) with its whole harness beside Muon (torch's,
-    on the matrices, AdamW on the rest: the same Newton-Schulz iterations), on the same parameters and gradients;
-    every time the median of ``repeats`` steps."""
+    """AdamW (foreach), the normalized student bare, sized (``adamw_size``, AdamW's step size: one more pass per
+    tensor; with ``adamw_1d``: the harness without Newton-Schulz) and (``harness``) with its whole harness beside
+    Muon (torch's, on the matrices, AdamW on the rest: the same Newton-Schulz iterations), on the same parameters
+    and gradients; every time the median of ``repeats`` steps."""
     set_grads(params)
     out = {"n": sum(p.numel() for p in params), "harness_s": math.nan, "muon_s": math.nan}
     matrices = [p for p in params if p.ndim == 2]
     makers = {"adamw": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True),
               "bare": lambda: AmalgamOptimizer(params, student=Normalized()),
-              "sized": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(adamw_size=True))),
+              "sized": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(adamw_size=True,
+                                                                                             adamw_1d=True))),
               "harness": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(
                   orthogonalize=True, adamw_1d=True, weight_decay=0.1))),
               "muon": lambda: MuonAdamW(matrices, [p for p in params if p.ndim != 2], lr=0.02)}
@@ -253,8 +254,8 @@ def main_normalized(models: list[tuple[int, int]], repeats: int, harness: bool) 
                   f"{r['bare_temp_mb']:>8.1f}", f"{r['sized_temp_mb']:>6.1f}", f"{r['adamw_temp_mb']:>6.1f}"]
         return " ".join(cells)
 
-    table(f"normalized student (4 floats of state per parameter), bare, sized and with its whole harness, and Muon; "
-          f"each time the median of {repeats} steps, side by side", header, models,
+    table(f"normalized student (4 floats of state per parameter), bare, sized (adamw_size, adamw_1d) and with its "
+          f"whole harness, and Muon; each time the median of {repeats} steps, side by side", header, models,
           lambda params: bench_normalized(params, repeats, harness), row)
 
 
