@@ -244,5 +244,6 @@ def main() -> None:
                        "lrs": tuple(args.lrs or default_lrs)}
         STUDIES[name](student, args.cache, args.workers, **options)
 
+
 if __name__ == "__main__":
     main()
