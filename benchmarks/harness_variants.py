@@ -236,13 +236,10 @@ def main() -> None:
     if min(args.lengths or [1]) < 1 or min(args.lrs or [1]) <= 0:
         parser.error("--lengths and --lrs must be positive")
     student = hub.load_student(args.student)
+    given = {"broad": args.broad, "lengths": tuple(args.lengths or ()), "lrs": tuple(args.lrs or ())}
+    options = {key: value for key, value in given.items() if value}  # the rest: each study's defaults
     for name in args.study or STUDIES:
-        options = {}
-        if name in ("lr", "adamw"):
-            default_lrs = LRS if name == "lr" else ADAMW_LRS
-            options = {"broad": args.broad, "lengths": tuple(args.lengths or (1000,)),
-                       "lrs": tuple(args.lrs or default_lrs)}
-        STUDIES[name](student, args.cache, args.workers, **options)
+        STUDIES[name](student, args.cache, args.workers, **(options if name in ("lr", "adamw") else {}))
 
 
 if __name__ == "__main__":

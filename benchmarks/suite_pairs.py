@@ -14,11 +14,10 @@ from amalgam_plugin.evaluate.statistics import paired_difference
 
 
 def student_runs(task: dict, name: str) -> list[float]:
-    found = [runs for spec, runs in task["runs"].items()
-             if json.loads(spec).get("kind") == "student" and json.loads(spec).get("name") == name]
-    if not found:
-        raise SystemExit(f"no runs of {name!r} in this suite")
-    return [run["best_log_heldout"] for run in found[0]]
+    for spec, runs in task["runs"].items():
+        if {"kind": "student", "name": name}.items() <= json.loads(spec).items():
+            return [run["best_log_heldout"] for run in runs]
+    raise SystemExit(f"no runs of {name!r} in this suite")
 
 
 def main() -> None:
