@@ -13,12 +13,18 @@ from amalgam_plugin.engine import amalgamate
 from amalgam_plugin.hub import load_student, save_student
 from amalgam_plugin.optim import AmalgamOptimizer
 from amalgam_plugin.students import STUDENTS
-from amalgam_plugin.students.normalized import Normalized, NormalizedConfig, NormalizedKernel, newton_schulz
+from amalgam_plugin.students.normalized import (
+    Normalized,
+    NormalizedConfig,
+    NormalizedKernel,
+    newton_schulz,
+    orthogonalized_,
+)
 
 SHAPES = [(30, 20), (20,), (7, 3, 4), (50,)]
 HARNESS = {"orthogonalize": True, "adamw_1d": True, "weight_decay": 0.1}
 CONFIGS = {"plain": {}, "harness": HARNESS, "sized": {**HARNESS, "adamw_size": True},
-           "sized alone": {"adamw_size": True}}
+           "sized alone": {"adamw_size": True}, "sketched": {**HARNESS, "ns_steps": 2, "ns_rank": 4}}
 
 
 def student(seed: int = 1, **config) -> Normalized:
@@ -42,6 +48,36 @@ def np_newton_schulz(y, shape, steps):
     return (x if wide else x.T).reshape(-1)
 
 
+def np_gain(sigma, steps):
+    """Newton-Schulz's quintic iterated on singular values ``sigma`` of a Frobenius-normalized matrix, over sigma."""
+    f = sigma.copy()
+    for _ in range(steps):
+        f = 3.4445 * f - 4.7750 * f**3 + 2.0315 * f**5
+    return f / sigma
+
+
+def np_sketched_newton_schulz(y, shape, steps, rank, seed):
+    """The sketch as its docstring defines it, in float64: the range of ``x xᵀ x q`` (q: ``rank`` Gaussian vectors
+    from torch's generator seeded ``seed``), the quintic on the singular values of ``x`` there, the rest of ``x``
+    scaled by the gain at its RMS singular value."""
+    x = y.reshape(shape[0], -1)
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.T
+    if x.shape[0] <= rank:
+        return np_newton_schulz(y, shape, steps)
+    q = torch.randn(x.shape[1], rank, generator=torch.Generator().manual_seed(seed)).double().numpy()
+    u = np.linalg.qr(x @ (x.T @ (x @ q)))[0]
+    inside = u @ (u.T @ x)
+    s = np.linalg.svd(inside, compute_uv=False)[:rank]
+    norm = np.linalg.norm(x)
+    rest = x - inside
+    bulk = np.linalg.norm(rest) / np.sqrt(x.shape[0] - rank) / norm
+    a, s_, bt = np.linalg.svd(inside, full_matrices=False)
+    top = (a[:, :rank] * (s * np_gain(s / norm, steps))) @ bt[:rank]
+    out = top + np_gain(np.array([bulk]), steps)[0] * rest
+    return (out if wide else out.T).reshape(-1)
+
+
 def reference(net: Normalized, g, state, shapes, lr):
     """The rule written out in float64 numpy from the module docstring: the update ``lr · u`` and the state."""
     cfg = net.config
@@ -63,7 +99,9 @@ def reference(net: Normalized, g, state, shapes, lr):
         if cfg.adamw_1d and len(shape) <= 1:
             out.append(hats[1][sl] / d[sl])
             continue
-        if cfg.orthogonalize and len(shape) >= 2:
+        if cfg.orthogonalize and len(shape) >= 2 and cfg.ns_rank:
+            y = np_sketched_newton_schulz(y, shape, cfg.ns_steps, cfg.ns_rank, t) * (new["v"][sl] > 0)
+        elif cfg.orthogonalize and len(shape) >= 2:
             y = np_newton_schulz(y, shape, cfg.ns_steps) * (new["v"][sl] > 0)
         size = np.sqrt(np.mean((hats[1][sl] / d[sl]) ** 2)) if cfg.adamw_size else 1.0
         out.append(size * y / np.sqrt(np.mean(y * y) + 1e-30))
@@ -284,6 +322,26 @@ def test_newton_schulz_output_is_near_orthogonal():
         assert cosine > 0.9  # the polar factor's direction, not just any orthogonal matrix
 
 
+@pytest.mark.parametrize("shape", [(40, 60), (60, 40), (30, 4, 3, 3)])
+def test_the_sketch_is_newton_schulz_on_the_strongest_directions(shape):
+    """``ns_rank``: exact (``newton_schulz`` up to scale) on a matrix of rank <= ns_rank, and on one of five strong
+    directions over a flat floor of full rank (what it approximates: the floor scaled as a whole), where the raw
+    update is not."""
+    config = NormalizedConfig(orthogonalize=True, ns_steps=2, ns_rank=8)
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = shape[0], math.prod(shape[1:])
+    unit = lambda t: t / t.norm()  # noqa: E731
+    low = (torch.randn(rows, 5, generator=gen) @ torch.randn(5, cols, generator=gen)).flatten()
+    torch.testing.assert_close(unit(orthogonalized_(low, shape, config, step=1)),
+                               unit(newton_schulz(low, shape, 2)), rtol=0, atol=2e-6)
+    k = min(rows, cols)
+    left, right = (torch.linalg.qr(torch.randn(d, k, generator=gen)).Q for d in (rows, cols))
+    sigma = torch.cat([torch.tensor([40.0, 35, 30, 25, 20]), torch.ones(k - 5)])
+    floored = ((left * sigma) @ right.T).flatten()
+    whole = unit(newton_schulz(floored, shape, 2))
+    assert (unit(orthogonalized_(floored, shape, config, step=1)) @ whole) > 0.9999 > 0.95 > unit(floored) @ whole
+
+
 def test_the_harness_orthogonalizes_matrices_only():
     model, params = model_and_grads()
     opt = AmalgamOptimizer(params, student=student(orthogonalize=True), lr=0.01)
@@ -328,11 +386,11 @@ def test_the_harness_decays_weights_as_adamw():
 
 
 def test_saved_loaded_and_config_json_records_every_switch(tmp_path):
-    net = student(**CONFIGS["sized"], ns_steps=4, lr=3e-4)
+    net = student(**CONFIGS["sized"], ns_steps=4, ns_rank=16, lr=3e-4)
     save_student(net, tmp_path / "s")
     config = json.loads((tmp_path / "s" / "config.json").read_text())
-    assert {k: config[k] for k in (*CONFIGS["sized"], "ns_steps", "lr", "warmup_steps")} == {
-        **CONFIGS["sized"], "ns_steps": 4, "lr": 3e-4, "warmup_steps": 0}
+    assert {k: config[k] for k in (*CONFIGS["sized"], "ns_steps", "ns_rank", "lr", "warmup_steps")} == {
+        **CONFIGS["sized"], "ns_steps": 4, "ns_rank": 16, "lr": 3e-4, "warmup_steps": 0}
     again = load_student(tmp_path / "s")
     assert isinstance(again, Normalized) and again.config == net.config
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True))

@@ -20,6 +20,8 @@ The harness (Celo2's), each part a switch in ``config.json``, all off by default
 
 * ``orthogonalize``: tensors of rank ≥ 2 get ``y`` orthogonalized by Newton-Schulz (as Muon; a rank > 2 tensor as
   the matrix ``[shape[0], rest]``), then RMS-normalized (coordinates that never had a gradient still stay put);
+  ``ns_steps`` iterations; with ``ns_rank`` r > 0, only on the update's r strongest directions, found by a
+  randomized sketch, the rest scaled as a whole (``sketched_newton_schulz``: O(r·mn) where the iteration is O(m²n));
 * ``adamw_1d``: tensors of rank ≤ 1 (biases, norms) get AdamW's update ``lr · m̂₂/(√v̂ + ε)`` from the same state
   (β₁ = betas[1] = 0.9, β₂ = 0.999, ε = 1e-8: torch's defaults). Embeddings are matrices, orthogonalized too;
   the optimizer's ``fallback=`` gives them to AdamW by name, as Muon does (worse for the bundled student on
@@ -66,7 +68,7 @@ Shapes = list[tuple[int, ...]]
 class NormalizedConfig(MomentsConfig):
     student_type: ClassVar[str] = "normalized"
     card_fields: ClassVar[tuple[str, ...]] = ("hidden_size", "betas", "beta2", "epsilon", "lr", "orthogonalize",
-                                              "adamw_1d", "weight_decay", "ns_steps", "adamw_size")
+                                              "adamw_1d", "weight_decay", "ns_steps", "adamw_size", "ns_rank")
     lr_note: ClassVar[str] = ("lr is AdamW's: each tensor moves by lr RMS per step, or with adamw_size as far as "
                               "AdamW would at that lr (the default is config.lr), so LR schedules act as on AdamW; "
                               "weight_decay is AdamW's")
@@ -79,6 +81,7 @@ class NormalizedConfig(MomentsConfig):
     weight_decay: float = 0.0
     ns_steps: int = 5
     adamw_size: bool = False
+    ns_rank: int = 0  # 0: Newton-Schulz on the whole matrix; r: on its r strongest directions (sketched)
     warmup_steps: int = 0  # no SGD warm-up: lr and the user's schedule set the scale from the first step
     decay_ref_lr: float = 1.0  # weight decay in AdamW's own units: θ ← θ(1 − lr·wd)
 
@@ -90,6 +93,7 @@ class NormalizedConfig(MomentsConfig):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_real("weight_decay", self.weight_decay, 0.0, 10.0)
         check_int("ns_steps", self.ns_steps, 1, 20)
+        check_int("ns_rank", self.ns_rank, 0, 1024)
 
 
 # --- the formula's parts (shared by the module and the runtime kernel) ----------------------------------------
@@ -125,15 +129,69 @@ def rms_normalized(y: Tensor) -> Tensor:
 def newton_schulz(update: Tensor, shape: tuple[int, ...], steps: int) -> Tensor:
     """The flat ``update`` of a tensor of ``shape`` (rank ≥ 2) orthogonalized as the matrix ``[shape[0], rest]``:
     singular values pushed towards 1 by the quintic iteration (Muon's), directions kept. Float32, flat out."""
-    x = update.reshape(shape[0], -1)
-    wide = x.shape[0] <= x.shape[1]
-    x = x if wide else x.T
+    x = wide(update, shape)
+    flipped = x.shape[0] != shape[0]
     x = x / (torch.linalg.matrix_norm(x) + 1e-7)
     a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.T).reshape(-1)
+    return (x.T if flipped else x).reshape(-1)
+
+
+def wide(update: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The flat ``update`` as the matrix ``[shape[0], rest]``, transposed if it has more rows than columns (a view)."""
+    x = update.reshape(shape[0], -1)
+    return x if x.shape[0] <= x.shape[1] else x.T
+
+
+def quintic_gain(sigma: Tensor, steps: int) -> Tensor:
+    """``f(σ)/σ`` where ``f`` is ``steps`` iterations of Newton-Schulz's quintic on a singular value ``σ`` of the
+    Frobenius-normalized matrix (what ``newton_schulz`` multiplies each singular value by; ``a^steps`` at σ = 0)."""
+    a, b, c = NS_COEFFICIENTS
+    gain = torch.ones_like(sigma)
+    for _ in range(steps):
+        s2 = (sigma * gain).square()
+        gain = gain * (a + b * s2 + c * s2 * s2)
+    return gain
+
+
+def sketched_newton_schulz(x: Tensor, steps: int, rank: int, seed: int,
+                           sum_sq: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Newton-Schulz on the ``rank`` strongest directions of the wide matrix ``x`` (``m <= n``, ``m > rank``): the
+    low-rank correction ``(left, right)`` such that ``x + left @ right`` is, up to a positive factor, ``x`` with the
+    singular values ``s`` of its sketched top subspace multiplied by ``f(σ)/σ`` and every other direction by what
+    the iteration does to their RMS singular value.
+
+    The subspace is a randomized range sketch (Halko, Martinsson and Tropp 2011: ``rank`` Gaussian test vectors
+    drawn from ``seed``, one power iteration, without which a strong direction's part outside the sketch, a few
+    percent, is left uncompressed): four passes of skinny matmuls over ``x`` and one rank-``rank`` update,
+    O(rank·mn) where the whole iteration is O(m²n). Exact (equal to ``newton_schulz``) for a matrix of rank
+    ``<= rank``. ``sum_sq``: ``x``'s sum of squares when the caller has it (one pass less)."""
+    m, n = x.shape
+    total = x.square().sum() if sum_sq is None else sum_sq
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    q = torch.randn(n, rank, generator=gen, device=x.device, dtype=x.dtype)
+    u = torch.linalg.qr(x @ (x.T @ (x @ q))).Q  # m x rank: the sketch's range after one power iteration
+    w, s, right = torch.linalg.svd(u.T @ x, full_matrices=False)  # x's part in that range: (u w) diag(s) right
+    norm = total.sqrt() + 1e-7
+    rest = (total - s.square().sum()).clamp_min(0) / (m - rank)  # the other directions' mean squared value
+    bulk_gain = quintic_gain(rest.sqrt() / norm, steps)
+    top = s * quintic_gain(s / norm, steps) / bulk_gain  # the top singular values, relative to the rest's
+    return (u @ w) * (top - s), right
+
+
+def orthogonalized_(update: Tensor, shape: tuple[int, ...], config: NormalizedConfig, step: int,
+                    sum_sq: Tensor | None = None) -> Tensor:
+    """The harness's ``orthogonalize`` of one flat tensor: ``newton_schulz``, or with ``ns_rank`` its sketch. Given
+    ``sum_sq`` (the kernel, whose buffer it may overwrite), the sketch works in place; else on a copy (autograd)."""
+    x = wide(update, shape)
+    if not config.ns_rank or x.shape[0] <= config.ns_rank:
+        return newton_schulz(update, shape, config.ns_steps)
+    left, right = sketched_newton_schulz(x, config.ns_steps, config.ns_rank, step, sum_sq)
+    out = update if sum_sq is not None else update.clone()
+    wide(out, shape).addmm_(left, right)
+    return out
 
 
 class Normalized(nn.Module, HubStudent):
@@ -189,17 +247,17 @@ class Normalized(nn.Module, HubStudent):
         y = self.delta(torch.relu(self.hidden(x))).squeeze(-1) * (new["v"] > 0)
         adam = moments[1] / denom
         touched = new["v"] > 0
-        parts = [self._harness(*pieces, shape) for *pieces, shape
+        parts = [self._harness(*pieces, shape, new["step"]) for *pieces, shape
                  in zip(y.split(sizes), adam.split(sizes), touched.split(sizes), shapes, strict=True)]
         return cfg.lr * torch.cat(parts), new
 
-    def _harness(self, y: Tensor, adam: Tensor, touched: Tensor, shape: tuple[int, ...]) -> Tensor:
+    def _harness(self, y: Tensor, adam: Tensor, touched: Tensor, shape: tuple[int, ...], step: int) -> Tensor:
         """One tensor's unit update: AdamW's direction, the orthogonalized or the plain normalized rule."""
         cfg = self.config
         if cfg.adamw_1d and len(shape) <= 1:
             return adam
         if cfg.orthogonalize and len(shape) >= 2:  # it mixes coordinates: masked again
-            y = newton_schulz(y, shape, cfg.ns_steps) * touched
+            y = orthogonalized_(y, shape, cfg, step) * touched
         return rms_normalized(y) * (rms(adam) if cfg.adamw_size else 1.0)
 
 
@@ -324,8 +382,8 @@ class NormalizedKernel:
         else:
             sum_sq, adam_sq = self._rule(g, s, moment_fixes, second_fix, matrix, out, work)
         if cfg.orthogonalize and len(shape) >= 2:
-            out = newton_schulz(out, shape, cfg.ns_steps).mul_(s["v"] > 0)
-            sum_sq = out.square().sum()
+            out = orthogonalized_(out, shape, cfg, step, sum_sq).mul_(s["v"] > 0)
+            sum_sq = torch.dot(out, out)
         if lr != 0.0:
             scale = torch.rsqrt(sum_sq / p.numel() + NORM_EPS)
             if cfg.adamw_size:  # × the RMS of AdamW's direction
