@@ -42,6 +42,7 @@ from amalgam_plugin.students.normalized import Normalized, NormalizedConfig
 from amalgam_plugin.students.rnnprop_kernel import CPU_CHUNK, RNNPropKernel
 
 MB = 1024**2
+SKETCH_RANK = 16  # ns_rank of the sketched column (the candidate of benchmarks/results/harness/HOW.md)
 
 
 def paper_student() -> RNNProp:
@@ -211,7 +212,8 @@ def main_lean(models: list[tuple[int, int]], repeats: int) -> None:
 
 def bench_normalized(params: list[torch.Tensor], repeats: int, harness: bool) -> dict[str, float]:
     """AdamW (foreach), the normalized student bare, sized (``adamw_size``, AdamW's step size: one more pass per
-    tensor; with ``adamw_1d``: the harness without Newton-Schulz) and (``harness``) with its whole harness beside
+    tensor; with ``adamw_1d``: the harness without Newton-Schulz), sketched (sized with Newton-Schulz on each
+    matrix's ``SKETCH_RANK`` strongest directions, ``ns_steps`` 2) and (``harness``) with its whole harness beside
     Muon (torch's, on the matrices, AdamW on the rest: the same Newton-Schulz iterations), on the same parameters
     and gradients; every time the median of ``repeats`` steps."""
     set_grads(params)
@@ -221,6 +223,8 @@ def bench_normalized(params: list[torch.Tensor], repeats: int, harness: bool) ->
               "bare": lambda: AmalgamOptimizer(params, student=Normalized()),
               "sized": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(adamw_size=True,
                                                                                              adamw_1d=True))),
+              "sketched": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(
+                  orthogonalize=True, adamw_1d=True, adamw_size=True, ns_steps=2, ns_rank=SKETCH_RANK))),
               "harness": lambda: AmalgamOptimizer(params, student=Normalized(NormalizedConfig(
                   orthogonalize=True, adamw_1d=True, weight_decay=0.1))),
               "muon": lambda: MuonAdamW(matrices, [p for p in params if p.ndim != 2], lr=0.02)}
@@ -240,22 +244,23 @@ def bench_normalized(params: list[torch.Tensor], repeats: int, harness: bool) ->
 
 def main_normalized(models: list[tuple[int, int]], repeats: int, harness: bool) -> None:
     header = (f"{'params':>10} {'adamw ms':>9} {'bare ms':>8} {'ratio':>6} {'sized ms':>8} {'ratio':>6} "
-              f"{'harness ms':>10} {'ratio':>6} "
+              f"{'sketch ms':>9} {'ratio':>6} {'harness ms':>10} {'ratio':>6} "
               f"{'muon ms':>9} {'ratio':>6} {'state B/p':>9} {'adamw':>6} {'ratio':>6} {'temp MB':>8} {'sized':>6} "
               f"{'adamw':>6}")
 
     def row(r: dict) -> str:
-        ms = {k: r[f"{k}_s"] * 1e3 for k in ("adamw", "bare", "sized", "harness", "muon")}
+        ms = {k: r[f"{k}_s"] * 1e3 for k in ("adamw", "bare", "sized", "sketched", "harness", "muon")}
         cells = [f"{r['n']:>10,}", f"{ms['adamw']:>9.1f}"]
-        for name, width in (("bare", 8), ("sized", 8), ("harness", 10), ("muon", 9)):
+        for name, width in (("bare", 8), ("sized", 8), ("sketched", 9), ("harness", 10), ("muon", 9)):
             cells += [f"{ms[name]:>{width}.1f}", f"{ms[name] / ms['adamw']:>6.2f}"]
         state = (r["bare_state_bpp"], r["adamw_state_bpp"])
         cells += [f"{state[0]:>9.0f}", f"{state[1]:>6.0f}", f"{state[0] / state[1]:>6.2f}",
                   f"{r['bare_temp_mb']:>8.1f}", f"{r['sized_temp_mb']:>6.1f}", f"{r['adamw_temp_mb']:>6.1f}"]
         return " ".join(cells)
 
-    table(f"normalized student (4 floats of state per parameter), bare, sized (adamw_size, adamw_1d) and with its "
-          f"whole harness, and Muon; each time the median of {repeats} steps, side by side", header, models,
+    table(f"normalized student (4 floats of state per parameter), bare, sized (adamw_size, adamw_1d), sketched "
+          f"(sized, Newton-Schulz 2 on {SKETCH_RANK} directions), with its whole harness, and Muon; each time the "
+          f"median of {repeats} steps, side by side", header, models,
           lambda params: bench_normalized(params, repeats, harness), row)
 
 
