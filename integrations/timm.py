@@ -6,7 +6,7 @@ in timm's optimizer registry (``timm.optim._optim_factory.default_registry``):
 - ``amalgam``: :class:`~amalgam_plugin.optim.AmalgamOptimizer` with its default student;
 - one hyphenated name per bundled student family (timm splits names on ``_``): ``amalgam-choice-large``,
   ``amalgam-choice-small``, ``amalgam-minmax``, ``amalgam-mean`` (the paper's) and ``amalgam-normalized``
-  (``normalized-choice-modern-ns2``).
+  (``normalized-choice-modern-sketch``).
 
 Usage::
 
@@ -53,7 +53,7 @@ TIMM_NAMES: Registry[TimmName] = Registry("timm optimizer name", {
     "amalgam-choice-small": (TimmName("paper-choice-small"), "the paper's choice amalgamation of the small pool"),
     "amalgam-minmax": (TimmName("paper-minmax"), "the paper's min-max amalgamation"),
     "amalgam-mean": (TimmName("paper-mean"), "the paper's mean amalgamation"),
-    "amalgam-normalized": (TimmName("normalized-choice-modern-ns2"),
+    "amalgam-normalized": (TimmName("normalized-choice-modern-sketch"),
                            "the normalized student with its harness (lr is AdamW's)"),
 })
 

@@ -21,7 +21,7 @@ FAMILIES = {
     "amalgam-choice-small": "paper-choice-small",
     "amalgam-minmax": "paper-minmax",
     "amalgam-mean": "paper-mean",
-    "amalgam-normalized": "normalized-choice-modern-ns2",
+    "amalgam-normalized": "normalized-choice-modern-sketch",
 }
 
 
