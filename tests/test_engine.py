@@ -946,13 +946,14 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tmp_pat
     ("--workers", "100000", "workers must be between 1 and this machine's"),
     ("--seed", str(2**64), "seed must be an integer in"),
     ("--perturb-magnitude", "0.1", "a perturbation magnitude was given without a perturbation kind"),
+    ("--student-config", "ns_rank=-1", "ns_rank must be an integer in [0, 1024], got -1"),
 ])
 def test_every_argument_is_checked_before_meta_training(tmp_path, flag, value, message):
     """A bad argument used only at the end of a run (the card's evaluation workers) is refused before any work:
     one line, exit 2, nothing written."""
     out = tmp_path / "s"
     result = amalgam_cli("amalgamate", "--out", str(out), "--preset", "smoke", "--pool", "small", "--mechanism",
-                         "mean", "--problem", "mlp", flag, value)
+                         "mean", "--problem", "mlp", "--student", "normalized", flag, value)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert message in result.stderr and not out.exists()
 
