@@ -42,7 +42,7 @@ from amalgam_plugin.students.normalized import Normalized, NormalizedConfig
 from amalgam_plugin.students.rnnprop_kernel import CPU_CHUNK, RNNPropKernel
 
 MB = 1024**2
-SKETCH_RANK = 16  # ns_rank of the sketched column (the candidate of benchmarks/results/harness/HOW.md)
+SKETCH_RANK = 32  # the sketched column: normalized-choice-modern-sketch's ns_rank
 
 
 def paper_student() -> RNNProp:
