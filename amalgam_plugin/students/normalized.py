@@ -21,7 +21,8 @@ The harness (Celo2's), each part a switch in ``config.json``, all off by default
 * ``orthogonalize``: tensors of rank ≥ 2 get ``y`` orthogonalized by Newton-Schulz (as Muon; a rank > 2 tensor as
   the matrix ``[shape[0], rest]``), then RMS-normalized (coordinates that never had a gradient still stay put);
   ``ns_steps`` iterations; with ``ns_rank`` r > 0, only on the update's r strongest directions, found by a
-  randomized sketch, the rest scaled as a whole (``sketched_newton_schulz``: O(r·mn) where the iteration is O(m²n));
+  randomized sketch, the rest scaled as a whole (``sketched_newton_schulz``: O(r·mn) where the iteration is O(m²n);
+  a matrix with a side of at most r takes the whole iteration, cheap there);
 * ``adamw_1d``: tensors of rank ≤ 1 (biases, norms) get AdamW's update ``lr · m̂₂/(√v̂ + ε)`` from the same state
   (β₁ = betas[1] = 0.9, β₂ = 0.999, ε = 1e-8: torch's defaults). Embeddings are matrices, orthogonalized too;
   the optimizer's ``fallback=`` gives them to AdamW by name, as Muon does (worse for the bundled student on
