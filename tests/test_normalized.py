@@ -68,12 +68,12 @@ def np_sketched_newton_schulz(y, shape, steps, rank, seed):
     q = torch.randn(x.shape[1], rank, generator=torch.Generator().manual_seed(seed)).double().numpy()
     u = np.linalg.qr(x @ (x.T @ (x @ q)))[0]
     inside = u @ (u.T @ x)
-    s = np.linalg.svd(inside, compute_uv=False)[:rank]
+    a, s, bt = np.linalg.svd(inside, full_matrices=False)
+    a, s, bt = a[:, :rank], s[:rank], bt[:rank]  # inside has rank <= rank: the rest are rounding
     norm = np.linalg.norm(x)
     rest = x - inside
     bulk = np.linalg.norm(rest) / np.sqrt(x.shape[0] - rank) / norm
-    a, s_, bt = np.linalg.svd(inside, full_matrices=False)
-    top = (a[:, :rank] * (s * np_gain(s / norm, steps))) @ bt[:rank]
+    top = (a * (s * np_gain(s / norm, steps))) @ bt
     out = top + np_gain(np.array([bulk]), steps)[0] * rest
     return (out if wide else out.T).reshape(-1)
 
