@@ -197,12 +197,14 @@ ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # the held-out suite's grid
 
 
 def study_adamw(student, cache, workers, broad: bool = False, lengths: tuple[int, ...] = (1000,),
-                lrs: tuple[float, ...] = ADAMW_LRS) -> None:
+                lrs: tuple[float, ...] = ADAMW_LRS, weight_decay: float = 0.01) -> None:
     """The yardstick: torch's AdamW over ``lrs`` on the same families and lengths as ``--study lr`` (the student
-    is not run), the best rate's score per family and length and their sum, comparable with that study's lines."""
+    is not run), the best rate's score per family and length and their sum, comparable with that study's lines;
+    at ``weight_decay`` (torch's default 0.01, the held-out suite's)."""
     total = 0.0
     for name, problem in validation_families(broad).items():
-        candidates = {f"AdamW lr={lr:g}": torch_factory(torch.optim.AdamW, lr=lr) for lr in lrs}
+        candidates = {f"AdamW lr={lr:g}": torch_factory(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+                      for lr in lrs}
         for steps in lengths:
             evaluation = evaluate(problem, candidates, SEEDS, steps, cache=cache, workers=workers, progress=False)
             scores = {label: evaluation.mean(label) for label in candidates}
@@ -230,14 +232,20 @@ def main() -> None:
                         help="--study lr or adamw: run lengths in steps, their scores summed (default: 1000)")
     parser.add_argument("--lrs", type=float, nargs="+",
                         help=f"--study lr or adamw: the rates compared (default: {LRS} and {ADAMW_LRS})")
+    parser.add_argument("--weight-decay", type=float,
+                        help="--study adamw: AdamW's weight decay (default: torch's 0.01, the held-out suite's)")
     args = parser.parse_args()
     if (args.broad or args.lengths or args.lrs) and args.study not in (["lr"], ["adamw"]):
         parser.error("--broad, --lengths and --lrs apply to --study lr or --study adamw alone")
-    if min(args.lengths or [1]) < 1 or min(args.lrs or [1]) <= 0:
-        parser.error("--lengths and --lrs must be positive")
+    if args.weight_decay is not None and args.study != ["adamw"]:
+        parser.error("--weight-decay applies to --study adamw alone")
+    if min(args.lengths or [1]) < 1 or min(args.lrs or [1]) <= 0 or (args.weight_decay or 0) < 0:
+        parser.error("--lengths and --lrs must be positive, --weight-decay not negative")
     student = hub.load_student(args.student)
     given = {"broad": args.broad, "lengths": tuple(args.lengths or ()), "lrs": tuple(args.lrs or ())}
     options = {key: value for key, value in given.items() if value}  # the rest: each study's defaults
+    if args.weight_decay is not None:
+        options["weight_decay"] = args.weight_decay
     for name in args.study or STUDIES:
         STUDIES[name](student, args.cache, args.workers, **(options if name in ("lr", "adamw") else {}))
 
