@@ -28,7 +28,7 @@ def runs_of(task: dict, spec: dict) -> list[float]:
 
 
 def adamw_grid(task: dict) -> dict[float, list[float]]:
-    specs = (json.loads(key) for key in task["runs"])
+    specs = [json.loads(key) for key in task["runs"]]
     return {s["lr"]: runs_of(task, s) for s in specs if s["kind"] == "adamw"}
 
 
@@ -70,8 +70,7 @@ def main() -> None:
     for name, task in suite["tasks"].items():
         a, b = (spec_of(side, task, args.from_seed) for side in (args.a, args.b))
         difference = paired_difference(runs_of(task, a)[args.from_seed:], runs_of(task, b)[args.from_seed:])
-        print(f"{name}: {describe(a)} − {describe(b)}, seeds {seeds[0]}-{seeds[-1]}: "
-              f"{difference}")
+        print(f"{name}: {describe(a)} − {describe(b)}, seeds {seeds[0]}-{seeds[-1]}: {difference}")
 
 
 if __name__ == "__main__":
