@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 
 from amalgam_plugin.evaluate.statistics import paired_difference
+from amalgam_plugin.heldout.runner import tuned_rate
 
 
 def runs_of(task: dict, spec: dict) -> list[float]:
     for key, runs in task["runs"].items():
         if spec.items() <= json.loads(key).items():
-            return [run["best_log_heldout"] for run in runs]
+            return [math.nan if run["best_log_heldout"] is None else run["best_log_heldout"] for run in runs]
     raise SystemExit(f"{task['task']['name']}: no runs of {spec} in this suite")
 
 
@@ -34,8 +36,7 @@ def adamw_grid(task: dict) -> dict[float, list[float]]:
 
 def tuned_lr(task: dict, before: int) -> float:
     """The AdamW grid's rate with the lowest mean over seeds ``[0, before)`` (all of them when ``before`` is 0)."""
-    grid = adamw_grid(task)
-    return min(grid, key=lambda lr: np.mean(grid[lr][:before or None]))
+    return tuned_rate({lr: float(np.nanmean(runs[:before or None])) for lr, runs in adamw_grid(task).items()})
 
 
 def spec_of(side: str, task: dict, before: int) -> dict:
