@@ -9,6 +9,8 @@ import logging
 import math
 import multiprocessing
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -369,6 +371,32 @@ def test_ctrl_c_stops_the_workers(mlp):
         signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - start < 20  # the running runs were not waited for
     assert not multiprocessing.active_children()
+
+
+# Ctrl+C raised inside concurrent.futures' wait, with every pending future's lock held: where the CI's one hang was
+CTRL_C_INSIDE_WAIT = """
+import concurrent.futures._base as futures_base, signal, sys, torch
+from amalgam_plugin import evaluate as ev
+from amalgam_plugin.problems import make_problem
+acquire_all = futures_base._AcquireFutures.__enter__
+def acquire_all_then_ctrl_c(self):
+    acquire_all(self)
+    futures_base._AcquireFutures.__enter__ = acquire_all
+    signal.raise_signal(signal.SIGINT)
+futures_base._AcquireFutures.__enter__ = acquire_all_then_ctrl_c
+try:
+    ev.evaluate(make_problem("mlp"), {"sgd": lambda p: torch.optim.SGD(p, lr=0.1)}, seeds=[0, 1, 2, 3], steps=300,
+                workers=2, progress=False)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_inside_the_pools_lock_handling_still_stops_the_workers():
+    """Python raises KeyboardInterrupt between any two bytecodes; raised with concurrent.futures' locks held, the
+    pool's shutdown waited for them forever. Ctrl+C is now answered only between waits."""
+    done = subprocess.run([sys.executable, "-c", CTRL_C_INSIDE_WAIT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr[-2000:]
 
 
 def test_without_fork_runs_in_process(mlp, monkeypatch, caplog):

@@ -17,9 +17,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,35 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
             process.terminate()
 
 
+@contextmanager
+def _ctrl_c_at_safe_points() -> Iterator[Callable[[], None]]:
+    """While inside, the Python SIGINT handler (the default one, raising KeyboardInterrupt, or the caller's own) runs
+    only where the yielded function is called, and on the way out should a Ctrl+C still be unanswered.
+
+    Run as the signal comes, the handler's exception lands between any two bytecodes of the main thread, also inside
+    concurrent.futures' lock handling (``wait`` acquires every future's lock in a loop): a lock left held there makes
+    the pool's shutdown wait forever."""
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(handler):
+        yield lambda: None  # SIGINT ignored, or not Python's to handle
+        return
+    asked: list[tuple] = []  # the latest unanswered Ctrl+C
+
+    def defer(signum, frame) -> None:
+        asked[:] = [(signum, frame)]
+
+    def answer() -> None:
+        if asked:
+            handler(*asked.pop())
+
+    signal.signal(signal.SIGINT, defer)
+    try:
+        yield answer
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    answer()
+
+
 def run_parallel(jobs: list[Job], workers: int, stored: dict, save: Callable[[], None] | None, desc: str,
                  progress: bool) -> None:
     """Run the ``jobs`` whose key is not in ``stored`` (once per key) in up to ``workers`` forked worker processes
@@ -134,14 +164,16 @@ def run_parallel(jobs: list[Job], workers: int, stored: dict, save: Callable[[],
     _JOB_TABLES[token] = jobs
     bar = tqdm(total=len(first), initial=len(first) - len(missing), desc=desc, disable=not progress)
     try:
-        with ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=_fork_context(),
-                                 initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+        with _ctrl_c_at_safe_points() as answer_ctrl_c, ProcessPoolExecutor(
+                max_workers=min(workers, len(missing)), mp_context=_fork_context(), initializer=_worker_init,
+                initargs=(os.getpid(),)) as pool:
             pending = {}
             try:
                 for i in missing:
                     pending[pool.submit(_worker_run, token, i)] = i
                 while pending:
-                    # a timeout, so that a Ctrl+C delivered to another thread is noticed here too
+                    answer_ctrl_c()
+                    # a timeout, so that Ctrl+C is acted on within half a second
                     done, _ = wait_futures(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
                     for future in done:
                         job = jobs[pending.pop(future)]
