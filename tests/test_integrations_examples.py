@@ -63,6 +63,13 @@ def test_timm_example_runs_the_student_at_the_lr_multiplier_asked(paper_student_
     assert "group lrs [0.5, 0.5]" in done.stdout
 
 
+def test_timm_example_runs_the_normalized_student_at_its_own_lr(tmp_path):
+    """A normalized student's lr is AdamW's: without --lr the example must not hand it a rate tuned for another."""
+    flags = ["--smoke", "--opt", "amalgam-normalized"]
+    done = run([sys.executable, str(EXAMPLES / "train_timm.py"), *flags], cwd=tmp_path)
+    assert "group lrs [0.02, 0.02]" in done.stdout, done.stdout
+
+
 SCRIPT = """\
 import sys
 
