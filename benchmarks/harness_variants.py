@@ -1,4 +1,4 @@
-"""Issue 25: seven questions about the bundled ``normalized-choice-modern-mixaug`` and its harness, each answered on
+"""Issue 25: eight questions about the bundled ``normalized-choice-modern-mixaug`` and its harness, each answered on
 meta-training validation (validation data carved from training data, ``selection_problem``), never on the held-out
 suite. Mean best log validation loss over seeds 0-2, per variant.
 
@@ -23,10 +23,15 @@ suite. Mean best log validation loss over seeds 0-2, per variant.
    ``--lengths`` sums runs of several lengths, ``--lrs`` sets the rates.
 7. ``adamw``: the yardstick for 6: how far is torch's AdamW, its rate tuned per family and length over the held-out
    suite's grid, from the student on each validation family? (Does validation see the suite's gaps?)
+8. ``tables``: on the validation table (``tabular-bc1``, 300 steps), is the student behind AdamW by its direction or
+   by its rate? The student and AdamW at the same rates (3e-3, AdamW's best there, and 2e-2), the student with
+   orthogonalization off, with AdamW on the first and last layers, and its start (AdamW's direction through the
+   student's harness).
 
     python benchmarks/harness_variants.py --cache runs/harness-variants.json
     python benchmarks/harness_variants.py --study lr --broad --student runs/broad-stage1 --cache runs/hv.json
     python benchmarks/harness_variants.py --study adamw --broad --lengths 300 1000 --cache runs/hv.json
+    python benchmarks/harness_variants.py --study tables --student normalized-choice-modern-sketch --cache runs/hv.json
 """
 
 from __future__ import annotations
@@ -216,8 +221,26 @@ def study_adamw(student, cache, workers, broad: bool = False, lengths: tuple[int
     print(f"adamw: sum of the tuned scores over the families x run lengths: {total:.3f}")
 
 
+def study_tables(student, cache, workers) -> None:
+    start = copy.deepcopy(student)
+    start.reset_parameters(torch.Generator().manual_seed(0))
+    problem = validation_families(broad=True)["tabular-bc1"]
+    candidates = {}
+    for lr in (3e-3, 2e-2):
+        candidates |= {f"student lr={lr:g}": student_factory(student, lr=lr),
+                       f"student, orthogonalization off, lr={lr:g}":
+                           student_factory(with_parts(student, orthogonalize=False), lr=lr),
+                       f"student, AdamW on the first and last layers, lr={lr:g}":  # Muon's ends on a table
+                           student_with_adamw_ends(student, lr, 1, True),
+                       f"its start, lr={lr:g}": student_factory(start, lr=lr),
+                       f"AdamW lr={lr:g}": torch_factory(torch.optim.AdamW, lr=lr)}
+    evaluation = evaluate(problem, candidates, SEEDS, 300, cache=cache, workers=workers, progress=False)
+    for label in candidates:
+        print(f"tables: tabular-bc1: {label}: {evaluation.mean(label):.3f}", flush=True)
+
+
 STUDIES = {"convs": study_convs, "head": study_head, "vectors": study_vectors, "batchnorm": study_batchnorm,
-           "start": study_start, "lr": study_lr, "adamw": study_adamw}
+           "start": study_start, "lr": study_lr, "adamw": study_adamw, "tables": study_tables}
 
 
 def main() -> None:
