@@ -378,6 +378,7 @@ CTRL_C_INSIDE_WAIT = """
 import concurrent.futures._base as futures_base, signal, sys, torch
 from amalgam_plugin import evaluate as ev
 from amalgam_plugin.problems import make_problem
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a test run in the background inherits SIGINT ignored
 acquire_all = futures_base._AcquireFutures.__enter__
 def acquire_all_then_ctrl_c(self):
     acquire_all(self)
