@@ -373,7 +373,7 @@ def test_ctrl_c_stops_the_workers(mlp):
     assert not multiprocessing.active_children()
 
 
-# Ctrl+C raised inside concurrent.futures' wait, with every pending future's lock held: where the CI's one hang was
+# Ctrl+C raised inside concurrent.futures' wait with every pending future's lock held (before the fix: a hang)
 CTRL_C_INSIDE_WAIT = """
 import concurrent.futures._base as futures_base, signal, sys, torch
 from amalgam_plugin import evaluate as ev
