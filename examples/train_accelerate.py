@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if step % report_every == 0 or step == args.steps:
                 mean = sum(window) / len(window)
                 first = mean if first is None else first
-                accelerator.print(f"step {step:4d}  train loss {mean:.4f}  lr x{scheduler.get_last_lr()[0]:.3f}")
+                accelerator.print(f"step {step:4d}  train loss {mean:.4f}  lr {scheduler.get_last_lr()[0]:.3g}")
                 window = []
             if step == args.steps:
                 break

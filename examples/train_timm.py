@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if step % report_every == 0 or step == args.steps:
                 mean = sum(window) / len(window)
                 first = mean if first is None else first
-                print(f"step {step:4d}  train loss {mean:.4f}  lr x{optimizer.param_groups[0]['lr']:.3f}")
+                print(f"step {step:4d}  train loss {mean:.4f}  lr {optimizer.param_groups[0]['lr']:.3g}")
                 window = []
     held_loss, held_acc = evaluate(model, x_held, y_held)
     elapsed = time.time() - started

@@ -53,7 +53,7 @@ class PrintLoss(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 (Trainer's callback API)
         if logs and "loss" in logs:
             self.losses.append(logs["loss"])
-            print(f"step {state.global_step:4d}  train loss {logs['loss']:.4f}  lr x{logs.get('learning_rate', 0):.3f}")
+            print(f"step {state.global_step:4d}  train loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.3g}")
 
 
 def tiny_gpt2(context: int) -> GPT2LMHeadModel:

@@ -53,7 +53,7 @@ def test_examples_run_the_adamw_baseline_of_benchmarks_example_tasks(script, fla
     done = run([sys.executable, str(EXAMPLES / script), "--smoke", *flags], cwd=tmp_path)
     losses = train_losses(done.stdout)
     assert len(losses) >= 2 and losses[-1] < losses[0], done.stdout
-    lrs = [float(line.split("lr x")[1].split()[0]) for line in done.stdout.splitlines() if "lr x" in line]
+    lrs = [float(line.split("  lr ")[1]) for line in done.stdout.splitlines() if "  lr " in line]
     assert max(lrs) <= 3e-3  # the schedule decays AdamW's lr (timm's floor is a tenth of it, not 0.1)
 
 
