@@ -14,24 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import numpy as np
 
 from amalgam_plugin.evaluate.statistics import paired_difference
-from amalgam_plugin.heldout.runner import tuned_rate
+from amalgam_plugin.heldout.runner import best_of, tuned_rate
 
 
 def runs_of(task: dict, spec: dict) -> list[float]:
     for key, runs in task["runs"].items():
         if spec.items() <= json.loads(key).items():
-            return [math.nan if run["best_log_heldout"] is None else run["best_log_heldout"] for run in runs]
+            return [best_of(run) for run in runs]
     raise SystemExit(f"{task['task']['name']}: no runs of {spec} in this suite")
 
 
 def adamw_grid(task: dict) -> dict[float, list[float]]:
-    specs = [json.loads(key) for key in task["runs"]]
-    return {s["lr"]: runs_of(task, s) for s in specs if s["kind"] == "adamw"}
+    specs = {key: json.loads(key) for key in task["runs"]}
+    return {s["lr"]: [best_of(run) for run in task["runs"][key]] for key, s in specs.items() if s["kind"] == "adamw"}
 
 
 def tuned_lr(task: dict, before: int) -> float:

@@ -143,7 +143,7 @@ def run_jobs(jobs: Sequence[Job], cache_path: Path, workers: int = 1, max_minute
                 cache[job.key()] = value
                 write_text_atomically(cache_path, json.dumps(cache))
                 done += 1
-                progress(f"[{done}/{len(jobs)}] {what}: best log held-out {_best(value):.3f}, "
+                progress(f"[{done}/{len(jobs)}] {what}: best log held-out {best_of(value):.3f}, "
                          f"{1000 * value['seconds_per_step']:.1f} ms/step")
     finally:
         for process, _ in running.values():
@@ -160,7 +160,8 @@ def _number(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _best(run: dict) -> float:
+def best_of(run: dict) -> float:
+    """A run's best log held-out loss, NaN where it had none (stored as null)."""
     return math.nan if run["best_log_heldout"] is None else run["best_log_heldout"]
 
 
@@ -175,7 +176,7 @@ def summarize_task(task: HeldoutTask, students: Sequence[dict], seeds: Sequence[
     at 1e-3 (optimizer minus AdamW: negative is better), time per step, state bytes and peak memory."""
     specs = task_optimizers(task, students, lrs)
     runs = {canonical_json(s): [cache[Job(task, s, seed).key()] for seed in seeds] for s in specs}
-    best = {k: [_best(r) for r in rs] for k, rs in runs.items()}
+    best = {k: [best_of(r) for r in rs] for k, rs in runs.items()}
     means = grid_means(task, seeds, lrs, cache)
     tuned_lr = tuned_rate(means)
     tuned = {"kind": "adamw", "lr": tuned_lr}
@@ -211,7 +212,8 @@ def summarize_task(task: HeldoutTask, students: Sequence[dict], seeds: Sequence[
 
 def grid_means(task: HeldoutTask, seeds: Sequence[int], lrs: Sequence[float], cache: dict) -> dict[float, float]:
     """AdamW's mean best log held-out loss at each learning rate of the grid."""
-    return {lr: float(np.nanmean([_best(cache[Job(task, {"kind": "adamw", "lr": lr}, seed).key()]) for seed in seeds]))
+    return {lr: float(np.nanmean([best_of(cache[Job(task, {"kind": "adamw", "lr": lr}, seed).key()])
+                                  for seed in seeds]))
             for lr in sorted(lrs)}
 
 
